@@ -1,0 +1,34 @@
+# `make demo` and `make test` each set everything up in .venv first (idempotent).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EBM    := $(VENV)/bin/ebm
+STAMP  := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+# torch is pinned here: 2.13.0 is the CPU build; a bare `torch` requirement would pull a multi-GB
+# CUDA build. ray is pinned in pyproject.toml.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(EBM) train toy2 --out runs/demo-toy2
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m unit
+
+bench: $(STAMP)
+	$(PY) bench/bench_step.py
+
+clean:
+	rm -rf runs .pytest_cache

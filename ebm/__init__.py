@@ -1,0 +1,8 @@
+"""Energy-based regression with learned mixture proposals: single-device math only.
+
+Imports torch and numpy, never ray, mlflow, pyarrow or torch.distributed (STYLE.md).
+"""
+from .config import Config, ConfigError
+
+__all__ = ["Config", "ConfigError"]
+__version__ = "0.1.0"

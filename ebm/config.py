@@ -1,0 +1,309 @@
+"""One typed config tree, validated on construction, serialisable to a flat dict.
+
+The flat form (``{"proposal.K": 4, ...}``) goes unchanged to Ray's ``train_loop_config`` and to
+MLflow params; :func:`Config.from_flat` rebuilds the tree from it. Defaults are the paper's toy-2
+protocol (METHOD.md §2): Adam 1e-3, 75 epochs, batch 32, M = 1024, K = 4.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range; the message names the key."""
+
+
+METHODS = ("ebm_learned_proposal", "nce_fixed", "nce_plus", "ml_is", "mdn", "mdn_ebm_teacher")
+FEATURE_NETS = ("toy_mlp", "resnet18", "resnet_slim")
+
+
+def _check(cond: bool, key: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key} {msg}, got {value!r}")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "toy2"
+    data_dir: str = ""      # a Parquet dataset (pipelines/data); "" = generate in memory
+    seed: int = 0           # data seed for synthetic tasks (toy2 is a fixed split)
+    n_train: int = 0        # 0 = the task's default size
+    n_val: int = 0
+    n_test: int = 0
+    image_size: int = 0     # 0 = the task's default
+
+    def __post_init__(self):
+        _check(isinstance(self.name, str) and self.name != "", "task.name", "must be a task name", self.name)
+        for k in ("n_train", "n_val", "n_test", "image_size"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 0, f"task.{k}", "must be an integer >= 0", v)
+
+
+@dataclass
+class FeatureNetConfig:
+    kind: str = "toy_mlp"
+    hidden: int = 10        # toy MLP width
+    width: int = 64         # ResNet base width (64 = ResNet-18; resnet_slim defaults to 16)
+    in_channels: int = 0    # 0 = from the task's image shape
+
+    def __post_init__(self):
+        _check(self.kind in FEATURE_NETS, "features.kind", f"must be one of {FEATURE_NETS}", self.kind)
+        _check(isinstance(self.hidden, int) and self.hidden >= 1, "features.hidden", "must be >= 1", self.hidden)
+        _check(isinstance(self.width, int) and self.width >= 4, "features.width", "must be >= 4", self.width)
+        _check(isinstance(self.in_channels, int) and self.in_channels >= 0, "features.in_channels",
+               "must be >= 0", self.in_channels)
+
+
+@dataclass
+class EnergyHeadConfig:
+    y_embed: list[int] = field(default_factory=lambda: [10, 10])  # image tasks: [16, 32, 64, 128]
+    hidden: int = 10                                                # image tasks: 512
+    residual_blocks: int = 1                                        # image tasks: 0
+
+    def __post_init__(self):
+        self.y_embed = list(self.y_embed)
+        _check(len(self.y_embed) >= 1 and all(isinstance(w, int) and w >= 1 for w in self.y_embed),
+               "energy.y_embed", "must be a non-empty list of widths >= 1", self.y_embed)
+        _check(isinstance(self.hidden, int) and self.hidden >= 1, "energy.hidden", "must be >= 1", self.hidden)
+        _check(isinstance(self.residual_blocks, int) and self.residual_blocks >= 0,
+               "energy.residual_blocks", "must be >= 0", self.residual_blocks)
+
+
+@dataclass
+class ProposalConfig:
+    K: int = 4
+    hidden: int = 0                 # 0 = the feature width (METHOD.md §1)
+    log_sigma2_min: float = -18.0   # clamp: an allowed stabiliser (METHOD.md §1)
+    log_sigma2_max: float = 18.0
+
+    def __post_init__(self):
+        _check(isinstance(self.K, int) and self.K >= 1, "proposal.K", "must be an integer >= 1", self.K)
+        _check(isinstance(self.hidden, int) and self.hidden >= 0, "proposal.hidden", "must be >= 0", self.hidden)
+        _check(self.log_sigma2_min < self.log_sigma2_max, "proposal.log_sigma2_min",
+               "must be < proposal.log_sigma2_max", (self.log_sigma2_min, self.log_sigma2_max))
+
+
+@dataclass
+class MethodConfig:
+    name: str = "ebm_learned_proposal"
+    kl_weight: float = 1.0              # L_NCE + kl_weight * L_KL (paper: 1)
+    teacher_nll_weight: float = 0.5     # MDN with EBM teacher: 0.5 L_KL + 0.5 NLL
+    nce_plus_beta: float = 0.025
+    fixed_sigmas: list[float] = field(default_factory=list)   # [] = the task's (METHOD.md §3)
+
+    def __post_init__(self):
+        _check(self.name in METHODS, "method.name", f"must be one of {METHODS}", self.name)
+        _check(self.kl_weight >= 0, "method.kl_weight", "must be >= 0", self.kl_weight)
+        _check(0 <= self.teacher_nll_weight <= 1, "method.teacher_nll_weight", "must be in [0, 1]",
+               self.teacher_nll_weight)
+        _check(self.nce_plus_beta > 0, "method.nce_plus_beta", "must be > 0", self.nce_plus_beta)
+        self.fixed_sigmas = [float(s) for s in self.fixed_sigmas]
+        _check(all(s > 0 for s in self.fixed_sigmas), "method.fixed_sigmas", "must all be > 0", self.fixed_sigmas)
+
+
+@dataclass
+class SamplerConfig:
+    M_train: int = 1024
+    M_eval: int = 1024
+    refine_steps: int = 10          # gradient-ascent refinement of the mode (0 = off)
+
+    def __post_init__(self):
+        for k in ("M_train", "M_eval"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 1, f"sampler.{k}", "must be an integer >= 1", v)
+        _check(isinstance(self.refine_steps, int) and self.refine_steps >= 0, "sampler.refine_steps",
+               "must be >= 0", self.refine_steps)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 75
+    grad_clip: float = 0.0          # 0 = off (the paper uses none)
+
+    def __post_init__(self):
+        _check(isinstance(self.lr, (int, float)) and self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "optim.batch_size", "must be >= 1",
+               self.batch_size)
+        _check(isinstance(self.epochs, int) and self.epochs >= 1, "optim.epochs", "must be >= 1", self.epochs)
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0", self.grad_clip)
+
+
+@dataclass
+class ScheduleConfig:
+    freeze_backbone_epochs: int = 0     # image tasks in the paper: 20
+    proposal_warmup_epochs: int = 0     # head pose in the paper: 1
+
+    def __post_init__(self):
+        for k in ("freeze_backbone_epochs", "proposal_warmup_epochs"):
+            v = getattr(self, k)
+            _check(isinstance(v, int) and v >= 0, f"schedule.{k}", "must be an integer >= 0", v)
+
+
+@dataclass
+class EvalConfig:
+    grid_nll: bool = True           # log-space quadrature on the task grid (D <= 3)
+    select: str = "last"            # "last" epoch or "best_val" (lowest validation NLL)
+    every: int = 1                  # validate every N epochs
+    batch_size: int = 64
+    interval_level: float = 0.9
+
+    def __post_init__(self):
+        _check(self.select in ("last", "best_val"), "eval.select", "must be 'last' or 'best_val'", self.select)
+        _check(isinstance(self.every, int) and self.every >= 1, "eval.every", "must be >= 1", self.every)
+        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "must be >= 1",
+               self.batch_size)
+        _check(0 < self.interval_level < 1, "eval.interval_level", "must be in (0, 1)", self.interval_level)
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    features: FeatureNetConfig = field(default_factory=FeatureNetConfig)
+    energy: EnergyHeadConfig = field(default_factory=EnergyHeadConfig)
+    proposal: ProposalConfig = field(default_factory=ProposalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(isinstance(self.seed, int), "seed", "must be an integer", self.seed)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """``{"section.key": value}``; lists stay lists (MLflow stringifies them)."""
+        flat: dict[str, Any] = {}
+        for name, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                flat[name] = value
+        return flat
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        sections = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
+        kwargs: dict[str, Any] = {}
+        hints = get_type_hints(cls)
+        for name, value in d.items():
+            sub = hints[name]
+            if dataclasses.is_dataclass(sub):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"[{name}] must be a table of keys, got {value!r}")
+                known = {f.name for f in fields(sub)}
+                bad = sorted(set(value) - known)
+                if bad:
+                    raise ConfigError(f"unknown key(s) {[f'{name}.{b}' for b in bad]}; known in [{name}]: "
+                                      f"{sorted(known)}")
+                sub_hints = get_type_hints(sub)
+                kwargs[name] = sub(**{k: _coerce(f"{name}.{k}", v, sub_hints[k]) for k, v in value.items()})
+            else:
+                kwargs[name] = _coerce(name, value, sub)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> "Config":
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            if "." in key:
+                section, sub = key.split(".", 1)
+                nested.setdefault(section, {})[sub] = value
+            else:
+                nested[key] = value
+        return cls.from_dict(nested)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            d = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+        cfg = cls.from_dict(d)
+        return cfg.with_overrides(overrides or [])
+
+    def with_overrides(self, overrides: list[str]) -> "Config":
+        """Apply ``section.key=value`` strings (values parsed as TOML, else taken as strings)."""
+        if not overrides:
+            return self
+        flat = self.to_flat()
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            if key not in flat:
+                raise ConfigError(f"override names unknown key {key!r}; known: {sorted(flat)}")
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw
+            flat[key] = value
+        return Config.from_flat(flat)
+
+    def to_toml(self) -> str:
+        lines = [f"seed = {_toml_value(self.seed)}"]
+        for name, value in self.to_dict().items():
+            if isinstance(value, dict):
+                lines.append(f"\n[{name}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+        return "\n".join(lines) + "\n"
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Flat dicts come back from MLflow/Ray as strings or numbers: turn them into the field's type."""
+    t = getattr(typ, "__origin__", None) or typ
+    try:
+        if t is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false"):
+                    raise ValueError(value)
+                return value.lower() == "true"
+            return bool(value)
+        if t is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if t is float:
+            return float(value)
+        if t is list:
+            if isinstance(value, str):
+                value = tomllib.loads(f"v = {value}")["v"]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(value)
+            return list(value)
+        if t is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except (ValueError, TypeError, tomllib.TOMLDecodeError):
+        raise ConfigError(f"{key} must be of type {getattr(t, '__name__', t)}, got {value!r}") from None
+    return value
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)

@@ -1,0 +1,119 @@
+"""Evaluation metrics, all in log space where densities are involved (METHOD.md §4).
+
+Grid NLL: −log p(y_i|x_i) = −f(y_i) + logsumexp_j f(y_j) + log Δ over the task grid (D ≤ 3).
+IS NLL:   −f(y_i) + log Ẑ with the learned proposal. MDN NLL is exact: −log q(y_i|x_i).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .predict import TWO_PI, wrap_diff
+
+
+def grid_points(grids: list[torch.Tensor]) -> torch.Tensor:
+    """Cartesian product of per-dim grids -> (G, D)."""
+    mesh = torch.meshgrid(*grids, indexing="ij")
+    return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
+
+
+def scores_on_grid(model, enc, grid: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """f(x_b, g_j) for all examples and grid points: grid (G, D) -> (B, G), chunked over G."""
+    B = next(t for t in enc if t is not None).shape[0]
+    out = []
+    for s in range(0, grid.shape[0], chunk):
+        g = grid[s:s + chunk].unsqueeze(0).expand(B, -1, -1)
+        out.append(model.score(enc, g))
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
+def grid_nll(model, x: torch.Tensor, y: torch.Tensor, grids: list[torch.Tensor], cell_volume: float) -> torch.Tensor:
+    """Per-example NLL by log-space quadrature: x (B, ...), y (B, D) -> (B,)."""
+    enc = model.encode(x)
+    f_true = model.score(enc, y.unsqueeze(1))[:, 0]
+    log_norm = torch.logsumexp(scores_on_grid(model, enc, grid_points(grids).to(y)), dim=1)
+    return -f_true + log_norm + math.log(cell_volume)
+
+
+@torch.no_grad()
+def is_nll(model, x: torch.Tensor, y: torch.Tensor, M: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-example NLL with IS log Ẑ from the learned proposal (M energy evaluations each) -> (B,)."""
+    enc = model.encode(x)
+    mix = model.propose(enc)
+    ys = mix.sample(M, generator)
+    f = model.score(enc, torch.cat([y.unsqueeze(1), ys], dim=1))
+    log_z = torch.logsumexp(f[:, 1:] - mix.log_prob(ys), dim=1) - math.log(M)
+    return -f[:, 0] + log_z
+
+
+@torch.no_grad()
+def proposal_nll(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Exact NLL of the mixture proposal / MDN: −log q(y|x) -> (B,)."""
+    return -model.propose(model.encode(x)).log_prob(y.unsqueeze(1))[:, 0]
+
+
+def kl_on_grid(log_p_true: torch.Tensor, log_p_model: torch.Tensor) -> torch.Tensor:
+    """KL(P_true ‖ P_model) of the grid-normalised distributions, per row: (B, G) -> (B,).
+
+    Both inputs are unnormalised log-densities on the same grid; −inf in the truth contributes 0.
+    """
+    lp = torch.log_softmax(log_p_true, dim=1)
+    lq = torch.log_softmax(log_p_model, dim=1)
+    p = lp.exp()
+    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(1)
+
+
+@torch.no_grad()
+def model_log_density_on_grid(model, x: torch.Tensor, grid: torch.Tensor, use_energy: bool = True) -> torch.Tensor:
+    """Unnormalised log density of the EBM (f) or the proposal (log q) on grid (G, D) -> (B, G)."""
+    enc = model.encode(x)
+    if use_energy and model.has_energy:
+        return scores_on_grid(model, enc, grid)
+    mix = model.propose(enc)
+    return mix.log_prob(grid.unsqueeze(0).expand(x.shape[0], -1, -1))
+
+
+def crps_weighted(samples: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+                  circular: tuple[bool, ...]) -> torch.Tensor:
+    """CRPS per example and dim from weighted samples: E|X − y| − ½E|X − X'|.
+
+    samples (B, M, D), w (B, M) summing to 1, y (B, D) -> (B, D). Linear dims use the sorted O(M log M)
+    form of E|X − X'|; circular dims use the geodesic distance (a valid kernel score on the circle)
+    with the exact pairwise form.
+    """
+    B, M, D = samples.shape
+    wd = w.unsqueeze(-1).expand(B, M, D)
+    d_obs = wrap_diff(samples - y.unsqueeze(1), circular).abs()
+    e1 = (wd * d_obs).sum(1)
+    xs, order = torch.sort(samples, dim=1)
+    ws = torch.gather(wd, 1, order)
+    cum = torch.cumsum(ws, dim=1)
+    # E|X − X'| = 2 Σ_i w_i x_(i) (2 F_i − w_i − 1) for sorted samples with cumulative weight F_i.
+    e2 = 2.0 * (ws * xs * (2.0 * cum - ws - 1.0)).sum(1)
+    if any(circular):
+        circ = torch.tensor(circular, device=samples.device)
+        for d in [i for i, c in enumerate(circular) if c]:
+            diff = wrap_diff(samples[:, :, d].unsqueeze(2) - samples[:, :, d].unsqueeze(1), (True,)).abs()
+            e2_c = torch.einsum("bi,bij,bj->b", w, diff, w)
+            e2 = torch.where(circ & (torch.arange(D, device=circ.device) == d), e2_c.unsqueeze(1), e2)
+    return e1 - 0.5 * e2
+
+
+def abs_error(pred: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
+    """|pred − y| per dim, on the circle for circular dims: (B, D) -> (B, D)."""
+    return wrap_diff(pred - y, circular).abs()
+
+
+def interval_covered(interval: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
+    """Whether y lies in the central interval (B, 2, D) in every dim -> (B,) bool.
+
+    Circular intervals are arcs from lo to hi counter-clockwise (they may wrap through 0).
+    """
+    lo, hi = interval[:, 0], interval[:, 1]
+    inside = (y >= lo) & (y <= hi)
+    if any(circular):
+        arc = torch.remainder(y - lo, TWO_PI) <= torch.remainder(hi - lo, TWO_PI)
+        inside = torch.where(torch.tensor(circular, device=y.device), arc, inside)
+    return inside.all(dim=1)

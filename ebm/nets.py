@@ -1,0 +1,213 @@
+"""Networks: feature nets, the energy head f(h, y), the mixture proposal head q(y|h).
+
+Single-device code (STYLE.md §1): DDP, devices and data loading are applied from outside.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .proposal import Mixture
+from .resnet import ResNet, resnet_for
+
+
+class ToyFeatureNet(nn.Module):
+    """x (B, in_dim) -> h (B, hidden): Linear-ReLU-Linear-ReLU (METHOD.md §1)."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(x))))
+
+
+def _mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class EnergyHead(nn.Module):
+    """f(h, y): y-embedding MLP, joint layer over [h, e(y)], residual blocks, scalar score.
+
+    The first joint weight is split W = [W_h | W_y] so that W_h·h + b is computed once per example
+    and broadcast over the S samples (exactly the concatenated layer; the state dict is the same).
+    Circular target dims enter as (cos y, sin y) so that f is periodic in them.
+    """
+
+    def __init__(self, feat_dim: int, D: int, circular: tuple[bool, ...], y_embed: list[int],
+                 hidden: int, residual_blocks: int):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.register_buffer("circular", torch.tensor(circular, dtype=torch.bool), persistent=False)
+        self.n_circ = sum(circular)
+        self.y_net = _mlp([D + self.n_circ] + list(y_embed))
+        self.joint = nn.Linear(feat_dim + y_embed[-1], hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(residual_blocks))
+        self.out = nn.Linear(hidden, 1)
+
+    def embed_y(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, S, D) -> e (B, S, y_embed[-1])."""
+        if self.n_circ:
+            c = y[..., self.circular]
+            y = torch.cat([y[..., ~self.circular], torch.cos(c), torch.sin(c)], dim=-1)
+        return self.y_net(y)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """h (B, H), y (B, S, D) -> scores f (B, S)."""
+        W = self.joint.weight
+        a = F.linear(h, W[:, : self.feat_dim], self.joint.bias)        # (B, hidden), once per example
+        c = F.linear(self.embed_y(y), W[:, self.feat_dim:])             # (B, S, hidden)
+        return self._tail(F.relu(c + a.unsqueeze(1)))
+
+    def forward_concat(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The straightforward form: h replicated per sample and concatenated (tests, benchmarks)."""
+        e = self.embed_y(y)
+        hx = h.unsqueeze(1).expand(-1, y.shape[1], -1)
+        return self._tail(F.relu(self.joint(torch.cat([hx, e], dim=-1))))
+
+    def _tail(self, z: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            z = F.relu(blk(z)) + z
+        return self.out(z).squeeze(-1)
+
+
+class ProposalHead(nn.Module):
+    """h (B, H) -> Mixture with K components over D dims: three 2-layer ReLU MLP branches."""
+
+    def __init__(self, feat_dim: int, D: int, K: int, hidden: int, circular: tuple[bool, ...],
+                 log_sigma2_min: float, log_sigma2_max: float):
+        super().__init__()
+        self.D, self.K, self.circular = D, K, circular
+        self.lo, self.hi = log_sigma2_min, log_sigma2_max
+        self.mean = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, K * D))
+        self.log_sigma2 = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, K * D))
+        self.logits = nn.Sequential(nn.Linear(feat_dim, hidden), nn.ReLU(), nn.Linear(hidden, K))
+
+    def forward(self, h: torch.Tensor) -> Mixture:
+        B = h.shape[0]
+        means = self.mean(h).view(B, self.K, self.D)
+        ls2 = self.log_sigma2(h).view(B, self.K, self.D).clamp(self.lo, self.hi)
+        return Mixture(means, ls2, self.logits(h), self.circular)
+
+
+class Encoded(NamedTuple):
+    """Features for the energy head and for the proposal (the same tensor in a joint model)."""
+    h_energy: torch.Tensor | None
+    h_proposal: torch.Tensor | None
+
+
+class EBMRegressor(nn.Module):
+    """Feature net + (optional) energy head + (optional) proposal head.
+
+    The loss is not computed here (STYLE.md §3): ``encode``, ``score`` and ``propose`` return
+    features, scores and proposal parameters; ``ebm.steps`` combines them.
+    """
+
+    def __init__(self, feature_net: nn.Module, energy: EnergyHead | None, proposal: ProposalHead | None,
+                 detach_proposal_features: bool):
+        super().__init__()
+        self.feature_net = feature_net
+        self.energy_head = energy
+        self.proposal_head = proposal
+        self.detach_proposal_features = detach_proposal_features
+
+    @property
+    def has_energy(self) -> bool:
+        return self.energy_head is not None
+
+    @property
+    def has_proposal(self) -> bool:
+        return self.proposal_head is not None
+
+    def encode(self, x: torch.Tensor, freeze_backbone: bool = False) -> Encoded:
+        h = self.feature_net(x)
+        if freeze_backbone:
+            h = h.detach()
+        return Encoded(h if self.has_energy else None, h if self.has_proposal else None)
+
+    def score(self, enc: Encoded, y: torch.Tensor) -> torch.Tensor:
+        """y (B, S, D) -> f (B, S)."""
+        return self.energy_head(enc.h_energy, y)
+
+    def propose(self, enc: Encoded) -> Mixture:
+        h = enc.h_proposal
+        return self.proposal_head(h.detach() if self.detach_proposal_features else h)
+
+
+class TeacherPair(nn.Module):
+    """MDN with an EBM teacher (METHOD.md §3): two separate networks, EBM first, then MDN."""
+
+    def __init__(self, ebm: EBMRegressor, mdn: EBMRegressor):
+        super().__init__()
+        self.ebm, self.mdn = ebm, mdn
+
+    has_energy = True
+    has_proposal = True
+
+    def encode(self, x: torch.Tensor, freeze_backbone: bool = False) -> Encoded:
+        return Encoded(self.ebm.encode(x, freeze_backbone).h_energy, self.mdn.encode(x, freeze_backbone).h_proposal)
+
+    def score(self, enc: Encoded, y: torch.Tensor) -> torch.Tensor:
+        return self.ebm.score(enc, y)
+
+    def propose(self, enc: Encoded) -> Mixture:
+        return self.mdn.propose(enc)
+
+    def param_groups(self) -> list[dict]:
+        # Two Adams over disjoint parameters equal one Adam with two groups (Adam is per-parameter).
+        return [{"params": list(self.ebm.parameters()), "name": "ebm"},
+                {"params": list(self.mdn.parameters()), "name": "mdn"}]
+
+
+def _feature_net(cfg: Config, x_shape: tuple[int, ...]) -> nn.Module:
+    fc = cfg.features
+    if fc.kind == "toy_mlp":
+        if len(x_shape) != 1:
+            raise ValueError(f"features.kind = 'toy_mlp' needs vector inputs, task has x_shape {x_shape}")
+        return ToyFeatureNet(x_shape[0], fc.hidden)
+    if len(x_shape) != 3:
+        raise ValueError(f"features.kind = {fc.kind!r} needs image inputs (C, H, W), task has x_shape {x_shape}")
+    in_ch = fc.in_channels or x_shape[0]
+    return resnet_for(fc.kind, in_ch, fc.width)
+
+
+def _single(cfg: Config, x_shape, D, circular, energy: bool, proposal: bool, detach: bool) -> EBMRegressor:
+    feat = _feature_net(cfg, x_shape)
+    H = feat.out_dim
+    e = p = None
+    if energy:
+        ec = cfg.energy
+        e = EnergyHead(H, D, circular, ec.y_embed, ec.hidden, ec.residual_blocks)
+    if proposal:
+        pc = cfg.proposal
+        p = ProposalHead(H, D, pc.K, pc.hidden or H, circular, pc.log_sigma2_min, pc.log_sigma2_max)
+    return EBMRegressor(feat, e, p, detach_proposal_features=detach)
+
+
+def build_model(cfg: Config, x_shape: tuple[int, ...], D: int, circular: tuple[bool, ...]) -> nn.Module:
+    """The network the method needs, initialised from the current torch RNG state."""
+    m = cfg.method.name
+    if m == "ebm_learned_proposal":
+        return _single(cfg, x_shape, D, circular, energy=True, proposal=True, detach=True)
+    if m in ("nce_fixed", "nce_plus", "ml_is"):
+        return _single(cfg, x_shape, D, circular, energy=True, proposal=False, detach=True)
+    if m == "mdn":
+        return _single(cfg, x_shape, D, circular, energy=False, proposal=True, detach=False)
+    if m == "mdn_ebm_teacher":
+        ebm = _single(cfg, x_shape, D, circular, energy=True, proposal=False, detach=True)
+        mdn = _single(cfg, x_shape, D, circular, energy=False, proposal=True, detach=False)
+        return TeacherPair(ebm, mdn)
+    raise ValueError(f"unknown method {m!r}")
+
+
+__all__ = ["ToyFeatureNet", "EnergyHead", "ProposalHead", "EBMRegressor", "TeacherPair", "Encoded",
+           "build_model", "ResNet"]

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ebm.config import Config
+from ebm.nets import EnergyHead, build_model
+from ebm.resnet import resnet_for
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("circular", [(False,), (True, False, True)])
+def test_split_first_layer_equals_concatenated_layer(circular):
+    D = len(circular)
+    head = EnergyHead(32, D, circular, [16, 32, 64, 128], 64, residual_blocks=1)
+    h, y = torch.randn(5, 32), torch.randn(5, 33, D)
+    torch.testing.assert_close(head(h, y), head.forward_concat(h, y), rtol=1e-5, atol=1e-5)
+
+
+def test_circular_dims_make_the_energy_periodic():
+    head = EnergyHead(8, 2, (True, False), [10, 10], 10, 1)
+    h, y = torch.randn(3, 8), torch.randn(3, 4, 2)
+    shifted = y + torch.tensor([2 * torch.pi, 0.0])
+    torch.testing.assert_close(head(h, y), head(h, shifted), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,width,feat", [("resnet18", 64, 512), ("resnet_slim", 16, 128)])
+def test_resnets_give_pooled_features(kind, width, feat):
+    net = resnet_for(kind, 3, width)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, feat)
+    assert net.out_dim == feat
+
+
+def test_resnet18_has_the_standard_parameter_count():
+    net = resnet_for("resnet18", 3, 64)
+    # torchvision's resnet18 has 11,689,512 parameters, of which fc holds 513,000
+    assert sum(p.numel() for p in net.parameters()) == 11_689_512 - 513_000
+
+
+def test_image_model_builds_with_paper_heads():
+    cfg = Config.from_dict({"features": {"kind": "resnet_slim", "width": 8},
+                            "energy": {"y_embed": [16, 32, 64, 128], "hidden": 512, "residual_blocks": 0},
+                            "proposal": {"K": 8}})
+    model = build_model(cfg, (1, 32, 32), 1, (True,))
+    enc = model.encode(torch.randn(3, 1, 32, 32))
+    assert model.score(enc, torch.rand(3, 10, 1)).shape == (3, 10)
+    mix = model.propose(enc)
+    assert mix.means.shape == (3, 8, 1) and mix.logits.shape == (3, 8)
+
+
+def test_toy_mlp_rejects_image_inputs():
+    with pytest.raises(ValueError, match="toy_mlp"):
+        build_model(Config(), (3, 64, 64), 1, (False,))
+
+
+def test_importing_ebm_pulls_in_no_ray_mlflow_pyarrow():
+    code = ("import sys, ebm, ebm.train, ebm.metrics, ebm.predict, ebm.steps, ebm.nets, ebm.tasks;"
+            "bad = [m for m in ('ray', 'mlflow', 'pyarrow', 'torch.distributed.run') if m in sys.modules];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
