@@ -109,7 +109,6 @@ def get_task(name: str) -> TaskSpec:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
 
 
-
 TOY1_MIX_P, TOY1_MIX_SIGMA, TOY1_LOGNORMAL_SIGMA = 0.8, 0.075, 0.25
 
 
@@ -146,7 +145,6 @@ def toy1_true_log_density(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     log_z = np.log(np.where(z > 0, z, 1.0))
     lognormal = np.where(z > 0, _normal_logpdf(log_z, 0.0, TOY1_LOGNORMAL_SIGMA) - log_z, -np.inf)
     return np.where(x < 0, mix, lognormal)
-
 
 
 def _reference_csv(shared_dir: str | os.PathLike, filename: str) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +202,6 @@ def make_toy2() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {s: (x[a:b].astype(np.float32), y[a:b].astype(np.float32)) for s, (a, b) in bounds.items()}
 
 
-
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -241,7 +238,7 @@ def _circle_mask(h: int, w: int) -> torch.Tensor:
 def rotate_with_circular_mask(images: np.ndarray, angles: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Rotate each image counter-clockwise (as displayed) by its angle, bilinearly.
 
-    images: uint8 (N, H, W); angles: (N,) radians. Returns uint8 (N, 1, H, W). Pixels outside
+    images: uint8 (N, H, H); angles: (N,) radians. Returns uint8 (N, 1, H, H). Pixels outside
     the inscribed circle are zeroed before rotating (so no corner content is rotated in) and after
     (so the frame's corners are identical for every angle and leak nothing about it).
     """
@@ -251,6 +248,9 @@ def rotate_with_circular_mask(images: np.ndarray, angles: np.ndarray, chunk: int
         raise ValueError(f"need uint8 images (N, H, W) and angles (N,), got {images.dtype} "
                          f"{images.shape} and {angles.shape}")
     n, h, w = images.shape
+    if h != w:
+        # affine_grid's normalised coordinates would shear a non-square frame when rotating.
+        raise ValueError(f"images must be square to rotate, got {h}x{w}")
     mask = _circle_mask(h, w)
     out = np.empty((n, 1, h, w), dtype=np.uint8)
     for s in range(0, n, chunk):
@@ -273,7 +273,6 @@ def make_fashion_rotation(images: np.ndarray, seed: int) -> tuple[np.ndarray, np
     rng = np.random.default_rng(seed)
     y = wrap_float32(rng.uniform(0.0, TWO_PI, len(images)))
     return rotate_with_circular_mask(images, y.astype(np.float64)), y[:, None]
-
 
 
 SYNTHETIC_DEFAULT_N = {"toy1": {"train": 2000, "val": 200, "test": 2000},
