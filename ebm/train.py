@@ -203,7 +203,9 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
         out["nll"] = out["proposal_nll"]
     else:
         out["nll"] = out.get("grid_nll", out.get("is_nll", float("nan")))
-    out["kl"] = out.get("kl_proposal" if cfg.method.name in ("mdn", "mdn_ebm_teacher") else "kl_ebm", float("nan"))
+    kl_key = "kl_proposal" if cfg.method.name in ("mdn", "mdn_ebm_teacher") else "kl_ebm"
+    if kl_key in out:
+        out["kl"] = out[kl_key]
     return out
 
 
