@@ -6,7 +6,7 @@ Both run in this process, side by side, on the same weights and batch; the ratio
 Also prints the achieved GFLOP/s of each step (FLOPs counted by torch's FlopCounterMode) against
 this machine's measured matmul GFLOP/s.
 
-    python bench/bench_step.py            # toy and image configs, M = 1024
+    python bench/bench_step.py            # toy and image configs, M = 1024 (paper heads)
     python bench/bench_step.py --quick    # fewer repetitions
 """
 from __future__ import annotations
@@ -123,6 +123,8 @@ def main():
     bench("image resnet18 64x64 (M=1024)", img, (3, 64, 64), reps)
     frozen = Config.from_dict({**IMAGE, "schedule": {"freeze_backbone_epochs": 20}})
     bench("  same, backbone frozen", frozen, (3, 64, 64), reps)
+    slim = Config.from_dict({**IMAGE, "features": {"kind": "resnet_slim", "width": 16}})
+    bench("image resnet_slim 32x32 (M=1024)", slim, (1, 32, 32), reps)
 
 
 if __name__ == "__main__":
