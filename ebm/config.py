@@ -47,6 +47,7 @@ class TaskConfig:
 class FeatureNetConfig:
     kind: str = "toy_mlp"
     hidden: int = 10        # toy MLP width
+    standardize: bool = True  # toy MLP: standardise x with train-split statistics (kept in the model)
     width: int = 64         # ResNet base width (64 = ResNet-18; resnet_slim defaults to 16)
     in_channels: int = 0    # 0 = from the task's image shape
 

@@ -16,15 +16,27 @@ from .resnet import ResNet, resnet_for
 
 
 class ToyFeatureNet(nn.Module):
-    """x (B, in_dim) -> h (B, hidden): Linear-ReLU-Linear-ReLU (METHOD.md §1)."""
+    """x (B, in_dim) -> h (B, hidden): Linear-ReLU-Linear-ReLU (METHOD.md §1).
+
+    Inputs are standardised by buffers ``x_mean``/``x_std`` (identity until ``set_input_stats``),
+    so the statistics travel with the weights and a saved model predicts on raw inputs.
+    """
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.out_dim = hidden
+        self.register_buffer("x_mean", torch.zeros(in_dim))
+        self.register_buffer("x_std", torch.ones(in_dim))
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.x_mean.copy_(torch.as_tensor(mean).reshape(self.x_mean.shape))
+        self.x_std.copy_(torch.as_tensor(std).reshape(self.x_std.shape).clamp_min(1e-8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.x_mean) / self.x_std
         return F.relu(self.fc2(F.relu(self.fc1(x))))
 
 

@@ -218,6 +218,20 @@ class FitResult:
     best_epoch: int
 
 
+def set_input_stats(model: torch.nn.Module, cfg: Config, x_train: torch.Tensor) -> None:
+    """Standardise vector inputs with train-split statistics (``features.standardize``).
+
+    Every net that has a ``ToyFeatureNet`` gets the same statistics; a distributed run must pass
+    statistics of the whole train split (not a rank's shard) so all ranks hold identical buffers.
+    """
+    if not (cfg.features.standardize and cfg.features.kind == "toy_mlp"):
+        return
+    mean, std = x_train.float().mean(0), x_train.float().std(0)
+    for mod in model.modules():
+        if hasattr(mod, "set_input_stats"):
+            mod.set_input_stats(mean, std)
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -229,6 +243,7 @@ def fit(cfg: Config, *, log: Callable[[str], None] | None = print, data: tuple[T
     task, splits = data or load_data(cfg)
     seed_everything(cfg.seed)
     model = build_model(cfg, task.x_shape, task.D, task.circular).to(device)
+    set_input_stats(model, cfg, splits["train"].x)
     opt = make_optimizer(model, cfg)
     g_data = torch.Generator().manual_seed(cfg.seed)
     g_samp = torch.Generator(device=device).manual_seed(cfg.seed + 1)

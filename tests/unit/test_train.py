@@ -76,3 +76,14 @@ def test_evaluate_star_reports_exact_kl():
     model = build_model(cfg, task.x_shape, task.D, task.circular)
     out = evaluate(model, splits["test"], task, cfg)
     assert out["kl_ebm"] > 0 and out["kl_proposal"] > 0 and math.isfinite(out["grid_nll"])
+
+
+def test_toy_inputs_are_standardised_by_buffers_that_travel_with_the_weights():
+    cfg = _debug(**{"optim.epochs": 1})
+    task, splits = load_data(cfg)
+    res = fit(cfg, log=None, data=(task, splits))
+    sd = res.model.state_dict()
+    torch.testing.assert_close(sd["feature_net.x_mean"], splits["train"].x.mean(0))
+    torch.testing.assert_close(sd["feature_net.x_std"], splits["train"].x.std(0))
+    raw = fit(_debug(**{"optim.epochs": 1, "features.standardize": "false"}), log=None, data=(task, splits))
+    assert torch.equal(raw.model.state_dict()["feature_net.x_std"], torch.ones(1))
