@@ -113,10 +113,12 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
+    from pipelines.runtime import tune_malloc
+    tuned = tune_malloc()       # process-wide: applies to both forms alike
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 10
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc tuned: {tuned}; "
           f"matmul 1024^3: {matmul_gflops():.1f} GFLOP/s")
     bench("toy2 (M=1024, B=32)", Config(), (1,), reps * 3)
     img = Config.from_dict(IMAGE)

@@ -25,6 +25,8 @@ def save_checkpoint(path: Path, model: torch.nn.Module, cfg: Config, extra: dict
 
 
 def train_local(cfg: Config, out: str = "", seeds: int = 1) -> int:
+    from pipelines.runtime import tune_malloc
+    tune_malloc()
     data = load_data(cfg)
     task = data[0]
     print(f"task {task.name}: D={task.D}, train {len(data[1]['train'])} / val {len(data[1].get('val', []))} / "
