@@ -48,12 +48,11 @@ def train_local(cfg: Config, out: str = "", seeds: int = 1) -> int:
         vals = [r[k] for r in results if k in r and not math.isnan(r[k])]
         if vals:
             summary[k] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "values": vals}
-    if seeds > 1:
-        for k in ("nll", "grid_nll", "is_nll", "kl", "mae_mean", "crps", "coverage"):
-            if k in summary:
-                s = summary[k]
-                print(f"test {k}: {s['mean']:.4f} ± {s['std']:.4f} over {seeds} seeds "
-                      f"(max {max(s['values']):.4f})")
+    for k in ("nll", "grid_nll", "is_nll", "kl", "mae_mode", "mae_mean", "crps", "coverage"):
+        if k in summary:
+            s = summary[k]
+            spread = f" ± {s['std']:.4f} over {seeds} seeds (max {max(s['values']):.4f})" if seeds > 1 else ""
+            print(f"test {k}: {s['mean']:.4f}{spread}")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "summary.json").write_text(json.dumps({"config": cfg.to_flat(), "test": summary}, indent=1))
