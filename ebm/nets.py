@@ -79,7 +79,11 @@ class EnergyHead(nn.Module):
         # Contiguous copies of the two (small) weight blocks: a strided slice makes the big matmul
         # below take a slower path (measured ~20 % on the image head).
         a = F.linear(h, W[:, : self.feat_dim].contiguous(), self.joint.bias)   # (B, hidden), once per example
-        c = F.linear(self.embed_y(y), W[:, self.feat_dim:].contiguous())        # (B, S, hidden)
+        e = self.embed_y(y)
+        W_y = W[:, self.feat_dim:].contiguous()
+        if not self.blocks:
+            return _JointTail.apply(e, W_y, a, self.out.weight, self.out.bias)
+        c = F.linear(e, W_y)                                                   # (B, S, hidden)
         return self._tail(F.relu(c + a.unsqueeze(1)))
 
     def forward_concat(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -92,6 +96,38 @@ class EnergyHead(nn.Module):
         for blk in self.blocks:
             z = F.relu(blk(z)) + z
         return self.out(z).squeeze(-1)
+
+
+class _JointTail(torch.autograd.Function):
+    """f = w·relu(e W_yᵀ + a) + b for the head without residual blocks, with a hand-written backward.
+
+    Same function and gradients as the autograd composition, with fewer passes over the
+    (B, S, hidden) activations: the pre-activation is built and rectified in place, and the
+    output layer's backward is a broadcast multiply instead of an outer-product matmul.
+    e (B, S, E), W_y (H, E), a (B, H), w (1, H), b (1,) -> f (B, S).
+    """
+
+    @staticmethod
+    def forward(ctx, e, W_y, a, w, b):
+        z = torch.matmul(e, W_y.t())
+        z.add_(a.unsqueeze(1)).clamp_(min=0)
+        f = torch.matmul(z, w[0]) + b
+        ctx.save_for_backward(e, W_y, z, w)
+        return f
+
+    @staticmethod
+    def backward(ctx, gf):
+        e, W_y, z, w = ctx.saved_tensors
+        H, E = W_y.shape
+        dz = gf.unsqueeze(-1) * w[0]
+        dz.masked_fill_(z <= 0, 0.0)
+        dz2 = dz.reshape(-1, H)
+        de = torch.matmul(dz, W_y) if ctx.needs_input_grad[0] else None
+        dW_y = dz2.t() @ e.reshape(-1, E) if ctx.needs_input_grad[1] else None
+        da = dz.sum(1) if ctx.needs_input_grad[2] else None
+        dw = (z.reshape(-1, H).t() @ gf.reshape(-1)).unsqueeze(0) if ctx.needs_input_grad[3] else None
+        db = gf.sum().reshape(1) if ctx.needs_input_grad[4] else None
+        return de, dW_y, da, dw, db
 
 
 class ProposalHead(nn.Module):

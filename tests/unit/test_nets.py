@@ -61,3 +61,24 @@ def test_importing_ebm_pulls_in_no_ray_mlflow_pyarrow_scipy_pil():
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_fused_head_gradients_equal_the_concatenated_form(blocks):
+    torch.manual_seed(0)
+    head = EnergyHead(12, 2, (False, True), [8, 16], 24, residual_blocks=blocks).double()
+    h = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(3, 7, 2, dtype=torch.float64)
+    gf = torch.randn(3, 7, dtype=torch.float64)
+    grads = []
+    for fn in (head.forward, head.forward_concat):
+        head.zero_grad()
+        h.grad = None
+        out = fn(h, y)
+        (out * gf).sum().backward()
+        grads.append((out.detach(), h.grad.clone(), [p.grad.clone() for p in head.parameters()]))
+    (o1, gh1, gp1), (o2, gh2, gp2) = grads
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(gh1, gh2)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b)
