@@ -1,0 +1,98 @@
+"""A real Ray head on 127.0.0.1 with its job server; jobs submitted through `ebm submit`."""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.integration
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head --block` as our own child, stopped by its pid (never `ray stop`, which would
+    end every Ray on the machine). Token auth is disabled for this loopback-only test head."""
+    tmp = tmp_path_factory.mktemp("rayhead")
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    log = open(tmp / "head.log", "w")
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats",
+         f"--temp-dir={tmp / 'ray'}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.close()
+            pytest.fail(f"ray head did not come up: {(tmp / 'head.log').read_text()[-3000:]}")
+        time.sleep(1)
+    yield {"address": address, "env": env, "tmp": tmp}
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()
+
+
+def _ebm(args, env, timeout=600, cwd=ROOT):
+    return subprocess.run([os.path.join(BIN, "ebm"), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_submit_a_training_job_and_follow_it_to_success(ray_head):
+    r = _ebm(["submit", "--address", ray_head["address"], "--", "ebm", "train", "debug", "--set", "optim.epochs=1"],
+             ray_head["env"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "test nll:" in r.stdout and "SUCCEEDED" in r.stdout
+    sid = r.stdout.split("submitted ", 1)[1].split()[0]
+    listed = _ebm(["jobs", "list", "--address", ray_head["address"]], ray_head["env"])
+    assert sid in listed.stdout and "SUCCEEDED" in listed.stdout
+    st = _ebm(["jobs", "status", sid, "--address", ray_head["address"]], ray_head["env"])
+    assert "SUCCEEDED" in st.stdout
+
+
+def test_a_failing_job_is_reported_with_its_logs(ray_head):
+    r = _ebm(["submit", "--address", ray_head["address"], "--", "ebm", "train", "debug", "--set", "proposal.K=0"],
+             ray_head["env"])
+    assert r.returncode == 1
+    assert "proposal.K must be an integer >= 1" in r.stdout and "FAILED" in r.stdout
+
+
+def test_an_oversized_working_dir_is_refused_before_upload(ray_head, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(os.path.join(ROOT, "pipelines"), work / "pipelines")
+    (work / "big.bin").write_bytes(os.urandom(3 * 2**20))
+    r = _ebm(["submit", "--address", ray_head["address"], "--working-dir", str(work), "--max-upload-mb", "2",
+              "--", "ebm", "train", "debug"], ray_head["env"])
+    assert r.returncode == 2 and "over the 2 MiB limit" in r.stderr and "big.bin" in r.stderr
+    listed = _ebm(["jobs", "list", "--address", ray_head["address"]], ray_head["env"])
+    assert str(work) not in listed.stdout
+
+
+def test_an_unreachable_job_server_is_one_clear_error(ray_head):
+    r = _ebm(["jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}"], ray_head["env"], timeout=120)
+    assert r.returncode == 2 and "cannot reach the Ray job server" in r.stderr
