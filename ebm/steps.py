@@ -109,3 +109,18 @@ def train_step(model, batch: tuple[torch.Tensor, torch.Tensor], cfg: Config, *, 
 
 def is_finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss).all()) and not math.isnan(loss.item())
+
+
+class StepModule(torch.nn.Module):
+    """``train_step`` as a module's forward, so a data-parallel wrapper (DDP) that only hooks
+    ``forward`` sees the whole step: ``StepModule(model, cfg, ...)(x, y, epoch) -> (loss, metrics)``."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, circular: tuple[bool, ...],
+                 fixed_sigmas: tuple[float, ...] | None, generator: torch.Generator | None = None):
+        super().__init__()
+        self.model = model
+        self.cfg, self.circular, self.fixed_sigmas, self.generator = cfg, circular, fixed_sigmas, generator
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, epoch: int = 0):
+        return train_step(self.model, (x, y), self.cfg, epoch=epoch, circular=self.circular,
+                          fixed_sigmas=self.fixed_sigmas, generator=self.generator)

@@ -99,10 +99,11 @@ class NonFiniteLoss(RuntimeError):
 def run_epoch(model, opt, data: Iterable, cfg: Config, task: TaskSpec, epoch: int, *,
               generator: torch.Generator | None = None, device: torch.device | str = "cpu",
               all_finite: Callable[[torch.Tensor], bool] | None = None,
-              max_skips_in_row: int = 20) -> dict[str, float]:
+              step: Callable | None = None, max_skips_in_row: int = 20) -> dict[str, float]:
     """One pass over ``data`` (an iterable of (x, y) batches). Returns mean metrics, examples/s and
     the data-wait fraction. ``all_finite`` decides whether to skip a step (the distributed loop passes
-    one that all-reduces, so every rank skips the same steps)."""
+    one that all-reduces, so every rank skips the same steps). ``step(x, y, epoch)`` replaces the
+    plain ``train_step`` call (the distributed loop passes a DDP-wrapped ``StepModule``)."""
     model.train()
     all_finite = all_finite or is_finite
     sums: dict[str, float] = {}
@@ -114,8 +115,11 @@ def run_epoch(model, opt, data: Iterable, cfg: Config, task: TaskSpec, epoch: in
         t_got = time.perf_counter()
         wait += t_got - t_last
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, mets = train_step(model, (x, y), cfg, epoch=epoch, circular=task.circular, fixed_sigmas=sig,
-                                generator=generator)
+        if step is not None:
+            loss, mets = step(x, y, epoch)
+        else:
+            loss, mets = train_step(model, (x, y), cfg, epoch=epoch, circular=task.circular, fixed_sigmas=sig,
+                                    generator=generator)
         if not all_finite(loss.detach()):
             skipped += 1
             in_row += 1

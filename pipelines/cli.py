@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -23,13 +23,31 @@ def resolve_config(name: str) -> Path:
 
 def _train(args: argparse.Namespace) -> int:
     from ebm.config import Config, ConfigError
-    try:
+    try:       # the whole config is validated before Ray or MLflow is touched
         cfg = Config.from_toml(resolve_config(args.config), args.set)
     except ConfigError as e:
         print(f"ebm: invalid config: {e}", file=sys.stderr)
         return 2
-    from pipelines.local import train_local
-    return train_local(cfg, out=args.out, seeds=args.seeds)
+    if args.local or args.seeds > 1:
+        from pipelines.local import train_local
+        return train_local(cfg, out=args.out, seeds=args.seeds)
+    from pipelines import tracking
+    from pipelines.train_job import print_summary, run_job
+    name = args.resume or args.name or f"{cfg.task.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        metrics = run_job(cfg, name=name, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                          address=args.address or None, storage_path=args.storage or None,
+                          max_failures=args.max_failures, tracking_uri=args.tracking_uri or None,
+                          experiment=args.experiment, threads=args.threads)
+    except tracking.TrackingError as e:
+        print(f"ebm: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ebm: interrupted; resume with: ebm train {args.config} --resume {name}", file=sys.stderr)
+        return 130
+    print(f"run name {name} (resume with --resume {name})")
+    print_summary(metrics, tracking.resolve_uri(args.tracking_uri or None))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="a TOML config file or a packaged config name (toy2, star, ...)")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value (repeatable)")
-    tr.add_argument("--out", default="", help="directory for the final checkpoint and metrics JSON")
-    tr.add_argument("--seeds", type=int, default=1, help="train this many seeds (seed, seed+1, ...) and "
-                    "report mean ± std of the test metrics")
+    tr.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
+    tr.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
+    tr.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    tr.add_argument("--name", default="", help="run name (checkpoints and MLflow run)")
+    tr.add_argument("--resume", default="", metavar="RUN_NAME", help="continue the named run from its latest checkpoint")
+    tr.add_argument("--storage", default="", help="checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
+    tr.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the latest checkpoint")
+    tr.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    tr.add_argument("--experiment", default="ebm", help="MLflow experiment name")
+    tr.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
+    tr.add_argument("--out", default="", help="with --local: directory for checkpoints and a metrics JSON")
+    tr.add_argument("--seeds", type=int, default=1, help="with --local: train this many seeds (seed, seed+1, "
+                    "...) and report mean ± std of the test metrics")
     tr.set_defaults(func=_train)
     try:
         from pipelines.data.cli import add_data_commands

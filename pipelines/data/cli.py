@@ -1,0 +1,74 @@
+"""``ebm data ingest`` and ``ebm data inspect``, registered on the ``ebm`` command's subparsers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from .ingest import ingest
+    from .layout import DatasetError
+    n = {k: v for k, v in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test)) if v}
+    try:
+        meta = ingest(args.format, args.source, args.out, task=args.task, seed=args.seed,
+                      shard_rows=args.shard_rows, val_frac=args.val_frac, test_frac=args.test_frac,
+                      size=args.size, n=n or None, manifest=args.manifest, overwrite=args.overwrite,
+                      progress=not args.quiet)
+    except DatasetError as e:
+        print(f"ebm data ingest: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{s} {v['rows']}" for s, v in meta["splits"].items())
+    print(f"{args.out}: task {meta['task']}, {counts}; {meta['fingerprint']}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import contact_sheet, format_summary, summary
+    from .layout import DatasetError
+    try:
+        s = summary(args.dir, verify=args.verify)
+        print(json.dumps(s, indent=1) if args.json else format_summary(s))
+        if args.sheet:
+            print(f"contact sheet: {contact_sheet(args.dir, args.sheet, split=args.split, n=args.n)}")
+    except DatasetError as e:
+        print(f"ebm data inspect: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_data_commands(subparsers) -> None:
+    """Register ``data ingest FORMAT SOURCE --out DIR ...`` and ``data inspect DIR [--sheet PNG]``."""
+    from .ingest import FORMATS
+    from .layout import DEFAULT_SHARD_ROWS
+    data = subparsers.add_parser("data", help="ingest, validate and inspect Parquet datasets")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    ing = sub.add_parser("ingest", help="convert a source dataset into sharded Parquet")
+    ing.add_argument("format", choices=FORMATS, help="source format")
+    ing.add_argument("source", nargs="?", help="file or folder (synthetic: toy1|toy2|star; fashion_rotation "
+                     "defaults to /usr/share/datasets/fashion-mnist/)")
+    ing.add_argument("--out", required=True, help="dataset directory to create")
+    ing.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per Parquet shard")
+    ing.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated data)")
+    ing.add_argument("--task", help="task name (ccgan_h5: steering|age if the file name does not say; "
+                     "folder_csv: a known task or a new name)")
+    ing.add_argument("--val-frac", type=float, default=0.1, help="validation fraction when the source has no split")
+    ing.add_argument("--test-frac", type=float, default=0.2, help="test fraction when the source has no split")
+    ing.add_argument("--manifest", help="folder_csv: the CSV manifest (default: the folder's only .csv)")
+    ing.add_argument("--size", type=int, help="synthetic star: image side")
+    ing.add_argument("--n-train", type=int, default=0, help="synthetic: split sizes (0 = default)")
+    ing.add_argument("--n-val", type=int, default=0)
+    ing.add_argument("--n-test", type=int, default=0)
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    ing.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ing.set_defaults(func=_ingest)
+
+    ins = sub.add_parser("inspect", help="counts, target statistics, schema, fingerprint, contact sheet")
+    ins.add_argument("dir", help="dataset directory")
+    ins.add_argument("--sheet", metavar="PNG", help="write a contact sheet of labelled images here")
+    ins.add_argument("--split", default="train", choices=("train", "val", "test"), help="split for the sheet")
+    ins.add_argument("-n", type=int, default=16, help="images on the sheet")
+    ins.add_argument("--verify", action="store_true", help="recompute the content fingerprint")
+    ins.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ins.set_defaults(func=_inspect)

@@ -1,0 +1,463 @@
+"""Turn a source in one of the supported formats into the dataset layout of :mod:`.layout`.
+
+``ingest(fmt, source, out, ...)`` with fmt one of FORMATS:
+
+    ccgan_h5          SteeringAngle_64x64.h5 / UTKFace_64x64.h5: keys images (N, C, H, W) uint8,
+                      labels (N,); task from --task or the file name; age keeps 1 <= label <= 60
+    cell200           folder of grey images, count = float(name.split("_")[1].split(".0.")[0])
+    biwi              BIWI_train.npz / BIWI_test.npz (a folder holding them, or one file): keys
+                      image (N, 64, 64, 3) uint8, pose (N, 3) yaw/pitch/roll degrees
+    folder_csv        image folder + CSV manifest: a file column (file|path|image|filename), target
+                      columns (y, or y0..y{D-1}, or every other numeric column), optional split, id
+    fashion_rotation  Debian dataset-fashion-mnist gzipped IDX files, rotated by y ~ U[0, 2π)
+    synthetic         source = toy1 | toy2 | star (ebm.tasks.make_synthetic)
+
+Splits: a source's own split is kept (BIWI test file, Fashion t10k, the synthetic generators, a
+manifest's split column); otherwise a seeded permutation puts round(test_frac·N) examples in test,
+round(val_frac·N) in val and the rest in train (val is drawn from the source's train part when it
+has one). Within a split rows keep source order. Array sources are stored as lossless PNG; image
+files are stored byte for byte. The dataset is written into a temporary directory beside ``out``
+and renamed into place only after it validates, so a failed ingest leaves no dataset behind.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, ShardWriter, validate
+
+FORMATS = ("ccgan_h5", "cell200", "biwi", "folder_csv", "fashion_rotation", "synthetic")
+FASHION_DIR = "/usr/share/datasets/fashion-mnist/"
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+CHUNK = 256
+# A chunk: (ids (B,), y float32 (B, D), payload: B encoded images or float32 (B, d), aux {name: (B,)})
+Chunk = tuple[list, np.ndarray, object, dict]
+
+
+def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *, task: str | None = None,
+           seed: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS, val_frac: float = 0.1,
+           test_frac: float = 0.2, size: int | None = None, n: dict | None = None,
+           manifest: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Ingest ``source`` (format ``fmt``) into dataset directory ``out`` -> the dataset metadata."""
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise DatasetError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) and sum below 1")
+    opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest)
+    if fmt == "fashion_rotation":
+        source = source or FASHION_DIR
+    if source is None:
+        raise DatasetError(f"format {fmt} needs a SOURCE")
+    if fmt != "synthetic" and not Path(source).exists():
+        raise DatasetError(f"{source}: source not found")
+    meta, total, chunks = SOURCES[fmt](source, opts)
+    meta["split_seed"] = seed
+    return write_atomic(out, meta, chunks, total, shard_rows, overwrite, progress)
+
+
+def write_atomic(out, meta: dict, chunks: Iterator[tuple[str, Chunk]], total: int,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write (split, chunk) pairs into a temp dir beside ``out``, validate, then rename into place."""
+    out = Path(out).absolute()
+    if out.exists():
+        if not overwrite:
+            raise DatasetError(f"{out} exists; pass --overwrite to replace it")
+        if any(out.iterdir()) and not (out / "_dataset.json").is_file():
+            raise DatasetError(f"{out} exists and is not a dataset; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset gets the usual permissions
+    try:
+        writer = ShardWriter(tmp, meta, shard_rows)
+        bar = Progress(total, f"ingest {out.name}", enabled=progress)
+        for split, (ids, y, payload, aux) in chunks:
+            writer.write(split, ids, y, payload, aux)
+            bar.update(len(ids))
+        bar.close()
+        meta = writer.finish()
+        validate(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "d")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class Progress:
+    """Rows done / total on stderr, at most once a second."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, k: int) -> None:
+        self.done += k
+        now = time.monotonic()
+        if self.enabled and now - self.last >= 1.0:
+            self.last = now
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        rate = self.done / max(now - self.t0, 1e-9)
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        print(f"{self.label}: {self.done}/{self.total} rows{pct}, {rate:.0f} rows/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print(time.monotonic())
+
+
+def task_meta(name: str, input_: dict, **over) -> dict:
+    """Metadata fields from a known task spec (ebm.tasks), with ``over`` taking precedence."""
+    from ebm.tasks import get_task
+    from ebm.train import image_norm
+    spec = get_task(name)
+    meta = dict(task=spec.name, D=spec.D, units=spec.units, circular=list(spec.circular),
+                grid={"lo": list(spec.grid_lo), "hi": list(spec.grid_hi), "n": list(spec.grid_n)},
+                fixed_sigmas=list(spec.fixed_sigmas), ml_is_sigmas=list(spec.ml_is_sigmas),
+                input=input_, normalisation=None, augment={}, aux={})
+    if input_["kind"] == "image":
+        mean, std = image_norm(input_["channels"])
+        meta["normalisation"] = {"mean": list(mean), "std": list(std),
+                                 "rule": "imagenet" if input_["channels"] == 3 else "0.5/0.5 grey"}
+    meta.update(over)
+    return meta
+
+
+def custom_meta(name: str, y: np.ndarray, input_: dict) -> dict:
+    """A task not in ebm.tasks: grid over the observed y range padded by 5 % (1000 points for
+    D = 1, 30 per dim otherwise); σ's 1 % and 20 % of the widest range, mirroring §3's pairs."""
+    from ebm.train import image_norm
+    lo, hi = y.min(0).astype(float), y.max(0).astype(float)
+    pad = np.maximum(0.05 * (hi - lo), 1e-3)
+    width = float((hi - lo + 2 * pad).max())
+    D = y.shape[1]
+    mean, std = image_norm(input_["channels"])
+    return dict(task=name, D=D, units="", circular=[False] * D,
+                grid={"lo": (lo - pad).tolist(), "hi": (hi + pad).tolist(), "n": [1000 if D == 1 else 30] * D},
+                fixed_sigmas=[0.01 * width, 0.2 * width], ml_is_sigmas=[0.01 * width, 0.2 * width],
+                input=input_, normalisation={"mean": list(mean), "std": list(std),
+                                             "rule": "imagenet" if input_["channels"] == 3 else "0.5/0.5 grey"},
+                augment={}, aux={})
+
+
+def seeded_split(n: int, seed: int, val_frac: float, test_frac: float, has_test: bool = False) -> dict:
+    """{split: sorted int64 indices}; with has_test the source's own test set is kept aside."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = 0 if has_test else int(round(test_frac * n))
+    n_val = int(round(val_frac * n))
+    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    return {s: np.sort(parts[s]) for s in SPLITS if not (has_test and s == "test")}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (C, H, W) with C in {1, 3} -> PNG bytes (lossless)."""
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise DatasetError(f"expected a uint8 (C, H, W) image with C in (1, 3), got {image.dtype} {image.shape}")
+    arr = image[0] if image.shape[0] == 1 else np.ascontiguousarray(image.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def probe_image(data: bytes, where: str) -> tuple[str, int, int, str]:
+    """(mode, height, width, encoding) of encoded image bytes; DatasetError if not a valid image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            mode, (w, h), fmt = im.mode, im.size, (im.format or "").lower()
+            im.verify()
+    except Exception as e:  # Pillow raises many types for bad files
+        raise DatasetError(f"{where}: not a readable image ({e})") from None
+    return mode, h, w, fmt
+
+
+def image_input(channels: int, h: int, w: int, encoding: str) -> dict:
+    return {"kind": "image", "column": "image", "channels": channels, "height": h, "width": w, "encoding": encoding}
+
+
+def _array_chunks(index: dict, images: Callable, labels: np.ndarray, make_id: Callable
+                  ) -> Iterator[tuple[str, Chunk]]:
+    """Chunks of PNG-encoded array images: images(idx sorted) -> uint8 (B, C, H, W)."""
+    for split in SPLITS:
+        idx = index[split]
+        for s in range(0, len(idx), CHUNK):
+            part = idx[s:s + CHUNK]
+            block = images(part)
+            yield split, ([make_id(i) for i in part], labels[part], [encode_png(im) for im in block], {})
+
+
+def _ccgan_h5(source, o):
+    import h5py
+    name = o["task"] or ("steering" if "steering" in Path(source).name.lower()
+                         else "age" if "utkface" in Path(source).name.lower() else None)
+    if name is None:
+        raise DatasetError(f"{source}: cannot tell the task from the file name; pass --task steering|age")
+    f = h5py.File(source, "r")
+    for key in ("images", "labels"):
+        if key not in f:
+            raise DatasetError(f"{source}: HDF5 key {key!r} missing (keys: {sorted(f.keys())})")
+    images, n = f["images"], f["images"].shape[0]
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or images.dtype != np.uint8:
+        raise DatasetError(f"{source}: images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+    labels = np.asarray(f["labels"][:], dtype=np.float32).reshape(n, -1) if f["labels"].shape[0] == n else None
+    if labels is None or labels.shape[1] != 1:
+        raise DatasetError(f"{source}: labels must be (N,) with N = {n}, got {f['labels'].shape}")
+    keep = np.arange(n)
+    rule = "all rows"
+    if name == "age":
+        keep = np.flatnonzero((labels[:, 0] >= 1) & (labels[:, 0] <= 60))
+        rule = "1 <= label <= 60"
+    split = seeded_split(len(keep), o["seed"], o["val_frac"], o["test_frac"])
+    index = {s: keep[v] for s, v in split.items()}
+    stem = Path(source).stem
+    meta = task_meta(name, image_input(images.shape[1], images.shape[2], images.shape[3], "png"),
+                     source={"format": "ccgan_h5", "file": Path(source).name, "filter": rule},
+                     split_rule=f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}")
+
+    def read(idx):  # one contiguous HDF5 read per chunk, then select
+        return images[idx[0]:idx[-1] + 1][idx - idx[0]]
+
+    def chunks():
+        with f:
+            yield from _array_chunks(index, read, labels, lambda i: f"{stem}:{i:06d}")
+    return meta, len(keep), chunks()
+
+
+def cell_count(name: str) -> float:
+    """The Cell-200 label parse of METHOD.md §5, verbatim: "img_37.0.png" -> 37.0."""
+    try:
+        return float(name.split("_")[1].split(".0.")[0])
+    except (IndexError, ValueError):
+        raise DatasetError(f"{name}: cannot parse a cell count from the file name "
+                           "(expected NAME_<count>.0.<ext>, e.g. img_37.0.png)") from None
+
+
+def _image_files(root: Path) -> list[Path]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DatasetError(f"{root}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _file_chunks(root: Path, files: list[Path], y: np.ndarray, ids: list[str], index: dict, shape: tuple
+                 ) -> Iterator[tuple[str, Chunk]]:
+    """Image files stored byte for byte after a header check against shape (mode, h, w)."""
+    for split in SPLITS:
+        idx = index[split]
+        for s in range(0, len(idx), CHUNK):
+            part = idx[s:s + CHUNK]
+            data = []
+            for i in part:
+                path = files[i]
+                if not path.is_file():
+                    raise DatasetError(f"{path}: listed image file is missing")
+                b = path.read_bytes()
+                mode, h, w, _ = probe_image(b, str(path))
+                if (h, w) != shape[1:]:
+                    raise DatasetError(f"{path}: image is {h}x{w}, the dataset's first image is {shape[1]}x{shape[2]}")
+                data.append(b)
+            yield split, ([ids[i] for i in part], y[part], data, {})
+
+
+def _first_image(files: list[Path]) -> tuple[int, int, int, str]:
+    mode, h, w, _ = probe_image(files[0].read_bytes(), str(files[0]))
+    encs = {IMAGE_SUFFIXES[p.suffix.lower()] for p in files}
+    return (3 if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1), h, w, "/".join(sorted(encs))
+
+
+def _cell200(source, o):
+    root = Path(source)
+    files = _image_files(root)
+    y = np.array([[cell_count(p.name)] for p in files], dtype=np.float32)
+    _, h, w, enc = _first_image(files)
+    split = seeded_split(len(files), o["seed"], o["val_frac"], o["test_frac"])
+    meta = task_meta(o["task"] or "cell", image_input(1, h, w, enc),
+                     source={"format": "cell200", "folder": root.name},
+                     split_rule=f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}")
+    ids = [p.relative_to(root).as_posix() for p in files]
+    return meta, len(files), _file_chunks(root, files, y, ids, split, (1, h, w))
+
+
+def _biwi(source, o):
+    source = Path(source)
+    paths = ({"train": source / "BIWI_train.npz", "test": source / "BIWI_test.npz"}
+             if source.is_dir() else {"all": source})
+    if source.is_dir() and not paths["train"].is_file():
+        raise DatasetError(f"{paths['train']}: missing (a BIWI folder needs BIWI_train.npz and BIWI_test.npz)")
+    if source.is_dir() and not paths["test"].is_file():
+        raise DatasetError(f"{paths['test']}: missing (a BIWI folder needs BIWI_train.npz and BIWI_test.npz)")
+    arrays = {}
+    for part, p in paths.items():
+        with np.load(p) as z:
+            if "image" not in z or "pose" not in z:
+                raise DatasetError(f"{p}: npz needs keys image and pose, has {sorted(z.keys())}")
+            img, pose = z["image"], np.asarray(z["pose"], dtype=np.float32)
+        if img.dtype != np.uint8 or img.ndim != 4 or img.shape[3] != 3:
+            raise DatasetError(f"{p}: image must be uint8 (N, H, W, 3), got {img.dtype} {img.shape}")
+        if pose.shape != (img.shape[0], 3):
+            raise DatasetError(f"{p}: pose must be (N, 3) = ({img.shape[0]}, 3), got {pose.shape}")
+        arrays[part] = (img.transpose(0, 3, 1, 2), pose, p.stem)
+    first = next(iter(arrays.values()))[0]
+    meta = task_meta("headpose", image_input(3, first.shape[2], first.shape[3], "png"),
+                     augment={"train": "biwi_headpose"},
+                     source={"format": "biwi", "files": [p.name for p in paths.values()]},
+                     split_rule=(f"test = BIWI_test.npz; val = seeded {o['val_frac']} of BIWI_train.npz"
+                                 if "train" in arrays else
+                                 f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}"))
+    has_test = "train" in arrays
+    base = arrays["train" if has_test else "all"]
+    index = seeded_split(len(base[1]), o["seed"], o["val_frac"], o["test_frac"], has_test=has_test)
+
+    def chunks():
+        for split in SPLITS:
+            img, pose, stem = arrays["test"] if split == "test" and has_test else base
+            idx = np.arange(len(pose)) if split == "test" and has_test else index[split]
+            for s in range(0, len(idx), CHUNK):
+                part = idx[s:s + CHUNK]
+                yield split, ([f"{stem}:{i:06d}" for i in part], pose[part],
+                              [encode_png(im) for im in img[part]], {})
+    total = sum(len(a[1]) for a in arrays.values())
+    return meta, total, chunks()
+
+
+def _read_manifest(path: Path) -> tuple[list[str], np.ndarray, list | None, list | None]:
+    """(files, y float32 (N, D), splits or None, ids or None) from a CSV manifest."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise DatasetError(f"{path}: manifest has no rows")
+    cols = list(rows[0].keys())
+    file_col = next((c for c in ("file", "path", "image", "filename") if c in cols), None)
+    if file_col is None:
+        raise DatasetError(f"{path}: manifest needs a file column (file, path, image or filename); has {cols}")
+    rest = [c for c in cols if c not in (file_col, "split", "id")]
+    ycols = (["y"] if "y" in rest else [c for c in rest if c.startswith("y") and c[1:].isdigit()] or rest)
+    ycols = sorted(ycols, key=lambda c: int(c[1:]) if c[1:].isdigit() else -1)
+    y = np.empty((len(rows), len(ycols)), dtype=np.float32)
+    for r, row in enumerate(rows):
+        for d, c in enumerate(ycols):
+            try:
+                y[r, d] = float(row[c])
+            except (TypeError, ValueError):
+                raise DatasetError(f"{path}: row {r + 2} ({row[file_col]}): target {c}={row[c]!r} is not a "
+                                   f"number (expected {len(ycols)} targets: {ycols})") from None
+    splits = [row["split"] for row in rows] if "split" in cols else None
+    bad = sorted({s for s in splits or [] if s not in SPLITS})
+    if bad:
+        raise DatasetError(f"{path}: unknown split value(s) {bad}; use {SPLITS}")
+    return [row[file_col] for row in rows], y, splits, ([row["id"] for row in rows] if "id" in cols else None)
+
+
+def _folder_csv(source, o):
+    root = Path(source)
+    manifest = Path(o["manifest"]) if o["manifest"] else None
+    if manifest is None:
+        found = sorted(root.glob("*.csv"))
+        if len(found) != 1:
+            raise DatasetError(f"{root}: expected exactly one CSV manifest in the folder, found "
+                               f"{len(found)}; pass --manifest")
+        manifest = found[0]
+    names, y, splits, ids = _read_manifest(manifest)
+    files = [root / n for n in names]
+    missing = [p for p in files if not p.is_file()]
+    if missing:
+        raise DatasetError(f"{missing[0]}: image listed in {manifest.name} is missing ({len(missing)} missing)")
+    channels, h, w, enc = _first_image(files)
+    inp = image_input(channels, h, w, enc)
+    from ebm.tasks import TASKS
+    if o["task"] in TASKS:
+        meta = task_meta(o["task"], inp)
+        if meta["D"] != y.shape[1]:
+            raise DatasetError(f"{manifest}: {y.shape[1]} target columns, task {o['task']} has D = {meta['D']}")
+    else:
+        meta = custom_meta(o["task"] or root.name, y, inp)
+    if splits is None:
+        index = seeded_split(len(files), o["seed"], o["val_frac"], o["test_frac"])
+        meta["split_rule"] = f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}"
+    else:
+        index = {s: np.flatnonzero(np.asarray(splits) == s) for s in SPLITS}
+        meta["split_rule"] = f"split column of {manifest.name}"
+    meta["source"] = {"format": "folder_csv", "folder": root.name, "manifest": manifest.name}
+    ids = ids or list(names)
+    return meta, len(files), _file_chunks(root, files, y, ids, index, (channels, h, w))
+
+
+def _fashion_rotation(source, o):
+    from ebm.tasks import make_fashion_rotation, read_idx
+    root = Path(source)
+    found = {part: sorted(root.glob(f"{prefix}-images*")) for part, prefix in (("train", "train"), ("test", "t10k"))}
+    for part, paths in found.items():
+        if not paths:
+            raise DatasetError(f"{root}: no {'train' if part == 'train' else 't10k'}-images IDX file")
+    raw = {part: read_idx(paths[0]) for part, paths in found.items()}
+    seeds = np.random.SeedSequence(o["seed"]).generate_state(2)
+    data = {}
+    for j, (part, imgs) in enumerate(raw.items()):
+        if imgs.ndim != 3 or imgs.dtype != np.uint8:
+            raise DatasetError(f"{found[part][0]}: expected uint8 images (N, H, W), got {imgs.dtype} {imgs.shape}")
+        data[part] = (*make_fashion_rotation(imgs, int(seeds[j])), found[part][0].name.split(".")[0])
+    h, w = raw["train"].shape[1:]
+    meta = task_meta("fashion_rotation", image_input(1, h, w, "png"),
+                     source={"format": "fashion_rotation", "files": [p[0].name for p in found.values()]},
+                     split_rule=f"test = t10k; val = seeded {o['val_frac']} of train; angles seeded")
+    index = seeded_split(len(data["train"][1]), o["seed"], o["val_frac"], 0.0, has_test=True)
+    index["test"] = np.arange(len(data["test"][1]))
+
+    def chunks():
+        for split in SPLITS:
+            images, y, stem = data["test" if split == "test" else "train"]
+            for s in range(0, len(index[split]), CHUNK):
+                part = index[split][s:s + CHUNK]
+                yield split, ([f"{stem}:{i:05d}" for i in part], y[part], [encode_png(im) for im in images[part]], {})
+    return meta, sum(len(d[1]) for d in data.values()), chunks()
+
+
+def _synthetic(source, o):
+    from ebm.tasks import make_synthetic
+    name = str(source)
+    if name not in ("toy1", "toy2", "star"):
+        raise DatasetError(f"unknown synthetic task {name!r}; synthetic tasks: toy1, toy2, star")
+    data = make_synthetic(name, o["seed"], n=o["n"], size=o["size"] if name == "star" else None)
+    x0 = data["train"][0]
+    if name == "star":
+        inp = image_input(1, x0.shape[2], x0.shape[3], "png")
+        aux = {"k": "int64", "theta_r": "float64"}
+    else:
+        inp, aux = {"kind": "vector", "column": "x", "dim": int(x0.shape[1])}, {}
+    meta = task_meta(name, inp, aux=aux, source={"format": "synthetic", "generator": f"ebm.tasks.make_synthetic({name!r})"},
+                     split_rule="the generator's splits" + (" (fixed reference split)" if name == "toy2" else ""))
+
+    def chunks():
+        for split in SPLITS:
+            x, y, extra = data[split]
+            for s in range(0, len(y), CHUNK):
+                sl = slice(s, s + CHUNK)
+                payload = [encode_png(im) for im in x[sl]] if name == "star" else x[sl]
+                yield split, ([f"{name}:{split}:{i:06d}" for i in range(s, min(s + CHUNK, len(y)))], y[sl],
+                              payload, {k: extra[k][sl] for k in aux})
+    return meta, sum(len(d[1]) for d in data.values()), chunks()
+
+
+SOURCES = {"ccgan_h5": _ccgan_h5, "cell200": _cell200, "biwi": _biwi, "folder_csv": _folder_csv,
+           "fashion_rotation": _fashion_rotation, "synthetic": _synthetic}
+assert set(SOURCES) == set(FORMATS)

@@ -1,0 +1,198 @@
+"""The main job on Ray Train: a TorchTrainer whose one worker function is the single-process loop
+with DDP around the step (STYLE.md §8: Ray calls stay in this function).
+
+Seed discipline: every rank builds the model from the same seed (DDP also broadcasts rank 0's
+weights), standardises inputs with statistics of the whole train split, and sees its own slice of
+one shared per-epoch permutation (equal step counts on all ranks); proposal sampling uses a
+per-rank generator. Checkpoints are written every epoch by rank 0 and carry the full config,
+optimiser, epoch, RNG states and versions, so a restarted worker group or a rerun with the same
+run name continues from the latest one.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CKPT_FILE = "checkpoint.pt"
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "config", "rng")
+
+
+def save_checkpoint_dir(d: str | Path, state: dict) -> Path:
+    """Write ``state`` to ``d/checkpoint.pt`` atomically (temp file + rename)."""
+    path = Path(d) / CKPT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint_dir(d: str | Path) -> dict:
+    """Load and check a checkpoint directory; a missing or half-written file is an error, never a
+    silently partial state."""
+    path = Path(d) / CKPT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {d} has no {CKPT_FILE} (interrupted write?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {path} is unreadable (half-written?): {e}") from e
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks {missing}")
+    return state
+
+
+def _versions() -> dict:
+    import ray
+    return {"torch": torch.__version__, "ray": ray.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def worker_loop(config: dict) -> None:
+    """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "mlflow": {...} | None}``."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from ebm.config import Config
+    from ebm.nets import build_model
+    from ebm.steps import StepModule
+    from ebm.train import (evaluate, format_epoch, load_data, make_optimizer, proposal_sigmas, run_epoch,
+                           seed_everything, set_input_stats)
+    from pipelines.runtime import tune_malloc
+
+    tune_malloc()
+    import logging
+    try:        # Ray Train logs every report at INFO, which drowns the one progress line per epoch
+        from ray.train.v2._internal.execution import context as _ctx_mod
+        logging.getLogger(_ctx_mod.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    cfg = Config.from_flat(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    task, splits = load_data(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(cfg, task.x_shape, task.D, task.circular)
+    set_input_stats(model, cfg, splits["train"].x)
+    model.to(device)
+    opt = make_optimizer(model, cfg)
+    g_samp = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint_dir(d)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["epoch"] + 1
+        torch.set_rng_state(state["rng"]["torch"])
+        g_samp.set_state(state["rng"]["samplers"][rank % len(state["rng"]["samplers"])])
+
+    unused = cfg.schedule.freeze_backbone_epochs > 0 or cfg.schedule.proposal_warmup_epochs > 0
+    step = StepModule(model, cfg, task.circular, proposal_sigmas(task, cfg), g_samp)
+    ddp_step = ray.train.torch.prepare_model(step, parallel_strategy_kwargs={"find_unused_parameters": unused})
+
+    def all_finite(loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss).all().float().reshape(1).to(device)
+        if world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    fail_at = int(os.environ.get("EBM_TEST_FAIL_AT_EPOCH", "-1"))
+    nan_rank = int(os.environ.get("EBM_TEST_NAN_RANK", "-1"))
+    train = splits["train"]
+    n_per_rank = len(train) // world
+    bs = cfg.optim.batch_size
+    last_val = float("inf")
+    t_start = time.perf_counter()
+    for epoch in range(start, cfg.optim.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        idx = perm[rank * n_per_rank:(rank + 1) * n_per_rank]
+
+        def shard():
+            for s in range(0, n_per_rank, bs):
+                j = idx[s:s + bs]
+                x, y = train.x[j], train.y[j]
+                if rank == nan_rank and s == 0:
+                    y = torch.full_like(y, float("nan"))       # test hook: a poisoned first batch
+                yield x, y
+
+        row = run_epoch(model, opt, shard(), cfg, task, epoch, device=device, all_finite=all_finite,
+                        step=lambda x, y, e: ddp_step(x, y, e))
+        if rank == 0 and epoch == fail_at and not _fired(config):
+            _mark_fired(config)
+            raise RuntimeError(f"EBM_TEST_FAIL_AT_EPOCH: injected failure at epoch {epoch}")
+        # the mean of every train metric over ranks; examples/s summed
+        keys = sorted(row)
+        vec = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(vec)
+        row = {k: v / world for k, v in zip(keys, vec.tolist())}
+        row["examples_per_s"] *= world
+        row["epoch"] = epoch
+        probe = torch.cat([p.detach().flatten()[:64].double() for p in model.parameters()]).sum().reshape(1)
+        lo, hi = probe.clone(), probe.clone()
+        if world > 1:
+            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        row["param_spread_across_ranks"] = float((hi - lo).item())
+        last = epoch == cfg.optim.epochs - 1
+        checkpoint = None
+        if rank == 0:
+            if "val" in splits and ((epoch + 1) % cfg.eval.every == 0 or last):
+                row.update({f"val_{k}": v for k, v in evaluate(model, splits["val"], task, cfg, device=device,
+                                                              generator=g_samp).items()})
+            if last and "test" in splits:
+                row.update({f"test_{k}": v for k, v in evaluate(model, splits["test"], task, cfg, device=device,
+                                                               generator=g_samp).items()})
+            row["epoch_time_s"] = time.perf_counter() - t0
+            last_val = row.get("val_nll", last_val)
+            done = epoch + 1 - start
+            eta = (time.perf_counter() - t_start) / done * (cfg.optim.epochs - epoch - 1)
+            print(f"{format_epoch(row, cfg.optim.epochs)} | ETA {eta:.0f} s", flush=True)
+            if config.get("mlflow"):
+                from pipelines.tracking import log_epoch
+                log_epoch(config["mlflow"], epoch, row, model, task, splits.get("val"), cfg)
+            tmp = tempfile.mkdtemp(prefix="ebm-ckpt-")
+            save_checkpoint_dir(tmp, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "config": cfg.to_dict(), "metrics": row, "versions": _versions(),
+                "rng": {"torch": torch.get_rng_state(), "samplers": _gather_states(g_samp, world, device)},
+                "task": task.name})
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        else:
+            _gather_states(g_samp, world, device)
+        row.setdefault("val_nll", last_val)      # checkpoint ranking needs a value every epoch
+        ray.train.report({k: float(v) for k, v in row.items()}, checkpoint=checkpoint)
+
+
+def _gather_states(g: torch.Generator, world: int, device) -> list[torch.Tensor]:
+    """Every rank's sampler state, gathered (collective: all ranks call it)."""
+    state = g.get_state()
+    if world == 1:
+        return [state]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, state)
+    return out
+
+
+def _fired(config: dict) -> bool:
+    return bool(config.get("fail_marker")) and Path(config["fail_marker"]).exists()
+
+
+def _mark_fired(config: dict) -> None:
+    if config.get("fail_marker"):
+        Path(config["fail_marker"]).write_text("fired")

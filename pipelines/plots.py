@@ -1,0 +1,51 @@
+"""Density plots for a few fixed validation examples: EBM, proposal, label, and the truth if known."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ebm import metrics as M  # noqa: E402
+from ebm.train import true_log_density  # noqa: E402
+
+
+@torch.no_grad()
+def density_figure(model, task, split, path: str | Path, n: int = 3, title: str = "") -> Path:
+    """One panel per example (the first ``n`` of the split, so the same ones every epoch)."""
+    model.eval()
+    n = min(n, len(split))
+    grid = torch.as_tensor(task.grid()[0], dtype=torch.float32)
+    dx = task.cell_volume()
+    x, y = split.x[:n], split.y[:n]
+    dev = next(model.parameters()).device
+    aux = {k: np.asarray(v)[:n] for k, v in split.aux.items()}
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
+    g1 = grid.unsqueeze(1).to(dev)
+    curves = {}
+    if model.has_energy:
+        f = M.model_log_density_on_grid(model, x.to(dev), g1, use_energy=True).cpu()
+        curves["EBM"] = torch.softmax(f, dim=1) / dx
+    if model.has_proposal:
+        lq = M.model_log_density_on_grid(model, x.to(dev), g1, use_energy=False).cpu()
+        curves["proposal q"] = torch.softmax(lq, dim=1) / dx
+    lp = true_log_density(task, x.cpu(), aux, grid)
+    if lp is not None:
+        curves["true"] = torch.softmax(lp, dim=1) / dx
+    for i in range(n):
+        ax = axes[0, i]
+        for (label, dens), style in zip(curves.items(), ("-", "--", ":")):
+            ax.plot(grid.numpy(), dens[i].numpy(), style, label=label)
+        ax.axvline(float(y[i, 0]), color="k", lw=0.8, label="label")
+        ax.set_xlabel(f"y ({task.units})" if task.units else "y")
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{task.name} {title}".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)

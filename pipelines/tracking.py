@@ -1,0 +1,115 @@
+"""MLflow tracking for training jobs: one run per job, written by the driver and rank 0 only.
+
+The tracking URI comes from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
+default ``sqlite:///mlruns.db`` (artifacts in ``./mlruns-artifacts``). An unreachable server fails
+fast, before any training starts.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+RUN_NAME_TAG = "ebm.run_name"
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast: an HTTP server must answer /health; a SQLite file's directory must be writable."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"MLflow tracking server {uri} answered /health with {r.status}")
+        except (urllib.error.URLError, OSError) as e:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
+                                f"MLFLOW_TRACKING_URI to use the local {DEFAULT_URI}") from e
+    elif uri.startswith("sqlite:///"):
+        d = Path(uri[len("sqlite:///"):]).resolve().parent
+        if not d.is_dir() or not os.access(d, os.W_OK):
+            raise TrackingError(f"MLflow store {uri}: directory {d} does not exist or is not writable")
+
+
+def _artifact_location(uri: str) -> str | None:
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns-artifacts").as_uri()
+    return None
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict, config_toml: str) -> str:
+    """Create (or, for a resumed run name, reopen) the job's MLflow run; returns its id."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **tags})
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for s in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[s:s + 100])
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "config.toml"
+        p.write_text(config_toml)
+        client.log_artifact(run_id, str(p))
+    del mlflow
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow.tracking import MlflowClient
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    import math
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    client = MlflowClient(uri)
+    for s in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[s:s + 500])
+
+
+def log_epoch(ml: dict, epoch: int, row: dict, model, task, val_split, cfg) -> None:
+    """Rank 0, once per epoch: the epoch's metrics and density plots of fixed validation examples."""
+    log_metrics(ml["uri"], ml["run_id"], {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+    if val_split is None or task.D != 1:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.plots import density_figure
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / f"density_epoch{epoch:03d}.png"
+        density_figure(model, task, val_split, path, title=f"epoch {epoch + 1}")
+        MlflowClient(ml["uri"]).log_artifact(ml["run_id"], str(path), "plots")
