@@ -55,7 +55,8 @@ def _versions() -> dict:
 
 
 def worker_loop(config: dict) -> None:
-    """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "mlflow": {...} | None}``."""
+    """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "mlflow": {"uri", "run_id"} | None,
+    "test_hooks": {"fail_at_epoch", "nan_rank", "fail_marker"} | None}``."""
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -109,12 +110,13 @@ def worker_loop(config: dict) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
 
-    fail_at = int(os.environ.get("EBM_TEST_FAIL_AT_EPOCH", "-1"))
-    nan_rank = int(os.environ.get("EBM_TEST_NAN_RANK", "-1"))
+    hooks = config.get("test_hooks") or {}       # fault injection for the tests only
+    fail_at = int(hooks.get("fail_at_epoch", -1))
+    nan_rank = int(hooks.get("nan_rank", -1))
     train = splits["train"]
     n_per_rank = len(train) // world
     bs = cfg.optim.batch_size
-    last_val = float("inf")
+    last_val = 1e30     # "not validated yet": checkpoint scores must be finite (they round-trip through JSON)
     t_start = time.perf_counter()
     for epoch in range(start, cfg.optim.epochs):
         t0 = time.perf_counter()
@@ -131,9 +133,9 @@ def worker_loop(config: dict) -> None:
 
         row = run_epoch(model, opt, shard(), cfg, task, epoch, device=device, all_finite=all_finite,
                         step=lambda x, y, e: ddp_step(x, y, e))
-        if rank == 0 and epoch == fail_at and not _fired(config):
-            _mark_fired(config)
-            raise RuntimeError(f"EBM_TEST_FAIL_AT_EPOCH: injected failure at epoch {epoch}")
+        if rank == 0 and epoch == fail_at and not _fired(hooks):
+            _mark_fired(hooks)
+            raise RuntimeError(f"test hook: injected failure at epoch {epoch}")
         # the mean of every train metric over ranks; examples/s summed
         keys = sorted(row)
         vec = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=device)

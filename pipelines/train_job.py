@@ -22,7 +22,7 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
         return False
     # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train's clean-up polls.
     ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1",
+             dashboard_host="127.0.0.1", _temp_dir=os.environ.get("EBM_RAY_TMPDIR") or None,
              object_store_memory=256 * 1024 * 1024, log_to_driver=True, configure_logging=True,
              logging_level="WARNING")
     return True
@@ -31,7 +31,7 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
 def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
             storage_path: str | None = None, max_failures: int = 0, keep: int = 3, tracking_uri: str | None = None,
             experiment: str = "ebm", cpus_per_worker: float = 0.0, threads: int = 1,
-            fail_marker: str = "") -> dict:
+            test_hooks: dict | None = None) -> dict:
     """Run the job; returns the last reported metrics (test metrics included). Raises on failure,
     after marking the MLflow run FAILED (or KILLED on Ctrl-C / SIGTERM)."""
     from pipelines import tracking
@@ -61,7 +61,7 @@ def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = Fal
         cpus = cpus_per_worker or (1.0 if use_gpu else max(0.5, min(1.0, (os.cpu_count() or 2) / max(num_workers, 1) - 0.5)))
         trainer = TorchTrainer(
             worker_loop,
-            train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "fail_marker": fail_marker,
+            train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "test_hooks": test_hooks,
                                "mlflow": {"uri": uri, "run_id": run_id}},
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus}),

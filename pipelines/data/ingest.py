@@ -23,19 +23,14 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, ShardWriter, validate
+from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, write_atomic
 
 FORMATS = ("ccgan_h5", "cell200", "biwi", "folder_csv", "fashion_rotation", "synthetic")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist/"
@@ -66,99 +61,41 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
     return write_atomic(out, meta, chunks, total, shard_rows, overwrite, progress)
 
 
-def write_atomic(out, meta: dict, chunks: Iterator[tuple[str, Chunk]], total: int,
-                 shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write (split, chunk) pairs into a temp dir beside ``out``, validate, then rename into place."""
-    out = Path(out).absolute()
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(f"{out} exists; pass --overwrite to replace it")
-        if any(out.iterdir()) and not (out / "_dataset.json").is_file():
-            raise DatasetError(f"{out} exists and is not a dataset; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset gets the usual permissions
-    try:
-        writer = ShardWriter(tmp, meta, shard_rows)
-        bar = Progress(total, f"ingest {out.name}", enabled=progress)
-        for split, (ids, y, payload, aux) in chunks:
-            writer.write(split, ids, y, payload, aux)
-            bar.update(len(ids))
-        bar.close()
-        meta = writer.finish()
-        validate(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "d")
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
-
-
-class Progress:
-    """Rows done / total on stderr, at most once a second."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done = 0
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, k: int) -> None:
-        self.done += k
-        now = time.monotonic()
-        if self.enabled and now - self.last >= 1.0:
-            self.last = now
-            self._print(now)
-
-    def _print(self, now: float) -> None:
-        rate = self.done / max(now - self.t0, 1e-9)
-        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        print(f"{self.label}: {self.done}/{self.total} rows{pct}, {rate:.0f} rows/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._print(time.monotonic())
-
-
 def task_meta(name: str, input_: dict, **over) -> dict:
     """Metadata fields from a known task spec (ebm.tasks), with ``over`` taking precedence."""
     from ebm.tasks import get_task
-    from ebm.train import image_norm
     spec = get_task(name)
     meta = dict(task=spec.name, D=spec.D, units=spec.units, circular=list(spec.circular),
                 grid={"lo": list(spec.grid_lo), "hi": list(spec.grid_hi), "n": list(spec.grid_n)},
                 fixed_sigmas=list(spec.fixed_sigmas), ml_is_sigmas=list(spec.ml_is_sigmas),
                 input=input_, normalisation=None, augment={}, aux={})
     if input_["kind"] == "image":
-        mean, std = image_norm(input_["channels"])
-        meta["normalisation"] = {"mean": list(mean), "std": list(std),
-                                 "rule": "imagenet" if input_["channels"] == 3 else "0.5/0.5 grey"}
+        meta["normalisation"] = _normalisation(input_["channels"])
     meta.update(over)
     return meta
+
+
+def _normalisation(channels: int) -> dict:
+    from ebm.train import image_norm
+    mean, std = image_norm(channels)
+    return {"mean": list(mean), "std": list(std), "rule": "imagenet" if channels == 3 else "0.5/0.5 grey"}
+
+
+def _seeded_rule(o: dict) -> str:
+    return f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}"
 
 
 def custom_meta(name: str, y: np.ndarray, input_: dict) -> dict:
     """A task not in ebm.tasks: grid over the observed y range padded by 5 % (1000 points for
     D = 1, 30 per dim otherwise); σ's 1 % and 20 % of the widest range, mirroring §3's pairs."""
-    from ebm.train import image_norm
     lo, hi = y.min(0).astype(float), y.max(0).astype(float)
     pad = np.maximum(0.05 * (hi - lo), 1e-3)
     width = float((hi - lo + 2 * pad).max())
     D = y.shape[1]
-    mean, std = image_norm(input_["channels"])
     return dict(task=name, D=D, units="", circular=[False] * D,
                 grid={"lo": (lo - pad).tolist(), "hi": (hi + pad).tolist(), "n": [1000 if D == 1 else 30] * D},
                 fixed_sigmas=[0.01 * width, 0.2 * width], ml_is_sigmas=[0.01 * width, 0.2 * width],
-                input=input_, normalisation={"mean": list(mean), "std": list(std),
-                                             "rule": "imagenet" if input_["channels"] == 3 else "0.5/0.5 grey"},
-                augment={}, aux={})
+                input=input_, normalisation=_normalisation(input_["channels"]), augment={}, aux={})
 
 
 def seeded_split(n: int, seed: int, val_frac: float, test_frac: float, has_test: bool = False) -> dict:
@@ -232,7 +169,7 @@ def _ccgan_h5(source, o):
     stem = Path(source).stem
     meta = task_meta(name, image_input(images.shape[1], images.shape[2], images.shape[3], "png"),
                      source={"format": "ccgan_h5", "file": Path(source).name, "filter": rule},
-                     split_rule=f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}")
+                     split_rule=_seeded_rule(o))
 
     def read(idx):  # one contiguous HDF5 read per chunk, then select
         return images[idx[0]:idx[-1] + 1][idx - idx[0]]
@@ -259,7 +196,7 @@ def _image_files(root: Path) -> list[Path]:
     return files
 
 
-def _file_chunks(root: Path, files: list[Path], y: np.ndarray, ids: list[str], index: dict, shape: tuple
+def _file_chunks(files: list[Path], y: np.ndarray, ids: list[str], index: dict, shape: tuple
                  ) -> Iterator[tuple[str, Chunk]]:
     """Image files stored byte for byte after a header check against shape (mode, h, w)."""
     for split in SPLITS:
@@ -269,10 +206,8 @@ def _file_chunks(root: Path, files: list[Path], y: np.ndarray, ids: list[str], i
             data = []
             for i in part:
                 path = files[i]
-                if not path.is_file():
-                    raise DatasetError(f"{path}: listed image file is missing")
                 b = path.read_bytes()
-                mode, h, w, _ = probe_image(b, str(path))
+                _, h, w, _ = probe_image(b, str(path))
                 if (h, w) != shape[1:]:
                     raise DatasetError(f"{path}: image is {h}x{w}, the dataset's first image is {shape[1]}x{shape[2]}")
                 data.append(b)
@@ -293,19 +228,18 @@ def _cell200(source, o):
     split = seeded_split(len(files), o["seed"], o["val_frac"], o["test_frac"])
     meta = task_meta(o["task"] or "cell", image_input(1, h, w, enc),
                      source={"format": "cell200", "folder": root.name},
-                     split_rule=f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}")
+                     split_rule=_seeded_rule(o))
     ids = [p.relative_to(root).as_posix() for p in files]
-    return meta, len(files), _file_chunks(root, files, y, ids, split, (1, h, w))
+    return meta, len(files), _file_chunks(files, y, ids, split, (1, h, w))
 
 
 def _biwi(source, o):
     source = Path(source)
     paths = ({"train": source / "BIWI_train.npz", "test": source / "BIWI_test.npz"}
              if source.is_dir() else {"all": source})
-    if source.is_dir() and not paths["train"].is_file():
-        raise DatasetError(f"{paths['train']}: missing (a BIWI folder needs BIWI_train.npz and BIWI_test.npz)")
-    if source.is_dir() and not paths["test"].is_file():
-        raise DatasetError(f"{paths['test']}: missing (a BIWI folder needs BIWI_train.npz and BIWI_test.npz)")
+    for p in paths.values():
+        if not p.is_file():
+            raise DatasetError(f"{p}: missing (a BIWI folder needs BIWI_train.npz and BIWI_test.npz)")
     arrays = {}
     for part, p in paths.items():
         with np.load(p) as z:
@@ -323,7 +257,7 @@ def _biwi(source, o):
                      source={"format": "biwi", "files": [p.name for p in paths.values()]},
                      split_rule=(f"test = BIWI_test.npz; val = seeded {o['val_frac']} of BIWI_train.npz"
                                  if "train" in arrays else
-                                 f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}"))
+                                 _seeded_rule(o)))
     has_test = "train" in arrays
     base = arrays["train" if has_test else "all"]
     index = seeded_split(len(base[1]), o["seed"], o["val_frac"], o["test_frac"], has_test=has_test)
@@ -393,13 +327,13 @@ def _folder_csv(source, o):
         meta = custom_meta(o["task"] or root.name, y, inp)
     if splits is None:
         index = seeded_split(len(files), o["seed"], o["val_frac"], o["test_frac"])
-        meta["split_rule"] = f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}"
+        meta["split_rule"] = _seeded_rule(o)
     else:
         index = {s: np.flatnonzero(np.asarray(splits) == s) for s in SPLITS}
         meta["split_rule"] = f"split column of {manifest.name}"
     meta["source"] = {"format": "folder_csv", "folder": root.name, "manifest": manifest.name}
     ids = ids or list(names)
-    return meta, len(files), _file_chunks(root, files, y, ids, index, (channels, h, w))
+    return meta, len(files), _file_chunks(files, y, ids, index, (channels, h, w))
 
 
 def _fashion_rotation(source, o):

@@ -55,8 +55,11 @@ import json
 import os
 import shutil
 import struct
+import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -246,6 +249,69 @@ def check_targets(y: np.ndarray, ids, D: int, where: str) -> None:
         i = int(np.flatnonzero(bad)[0])
         raise DatasetError(f"{where}: example {ids[i]!r} has a non-finite target {y[i].tolist()}"
                            f" ({int(bad.sum())} such rows)")
+
+
+def write_atomic(out, meta: dict, chunks: Iterator[tuple[str, tuple]], total: int,
+                 shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write (split, (ids, y, payload, aux)) pairs (see ShardWriter.write) into a temporary
+    directory beside ``out``, validate it, then rename it into place: an ingest that fails or is
+    killed midway leaves at most a hidden ``.NAME.tmp-*`` directory without ``_dataset.json``."""
+    out = Path(out).absolute()
+    if out.exists():
+        if not overwrite:
+            raise DatasetError(f"{out} exists; pass --overwrite to replace it")
+        if any(out.iterdir()) and not (out / "_dataset.json").is_file():
+            raise DatasetError(f"{out} exists and is not a dataset; refusing to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset gets the usual permissions
+    try:
+        writer = ShardWriter(tmp, meta, shard_rows)
+        bar = Progress(total, f"ingest {out.name}", enabled=progress)
+        for split, (ids, y, payload, aux) in chunks:
+            writer.write(split, ids, y, payload, aux)
+            bar.update(len(ids))
+        bar.close()
+        meta = writer.finish()
+        validate(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "d")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class Progress:
+    """Rows done / total on stderr, at most once a second."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, k: int) -> None:
+        self.done += k
+        now = time.monotonic()
+        if self.enabled and now - self.last >= 1.0:
+            self.last = now
+            self._print(now)
+
+    def _print(self, now: float) -> None:
+        rate = self.done / max(now - self.t0, 1e-9)
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        print(f"{self.label}: {self.done}/{self.total} rows{pct}, {rate:.0f} rows/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print(time.monotonic())
 
 
 def read_metadata(root: str | os.PathLike) -> dict:

@@ -18,16 +18,18 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
 from .layout import (ROW_GROUP_ROWS, DatasetError, check_targets, list_to_numpy, read_metadata, shard_paths,
                      validate)
+
+if TYPE_CHECKING:
+    import torch
 
 CORRUPT_POLICIES = ("strict", "skip")
 
@@ -95,16 +97,17 @@ def resolve_augment(meta: dict, split: str, augment: str | None) -> Callable | N
     return AUGMENTS[augment]
 
 
-def decode_rows(table: pa.Table | pa.RecordBatch, meta: dict, shard: str, on_corrupt: str,
+def decode_rows(table: pa.Table | pa.RecordBatch, meta: dict, shard: str | list[str], on_corrupt: str,
                 augment: Callable | None, rng: np.random.Generator | None, norm: bool = True) -> dict:
     """One batch of rows -> {"x", "y" float32 (B, D), "id" (B,), "ok" bool (B,)}.
 
     Images: x float32 (B, C, H, W) normalised (uint8 without norm); a corrupt row raises
-    (strict) or gets ok = False and zero pixels (skip). Vectors: x float32 (B, d).
+    (strict) or gets ok = False and zero pixels (skip). Vectors: x float32 (B, d). shard: the
+    file the rows come from, or one file per row.
     """
     ids = table.column("id").to_pylist()
     y = list_to_numpy(table.column("y"), int(meta["D"]))
-    check_targets(y, ids, int(meta["D"]), where=shard)
+    check_targets(y, ids, int(meta["D"]), where=shard if isinstance(shard, str) else ",".join(sorted(set(shard))))
     ok = np.ones(len(ids), dtype=bool)
     inp = meta["input"]
     if inp["kind"] == "vector":
@@ -116,7 +119,8 @@ def decode_rows(table: pa.Table | pa.RecordBatch, meta: dict, shard: str, on_cor
             images[i] = decode_image(data, c, h, w)
         except Exception as e:  # Pillow raises many types for damaged bytes
             if on_corrupt == "strict":
-                raise DatasetError(f"{shard}: example {ids[i]!r} has a corrupt image ({type(e).__name__}: {e}); "
+                where = shard if isinstance(shard, str) else shard[i]
+                raise DatasetError(f"{where}: example {ids[i]!r} has a corrupt image ({type(e).__name__}: {e}); "
                                    "read with on_corrupt='skip' to drop such rows") from None
             ok[i] = False
     if augment is not None:
@@ -160,7 +164,7 @@ class ParquetStream:
         n = self.rows // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", ...]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
         files = [self.files[i] for i in (rng.permutation(len(self.files)) if self.shuffle else range(len(self.files)))]
@@ -194,6 +198,7 @@ class ParquetStream:
             self.skipped_ids.extend(rows["id"][bad].tolist())
 
     def _emit(self, rows: dict) -> tuple:
+        import torch
         out = (torch.from_numpy(rows["x"]), torch.from_numpy(rows["y"]))
         return out + (list(rows["id"]),) if self.with_ids else out
 
@@ -210,26 +215,31 @@ def _take(pending: list[dict], k: int) -> tuple[dict, list[dict], int]:
 def _ray_decode(table: pa.Table, meta: dict, on_corrupt: str, augment: str | None, seed: int | None,
                 norm: bool) -> dict:
     """map_batches body: one Arrow block -> numpy columns x, y, id, ok (see decode_rows)."""
-    shard = ",".join(sorted(set(table.column("path").to_pylist()))) if "path" in table.column_names else "?"
+    shard = table.column("path").to_pylist()
     fn = AUGMENTS[augment] if augment else None
     # Seeded runs repeat the same augmentation each epoch (reproducible); unseeded draw fresh entropy.
     rng = np.random.default_rng(None if seed is None else [seed, zlib.crc32(table.column("id")[0].as_py().encode())])
     return decode_rows(table, meta, shard, on_corrupt, fn, rng, norm)
 
 
-def ray_dataset(root: str | os.PathLike, split: str, *, on_corrupt: str = "strict", augment: str | None = None,
+def ray_dataset(root: str | os.PathLike, split: str | Sequence[str], *, on_corrupt: str = "strict", augment: str | None = None,
                 seed: int | None = None, normalise: bool = True, shuffle_files: bool = False,
                 batch_size: int = 256):
     """A Ray Dataset of decoded rows: x float32 (C, H, W) (or (d,)), y float32 (D,), id, ok.
 
-    Validates every shard's schema first (driver side, footers only). ``ok`` is False for rows
-    dropped by on_corrupt="skip"; :class:`RayStream` filters and counts them.
+    split may be several splits read as one dataset (their augmentations must agree). Validates
+    every shard's schema first (driver side, footers only). ``ok`` is False for rows dropped by
+    on_corrupt="skip"; :class:`RayStream` filters and counts them.
     """
     import ray.data
     _check_policy(on_corrupt)
     meta = validate(root)
-    files = [str(p) for p in shard_paths(root, meta, split)]
-    resolved = resolve_augment(meta, split, augment)
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    files = [str(p) for s in splits for p in shard_paths(root, meta, s)]
+    names = {s: resolve_augment(meta, s, augment) for s in splits}
+    if len(set(names.values())) > 1:
+        raise DatasetError(f"splits {splits} have different augmentations; read them separately")
+    resolved = names[splits[0]]
     name = None if resolved is None else next(k for k, v in AUGMENTS.items() if v is resolved)
     ds = ray.data.read_parquet(files, columns=_columns(meta), include_paths=True,
                                shuffle="files" if shuffle_files else None)
@@ -248,7 +258,7 @@ class RayStream:
         self.shuffle_buffer, self.prefetch = local_shuffle_buffer_size, prefetch_batches
         self.skipped, self.skipped_ids = 0, []
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[tuple["torch.Tensor", ...]]:
         for b in self.ds.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=self.drop_last,
                                       local_shuffle_buffer_size=self.shuffle_buffer,
                                       prefetch_batches=self.prefetch):
@@ -258,6 +268,7 @@ class RayStream:
                 self.skipped_ids.extend(np.asarray(b["id"])[~ok].tolist())
             if not ok.any():
                 continue
+            import torch
             out = (torch.from_numpy(np.ascontiguousarray(b["x"][ok])), torch.from_numpy(np.ascontiguousarray(b["y"][ok])))
             yield out + ([str(i) for i in np.asarray(b["id"])[ok]],) if self.with_ids else out
 
