@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The main job on the embedded default: local Ray (2 Train workers), MLflow in ./mlruns.db,
+# the built-in k-fold star images.
 demo: $(STAMP)
-	$(EBM) train toy2 --out runs/demo-toy2
+	$(EBM) train demo --name demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest

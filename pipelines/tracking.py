@@ -1,8 +1,9 @@
-"""MLflow tracking for training jobs: one run per job, written by the driver and rank 0 only.
+"""MLflow tracking for training jobs: one run per job, written from the driver's side only.
 
 The tracking URI comes from ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the embedded
 default ``sqlite:///mlruns.db`` (artifacts in ``./mlruns-artifacts``). An unreachable server fails
-fast, before any training starts.
+fast, before any training starts. Writers: the driver (run, params, config, final checkpoint, status)
+and the Ray Train controller on the driver's node (per-epoch metrics and plots); never the workers.
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ class TrackingError(RuntimeError):
 
 
 def resolve_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The URI to use; a relative SQLite path is made absolute, since Ray workers run elsewhere."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -84,12 +89,47 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     return run_id
 
 
+def _retry(fn, *args, attempts: int = 8, **kw):
+    """Call ``fn``, retrying while SQLite reports its file locked by another writer (two jobs, or the
+    driver and the Train controller, sharing one ``mlruns.db``)."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kw)
+        except Exception as e:   # MlflowException wraps sqlalchemy's OperationalError
+            if "locked" not in str(e).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.05 * 2 ** i)
+
+
+def package_versions() -> dict[str, str]:
+    """Tags ``version.<package>`` for the libraries a run depends on."""
+    from importlib import metadata
+    out = {}
+    for pkg in ("torch", "ray", "mlflow", "numpy", "pyarrow", "ebm-proposals"):
+        try:
+            out[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     from mlflow.tracking import MlflowClient
-    MlflowClient(uri).set_terminated(run_id, status=status)
+    _retry(MlflowClient(uri).set_terminated, run_id, status=status)
+
+
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    from mlflow.tracking import MlflowClient
+    _retry(MlflowClient(uri).set_tag, run_id, key, value)
+
+
+def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
+    from mlflow.tracking import MlflowClient
+    _retry(MlflowClient(uri).log_artifacts, run_id, local_dir, artifact_path)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    """Finite numeric values of ``metrics`` at ``step``, in batches."""
     import math
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -98,18 +138,4 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
              if isinstance(v, (int, float)) and math.isfinite(float(v))]
     client = MlflowClient(uri)
     for s in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[s:s + 500])
-
-
-def log_epoch(ml: dict, epoch: int, row: dict, model, task, val_split, cfg) -> None:
-    """Rank 0, once per epoch: the epoch's metrics and density plots of fixed validation examples."""
-    log_metrics(ml["uri"], ml["run_id"], {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-    if val_split is None or task.D != 1:
-        return
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.plots import density_figure
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"density_epoch{epoch:03d}.png"
-        density_figure(model, task, val_split, path, title=f"epoch {epoch + 1}")
-        MlflowClient(ml["uri"]).log_artifact(ml["run_id"], str(path), "plots")
+        _retry(client.log_batch, run_id, metrics=items[s:s + 500])
