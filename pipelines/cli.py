@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_data_commands(sub)
+    from pipelines.predict_cli import add_model_commands
+    from pipelines.tune import add_tune_command
+    add_tune_command(sub)
+    add_model_commands(sub)
     return ap
 
 

@@ -1,0 +1,151 @@
+"""Reading prediction inputs (image folders, Parquet) and scoring a model on a Parquet dataset."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ebm.predict import predict, wrap_diff
+from ebm.train import Split, evaluate
+from pipelines.serving import InputError, Predictor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+CALIBRATION_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
+
+
+def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[list[str], list, list | None]:
+    """(ids, input values, y values or None) from an image folder, a Parquet file or a dataset
+    directory (the layout of :mod:`pipelines.data`, split ``split``)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_dir() and not (path / "_dataset.json").is_file():
+        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+        imgs = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not imgs:
+            raise InputError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no _dataset.json; "
+                             f"give an image folder, a Parquet file or a dataset directory")
+        if not p.is_image:
+            raise InputError(f"{path}: an image folder, but the model takes vector inputs x of size {p.task.x_shape[0]}")
+        return [f.name for f in imgs], [f.read_bytes() for f in imgs], None
+    import pyarrow.parquet as pq
+    if path.is_dir():
+        from pipelines.data import read_metadata
+        from pipelines.data.layout import shard_paths
+        meta = read_metadata(path)
+        files = shard_paths(path, meta, split)
+        if not files:
+            raise InputError(f"{path}: the dataset has no {split!r} split")
+        import pyarrow as pa
+        table = pa.concat_tables([pq.read_table(f) for f in files])
+    else:
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise InputError(f"{path}: not a readable Parquet file: {e}") from None
+    col = p.input_column
+    if col not in table.column_names:
+        raise InputError(f"{path}: no column {col!r} (columns: {table.column_names}); the model takes "
+                         f"{'encoded images' if p.is_image else 'vector inputs x'}")
+    n = table.num_rows
+    ids = [str(v) for v in table.column("id").to_pylist()] if "id" in table.column_names else [f"row {i}" for i in range(n)]
+    y = table.column("y").to_pylist() if "y" in table.column_names else None
+    return ids, table.column(col).to_pylist(), y
+
+
+def write_table(out: dict[str, list], path: str | Path) -> Path:
+    """Columns -> .csv (list cells as JSON), .parquet or .json (records)."""
+    import pandas as pd
+    path = Path(path)
+    df = pd.DataFrame(out)
+    suffix = path.suffix.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".csv":
+        df.map(lambda v: json.dumps(v) if isinstance(v, list) else v).to_csv(path, index=False)
+    elif suffix == ".parquet":
+        df.to_parquet(path, index=False)
+    elif suffix == ".json":
+        path.write_text(df.to_json(orient="records", indent=1))
+    else:
+        raise InputError(f"{path}: output must end in .csv, .parquet or .json")
+    return path
+
+
+def read_split(root: str | Path, split: str, p: Predictor) -> Split:
+    """A dataset split in memory, checked against the model (task, input shape)."""
+    from pipelines.data import read_metadata, validate
+    from pipelines.data.readers import ParquetStream, load_aux
+    meta = validate(root)
+    if meta["task"] != p.task.name:
+        raise InputError(f"{root}: dataset task {meta['task']!r}, the model was trained on {p.task.name!r}")
+    inp = meta["input"]
+    shape = (inp["channels"], inp["height"], inp["width"]) if inp["kind"] == "image" else (inp["dim"],)
+    if tuple(shape) != tuple(p.task.x_shape):
+        raise InputError(f"{root}: inputs of shape {tuple(shape)}, the model expects {tuple(p.task.x_shape)}")
+    if not read_metadata(root)["splits"].get(split, {}).get("rows"):
+        raise InputError(f"{root}: the dataset has no {split!r} rows")
+    xs, ys = [], []
+    for x, y in ParquetStream(root, split, batch_size=4096, check=False):
+        xs.append(x)
+        ys.append(y)
+    return Split(torch.cat(xs), torch.cat(ys), load_aux(root, split))
+
+
+@torch.no_grad()
+def calibration(p: Predictor, split: Split, M_samples: int, seed: int = 0, batch_size: int = 256) -> dict:
+    """Coverage of central intervals at CALIBRATION_LEVELS from the probability integral transform
+    of the weighted IS samples (per dim, on the samples unwrapped around the mean for circular dims)."""
+    g = torch.Generator().manual_seed(seed)
+    pits = []
+    for s in range(0, len(split), batch_size):
+        x, y = split.x[s:s + batch_size], split.y[s:s + batch_size]
+        pr = predict(p.model, x, p.task.circular, M=M_samples, keep_samples=True, generator=g)
+        centred = wrap_diff(pr.samples - pr.mean.unsqueeze(1), p.task.circular)       # (B, M, D)
+        yc = wrap_diff(y - pr.mean, p.task.circular)                                   # (B, D)
+        pits.append((pr.weights.unsqueeze(-1) * (centred <= yc.unsqueeze(1))).sum(1))  # (B, D)
+    pit = torch.cat(pits).flatten().numpy()
+    cov = [float(np.mean(np.abs(pit - 0.5) <= lv / 2)) for lv in CALIBRATION_LEVELS]
+    return {"levels": list(CALIBRATION_LEVELS), "coverage": cov, "pit": pit}
+
+
+def calibration_plot(cal: dict, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
+    axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
+    axes[0].plot(cal["levels"], cal["coverage"], "o-")
+    axes[0].set_xlabel("nominal central-interval level")
+    axes[0].set_ylabel("observed coverage")
+    axes[1].hist(cal["pit"], bins=20, range=(0, 1), density=True)
+    axes[1].axhline(1.0, color="k", lw=0.8, ls=":")
+    axes[1].set_xlabel("PIT")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def evaluate_dataset(p: Predictor, root: str | Path, split: str = "test", out_dir: str | Path | None = None,
+                     M_samples: int | None = None, seed: int = 0) -> dict:
+    """Test NLL (grid and IS), MAE, CRPS, coverage of the model on a dataset split; with ``out_dir``
+    writes metrics.json and calibration.png there."""
+    data = read_split(root, split, p)
+    cfg = p.cfg if M_samples is None else p.cfg.with_overrides([f"sampler.M_eval={int(M_samples)}"])
+    g = torch.Generator().manual_seed(seed)
+    out = evaluate(p.model, data, p.task, cfg, generator=g)
+    cal = calibration(p, data, cfg.sampler.M_eval, seed)
+    out["calibration_error"] = float(np.mean(np.abs(np.array(cal["coverage"]) - np.array(cal["levels"]))))
+    out["n"] = len(data)
+    if out_dir:
+        d = Path(out_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text(json.dumps({k: v for k, v in out.items() if not (isinstance(v, float) and
+                                                                                        math.isnan(v))}, indent=1))
+        calibration_plot(cal, d / "calibration.png", f"{p.task.name} {split}: coverage")
+        (d / "calibration.json").write_text(json.dumps({"levels": cal["levels"], "coverage": cal["coverage"]}))
+    return out

@@ -1,0 +1,117 @@
+"""``ebm register``, ``ebm predict`` and ``ebm evaluate``: registered models from the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _uri(args) -> str:
+    from pipelines import tracking
+    uri = tracking.resolve_uri(args.tracking_uri or None)
+    import mlflow
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _register(args) -> int:
+    from pipelines import registry, tracking
+    try:
+        uri = _uri(args)
+        tracking.check_reachable(uri)
+        out = registry.register(uri, args.name, run_id=args.run or None, best_of=args.best_of or None,
+                                alias=args.alias or None)
+    except (registry.RegistryError, tracking.TrackingError) as e:
+        print(f"ebm register: {e}", file=sys.stderr)
+        return 2
+    print(f"registered {out['name']} version {out['version']} from run {out['run_id']}: {out['model_uri']}")
+    return 0
+
+
+def _load(uri_model: str):
+    from pipelines.registry import load_predictor
+    try:
+        return load_predictor(uri_model)
+    except Exception as e:      # MlflowException (unknown name/alias), OSError (missing path)
+        raise SystemExit(f"ebm: cannot load model {uri_model!r}: {e}") from None
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _predict(args) -> int:
+    from pipelines import model_eval, serving
+    _uri(args)
+    p = _load(args.model_uri)
+    try:
+        ids, values, y = model_eval.read_inputs(args.input, p, args.split)
+        x = serving.inputs_tensor(p, values, ids)
+        out = serving.predict_rows(p, x, y if args.log_density else None, M=args.M or None,
+                                   quantiles=_floats(args.quantiles), interval_level=args.level,
+                                   refine_steps=args.refine_steps, return_samples=args.samples, seed=args.seed)
+        path = model_eval.write_table({"id": ids, **out}, args.out)
+    except serving.InputError as e:
+        print(f"ebm predict: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(ids)} predictions -> {path}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from pipelines import model_eval, serving
+    from pipelines.data import DatasetError
+    _uri(args)
+    p = _load(args.model_uri)
+    try:
+        m = model_eval.evaluate_dataset(p, args.data, args.split, args.out or None, args.M or None, args.seed)
+    except (serving.InputError, DatasetError) as e:
+        print(f"ebm evaluate: {e}", file=sys.stderr)
+        return 2
+    for k in ("nll", "grid_nll", "is_nll", "mae_mode", "mae_mean", "crps", "coverage", "calibration_error", "kl"):
+        if k in m:
+            print(f"{args.split} {k}: {m[k]:.4f}")
+    if args.out:
+        print(f"metrics.json and calibration.png in {args.out}")
+    return 0
+
+
+def add_model_commands(subparsers) -> None:
+    """Register ``register``, ``predict`` and ``evaluate`` on the ``ebm`` parser."""
+    def common(ap):
+        ap.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or "
+                        "sqlite:///mlruns.db); also the registry")
+
+    rg = subparsers.add_parser("register", help="register a run's model (or a sweep's best) as an MLflow pyfunc")
+    src = rg.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", default="", metavar="RUN_ID", help="a finished training run")
+    src.add_argument("--best-of", default="", metavar="PARENT_RUN_ID", help="the best child run of an ebm tune sweep")
+    rg.add_argument("--name", required=True, help="registered model name")
+    rg.add_argument("--alias", default="champion", help="alias to point at the new version ('' = none)")
+    common(rg)
+    rg.set_defaults(func=_register)
+
+    pr = subparsers.add_parser("predict", help="predictive distributions for an image folder or Parquet inputs")
+    pr.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a path")
+    pr.add_argument("--input", required=True, help="image folder, Parquet file, or dataset directory")
+    pr.add_argument("--split", default="test", help="with a dataset directory: the split to read")
+    pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json")
+    pr.add_argument("--quantiles", default="0.05,0.25,0.5,0.75,0.95", help="comma-separated levels")
+    pr.add_argument("--level", type=float, default=None, help="central interval level (default: the model's config)")
+    pr.add_argument("--M", type=int, default=0, help="proposal samples per example (default: sampler.M_eval)")
+    pr.add_argument("--refine-steps", type=int, default=None, help="mode refinement steps (default: the config's)")
+    pr.add_argument("--log-density", action="store_true", help="add log p(y|x) at the input's y column")
+    pr.add_argument("--samples", action="store_true", help="add the weighted samples")
+    pr.add_argument("--seed", type=int, default=0)
+    common(pr)
+    pr.set_defaults(func=_predict)
+
+    ev = subparsers.add_parser("evaluate", help="test NLL, MAE, CRPS, coverage and a calibration plot on a dataset")
+    ev.add_argument("model_uri")
+    ev.add_argument("--data", required=True, help="dataset directory (ebm data ingest)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--out", default="", help="directory for metrics.json and calibration.png")
+    ev.add_argument("--M", type=int, default=0, help="proposal samples (default: sampler.M_eval)")
+    ev.add_argument("--seed", type=int, default=0)
+    common(ev)
+    ev.set_defaults(func=_evaluate)

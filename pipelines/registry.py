@@ -1,0 +1,179 @@
+"""Trained models in the MLflow model registry, as pyfunc models that rebuild themselves.
+
+``register`` takes a training run (or the best child run of a sweep), turns its final checkpoint
+into a pyfunc model logged in that run — weights, config, task and input shape in ``model.pt``,
+the config as ``config.toml``, the ``ebm`` and ``pipelines`` source as code paths, a signature with
+parameters and an input example — registers one new version, points an alias at it (aliases, not
+the deprecated stages) and tags both the version and the source run with each other.
+
+Load it anywhere with ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")``; its ``predict`` is
+:func:`pipelines.serving.predict_rows` on a DataFrame (see that module for columns and params).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines import serving
+
+BEST_RUN_TAG = "ebm.best_run_id"         # set by ``ebm tune`` on the sweep's parent run
+REGISTERED_TAG = "ebm.registered_model"  # set on the source run: "NAME/VERSION"
+MODEL_NAME = "model"                     # the logged model's name inside the run
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+class EBMPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: DataFrame in (``image`` bytes or ``x``; optional ``y``), DataFrame out."""
+
+    def load_context(self, context):
+        self.predictor = serving.load_file(context.artifacts["model"])
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+
+    def predict(self, context, model_input, params=None):
+        p, params = self.predictor, dict(params or {})
+        df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        col = p.input_column
+        if col not in df.columns:
+            what = "encoded PNG/JPEG bytes" if p.is_image else f"x values ({p.task.x_shape[0]} per row)"
+            raise serving.InputError(f"the input needs a column {col!r} of {what}; got columns {list(df.columns)}")
+        x = serving.inputs_tensor(p, list(df[col]))
+        y = list(df["y"]) if "y" in df.columns and not df["y"].isna().any() else None
+        out = serving.predict_rows(p, x, y, M=params.get("M"), quantiles=params.get("quantiles") or serving.DEFAULT_LEVELS,
+                                   interval_level=params.get("interval_level"), refine_steps=params.get("refine_steps"),
+                                   return_samples=bool(params.get("return_samples", False)),
+                                   seed=int(params.get("seed", 0)))
+        return pd.DataFrame(out)
+
+
+def input_example(p: serving.Predictor) -> pd.DataFrame:
+    """Two rows the model accepts: mid-grey images of the right shape, or two x values."""
+    if p.is_image:
+        from pipelines.data.ingest import encode_png
+        C, H, W = p.task.x_shape
+        img = np.full((H, W, C) if C > 1 else (H, W), 128, dtype=np.uint8)
+        return pd.DataFrame({"image": [encode_png(img), encode_png(img)]})
+    d = p.task.x_shape[0]
+    return pd.DataFrame({"x": [-1.0, 0.5] if d == 1 else [[-1.0] * d, [0.5] * d]})
+
+
+def signature(p: serving.Predictor, example: pd.DataFrame):
+    from mlflow.models.signature import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+    num = "double" if p.task.D == 1 else Array("double")
+    xcol = ColSpec("binary", "image") if p.is_image else ColSpec("double" if p.task.x_shape[0] == 1 else Array("double"), "x")
+    inputs = Schema([xcol, ColSpec(num, "y", required=False)])
+    c = p.cfg
+    params = ParamSchema([
+        ParamSpec("M", "long", int(c.sampler.M_eval)),
+        ParamSpec("quantiles", "double", list(serving.DEFAULT_LEVELS), shape=(-1,)),
+        ParamSpec("interval_level", "double", float(c.eval.interval_level)),
+        ParamSpec("refine_steps", "long", int(c.sampler.refine_steps)),
+        ParamSpec("return_samples", "boolean", False),
+        ParamSpec("seed", "long", 0)])
+    out = pd.DataFrame(serving.predict_rows(p, serving.inputs_tensor(p, list(example[p.input_column])), M=16))
+    return ModelSignature(inputs=inputs, outputs=infer_signature(example, out).outputs, params=params)
+
+
+def _code_copy(dst: Path) -> list[str]:
+    """The ``ebm`` and ``pipelines`` packages (sources only) as code paths of the model."""
+    import ebm
+    import pipelines
+    out = []
+    for pkg in (ebm, pipelines):
+        src = Path(pkg.__file__).parent
+        target = dst / src.name
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        out.append(str(target))
+    return out
+
+
+def _requirements() -> list[str]:
+    from importlib import metadata
+    reqs = []
+    for pkg in ("torch", "numpy", "pandas", "pillow", "mlflow"):
+        try:
+            reqs.append(f"{pkg}=={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return reqs
+
+
+def checkpoint_state(uri: str, run_id: str) -> dict:
+    """The final checkpoint a training run logged under ``checkpoint/``."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.distributed import load_checkpoint_dir
+    client = MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(run_id)}
+    if "checkpoint" not in names:
+        raise RegistryError(f"run {run_id} has no 'checkpoint' artifact (did it finish? artifacts: {sorted(names)})")
+    with tempfile.TemporaryDirectory() as d:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=d,
+                                                    tracking_uri=uri)
+        return load_checkpoint_dir(local)
+
+
+def best_child(uri: str, parent_run_id: str, metric: str = "val_nll") -> str:
+    """The sweep's best run: the parent's ``ebm.best_run_id`` tag, else its finished child with the
+    lowest ``metric``."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    if parent.data.tags.get(BEST_RUN_TAG):
+        return parent.data.tags[BEST_RUN_TAG]
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+                              order_by=[f"metrics.{metric} ASC"], max_results=50)
+    runs = [r for r in runs if metric in r.data.metrics]
+    if not runs:
+        raise RegistryError(f"run {parent_run_id} has no finished child run with metric {metric!r}")
+    return runs[0].info.run_id
+
+
+def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | None = None,
+             alias: str | None = "champion") -> dict:
+    """Log the run's model as pyfunc, register one new version of ``name``, set ``alias``.
+    Returns {"name", "version", "run_id", "model_uri"}."""
+    from mlflow.tracking import MlflowClient
+    if (run_id is None) == (best_of is None):
+        raise RegistryError("give exactly one of run_id / best_of")
+    run_id = run_id or best_child(uri, best_of)
+    state = serving.slim_state(checkpoint_state(uri, run_id))
+    p = serving.from_state(state)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as d:
+        model_path, cfg_path = Path(d) / serving.MODEL_FILE, Path(d) / "config.toml"
+        torch.save(state, model_path)
+        cfg_path.write_text(p.cfg.to_toml())
+        example = input_example(p)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=EBMPyfunc(), artifacts={"model": str(model_path), "config": str(cfg_path)},
+                code_paths=_code_copy(Path(d) / "code"), signature=signature(p, example), input_example=example,
+                pip_requirements=_requirements(), registered_model_name=name,
+                metadata={"task": p.task.name, "x_shape": list(p.task.x_shape), "source_run_id": run_id})
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, "source_run_id", run_id)
+    client.set_model_version_tag(name, version, "task", p.task.name)
+    client.set_tag(run_id, REGISTERED_TAG, f"{name}/{version}")
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return {"name": name, "version": version, "run_id": run_id,
+            "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"}
+
+
+def load_predictor(model_uri: str) -> serving.Predictor:
+    """The in-process Predictor behind a registered pyfunc (``models:/NAME@ALIAS``, ``runs:/...``)."""
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().predictor

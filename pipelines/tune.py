@@ -1,0 +1,331 @@
+"""``ebm tune``: Ray Tune over the training job, one MLflow parent run per sweep.
+
+Each trial is one training job: a function trainable (:func:`train_trial`) that builds the same
+``TorchTrainer`` over the same worker function as ``ebm train`` (:func:`pipelines.distributed.worker_loop`)
+and forwards its reports to Tune with ``TuneReportCallback`` (Ray 2.60: ``Tuner(trainer)`` is gone).
+The trial's Train run and its MLflow child run are both named ``<sweep>-<trial id>``, so a resumed
+sweep (``--resume``) that reruns an errored trial continues that Train run from its latest checkpoint
+and reopens the same MLflow run — no duplicates — while finished trials are not rerun
+(``Tuner.restore``). The trial driver holds a sliver of a ``TRAIN_DRIVER`` custom resource instead of
+a CPU: with 2 CPUs a driver at 1 CPU plus its workers never fit (PLATFORM.md).
+
+Search-space file (TOML)::
+
+    [space]                                   # keys are flat config keys (ebm.config)
+    "proposal.K" = {grid = [1, 2, 4, 8, 16]}  # every value (a grid axis)
+    "sampler.M_train" = {choice = [64, 256, 1024, 2048]}   # one at random per sample
+    "sampler.M_eval" = {grid = [256, 1024]}
+    "optim.lr" = {loguniform = [1e-4, 1e-2]}  # also: uniform = [lo, hi], randint = [lo, hi), value = v
+    "method.name" = {choice = ["ebm_learned_proposal", "mdn"]}
+
+    [tune]                                    # optional; command-line flags win
+    scheduler = "asha"                        # or "fifo"
+    num_samples = 1                           # repeats of the grid (random keys re-drawn)
+    metric = "val_nll"
+    grace_period = 1                          # ASHA: epochs before the first cut
+    reduction_factor = 2
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from ebm.config import Config, ConfigError
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "value")
+TUNE_KEYS = {"scheduler": str, "num_samples": int, "metric": str, "mode": str, "grace_period": int,
+             "reduction_factor": int}
+SPEC_FILE = "ebm_sweep.json"
+
+
+def load_space(path: str | Path, base: Config) -> tuple[dict, dict]:
+    """Parse and check a space file against ``base``: every key exists and every value (or both ends
+    of a range) makes a valid config. Returns (space {key: {kind: arg}}, tune options)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"space file not found: {path}")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    bad = sorted(set(d) - {"space", "tune"})
+    if bad or not isinstance(d.get("space", {}), dict):
+        raise ConfigError(f"{path}: only [space] and [tune] tables are allowed, got {bad or d.get('space')!r}")
+    opts = d.get("tune", {})
+    for k, v in opts.items():
+        if k not in TUNE_KEYS or not isinstance(v, TUNE_KEYS[k]):
+            raise ConfigError(f"{path}: [tune] {k} = {v!r}: known keys {sorted(TUNE_KEYS)} (with their types)")
+    return check_space(d.get("space", {}), base, str(path)), opts
+
+
+def check_space(space: dict, base: Config, where: str = "space") -> dict:
+    flat = base.to_flat()
+    for key, spec in space.items():
+        if key not in flat:
+            raise ConfigError(f"{where}: unknown config key {key!r}; known: {sorted(flat)}")
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SPACE_KINDS):
+            raise ConfigError(f"{where}: {key} must be one of {{kind = ...}} with kind in {SPACE_KINDS}, got {spec!r}")
+        kind, arg = next(iter(spec.items()))
+        if kind in ("grid", "choice"):
+            if not isinstance(arg, list) or not arg:
+                raise ConfigError(f"{where}: {key}.{kind} must be a non-empty list, got {arg!r}")
+            values = arg
+        elif kind == "value":
+            values = [arg]
+        else:
+            if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg)
+                    and arg[0] < arg[1]):
+                raise ConfigError(f"{where}: {key}.{kind} must be [lo, hi] with lo < hi, got {arg!r}")
+            if kind == "loguniform" and arg[0] <= 0:
+                raise ConfigError(f"{where}: {key}.loguniform needs lo > 0, got {arg!r}")
+            values = [arg[0], arg[1] - 1] if kind == "randint" else arg
+        for v in values:
+            try:
+                Config.from_flat({**flat, key: v})
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {key} = {v!r} is not a valid value: {e}") from None
+    return space
+
+
+def param_space(space: dict) -> dict:
+    from ray import tune
+    make = {"grid": tune.grid_search, "choice": tune.choice, "value": lambda v: v,
+            "uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+            "randint": lambda a: tune.randint(*a)}
+    return {key: make[kind](arg) for key, spec in space.items() for kind, arg in spec.items()}
+
+
+def train_trial(config: dict, job: dict) -> None:
+    """One trial = one training job (Ray Train driver inside a Tune trial). ``config``: the sampled
+    flat config keys; ``job``: the sweep's constants (base config, MLflow, storage, resources)."""
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines import tracking
+    from pipelines.distributed import worker_loop
+    from pipelines.train_job import _tracking_callback
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = Config.from_flat({**job["cfg"], **config})
+    name = f"{job['sweep']}-{trial_id}"
+    uri = job["uri"]
+    tags = {**job["tags"], "mlflow.parentRunId": job["parent_run_id"], "ebm.sweep": job["sweep"],
+            "ebm.trial_id": trial_id, "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name}
+    hooks = job.get("test_hooks") or None
+    if hooks and not trial_id.endswith(hooks.get("trial_suffix", "")):
+        hooks = None
+    run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml())
+    status = "FAILED"
+    try:
+        trainer = TorchTrainer(
+            worker_loop,
+            train_loop_config={"cfg": cfg.to_flat(), "threads": job["threads"], "test_hooks": hooks,
+                               "max_nonfinite_in_row": 20},
+            scaling_config=ScalingConfig(num_workers=job["num_workers"], use_gpu=job["use_gpu"],
+                                         resources_per_worker={"CPU": job["cpus_per_worker"]}),
+            run_config=RunConfig(name=name, storage_path=job["train_storage"],
+                                 callbacks=[_tracking_callback(uri, run_id), TuneReportCallback()],
+                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                                 failure_config=FailureConfig(max_failures=job["max_failures"]),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_nll",
+                                                                    checkpoint_score_order="min")))
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        if metrics.get("nonfinite_stop"):
+            tracking.set_tag(uri, run_id, "ebm.stop_reason", "non-finite losses")
+            raise RuntimeError(f"trial {trial_id}: stopped on non-finite losses")
+        if result.checkpoint is not None:
+            with result.checkpoint.as_directory() as d:
+                tracking.log_artifacts(uri, run_id, d, "checkpoint")
+        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k.startswith("test_")},
+                             step=cfg.optim.epochs)
+        status = "FINISHED"
+    finally:
+        tracking.end_run(uri, run_id, status)
+
+
+def _ray_init(address: str | None, num_cpus: int | None) -> bool:
+    import ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    # TRAIN_DRIVER: the trial drivers' resource (see the module docstring); the dashboard serves the
+    # state API that Train's and Tune's clean-up poll.
+    ray.init(num_cpus=num_cpus or os.cpu_count(), resources={"TRAIN_DRIVER": 4}, _node_ip_address="127.0.0.1",
+             include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=256 * 1024 * 1024,
+             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    return True
+
+
+def _driver_resources() -> dict:
+    import ray
+    return {"TRAIN_DRIVER": 0.01} if ray.cluster_resources().get("TRAIN_DRIVER") else {"CPU": 0.01}
+
+
+def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts: dict | None = None,
+              seeds: int = 0, resume: bool = False, storage_path: str | None = None, tracking_uri: str | None = None,
+              experiment: str = "ebm", num_workers: int = 1, cpus_per_worker: float = 0.0, use_gpu: bool = False,
+              threads: int = 1, max_concurrent: int = 1, max_failures: int = 1, address: str | None = None,
+              register_name: str = "", alias: str = "champion", test_hooks: dict | None = None,
+              out=sys.stdout) -> dict:
+    """Run (or resume) the sweep ``name``; returns the summary logged on the parent run."""
+    from pipelines import tracking, tune_report
+    uri = tracking.resolve_uri(tracking_uri)
+    tracking.check_reachable(uri)
+    storage = Path(storage_path or os.environ.get("EBM_STORAGE_PATH") or "runs").resolve()
+    spec_path = storage / name / SPEC_FILE
+    if resume:
+        if not spec_path.is_file():
+            raise ConfigError(f"no sweep {name!r} to resume under {storage} ({spec_path} missing)")
+        spec = json.loads(spec_path.read_text())
+    else:
+        if spec_path.exists():
+            raise ConfigError(f"sweep {name!r} already exists under {storage}; resume it with --resume {name}")
+        spec = {**_make_spec(cfg, space or {}, opts or {}, seeds), "name": name}
+    base = Config.from_flat(spec["cfg"])
+    cpus = cpus_per_worker or (1.0 if use_gpu else 0.5)
+    params = {"scheduler": spec["scheduler"], "metric": spec["metric"], "mode": spec["mode"],
+              "num_samples": spec["num_samples"], "seeds": spec["seeds"], "num_workers": num_workers,
+              "cpus_per_worker": cpus, **{f"space.{k}": json.dumps(v) for k, v in spec["space"].items()}}
+    if spec["scheduler"] == "asha":
+        params.update(grace_period=spec["grace_period"], reduction_factor=spec["reduction_factor"])
+    parent = tracking.start_run(uri, experiment, name, params,
+                                {"ebm.kind": "sweep", "git_sha": tracking.git_sha(), "task": base.task.name,
+                                 **tracking.package_versions()}, base.to_toml())
+    job = {"cfg": spec["cfg"], "sweep": name, "uri": uri, "experiment": experiment, "parent_run_id": parent,
+           "tags": {"git_sha": tracking.git_sha(), "data_fingerprint": f"synthetic:{base.task.name}"
+                    if not base.task.data_dir else base.task.data_dir, **tracking.package_versions()},
+           "train_storage": str(storage / f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
+           "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures, "test_hooks": test_hooks}
+    status, started = "FAILED", False
+    try:
+        import ray
+        from ray import tune
+        started = _ray_init(address, None)
+        trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), _driver_resources())
+        if resume:
+            tuner = tune.Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            spec_path.parent.mkdir(parents=True, exist_ok=True)
+            spec_path.write_text(json.dumps(spec, indent=1))
+            tuner = tune.Tuner(trainable, param_space=param_space(spec["space"]),
+                               tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"],
+                                                           scheduler=_scheduler(spec, base),
+                                                           num_samples=spec["num_samples"],
+                                                           max_concurrent_trials=max_concurrent),
+                               run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+        t0 = time.perf_counter()
+        grid = tuner.fit()
+        summary = tune_report.finish(uri, parent, grid, spec, base, storage / f"{name}-train",
+                                     time.perf_counter() - t0, out=out)
+        if register_name and summary.get("best_run_id") and not summary["errors"]:
+            from pipelines import registry
+            summary["registered"] = registry.register(uri, register_name, run_id=summary["best_run_id"], alias=alias)
+            tracking.set_tag(uri, parent, "ebm.registered_model",
+                             f"{register_name}/{summary['registered']['version']}")
+            print(f"registered {summary['registered']['model_uri']} (version {summary['registered']['version']})",
+                  file=out)
+        status = "FINISHED" if not summary["errors"] else "FAILED"
+        summary["parent_run_id"] = parent
+        return summary
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        tracking.end_run(uri, parent, status)
+        if started:
+            ray.shutdown()
+
+
+def _make_spec(cfg: Config, space: dict, opts: dict, seeds: int) -> dict:
+    if seeds:
+        if space:
+            raise ConfigError("--seeds runs one config under N seeds: give no search space with it")
+        space = {"seed": {"grid": [cfg.seed + i for i in range(seeds)]}}
+        opts = {**opts, "scheduler": "fifo"}        # every seed runs to the end (the reporting protocol)
+    if not space:
+        raise ConfigError("the search space is empty: give --space FILE or --seeds N")
+    scheduler = opts.get("scheduler", "asha")
+    if scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"scheduler must be 'asha' or 'fifo', got {scheduler!r}")
+    if scheduler == "asha" and cfg.eval.every != 1:
+        # ASHA compares trials at every epoch: each report must carry a fresh validation NLL
+        cfg = cfg.with_overrides(["eval.every=1"])
+    return {"name": "", "cfg": cfg.to_flat(), "space": space, "scheduler": scheduler, "seeds": seeds,
+            "num_samples": int(opts.get("num_samples", 1)), "metric": opts.get("metric", "val_nll"),
+            "mode": opts.get("mode", "min"), "grace_period": int(opts.get("grace_period", 1)),
+            "reduction_factor": int(opts.get("reduction_factor", 2))}
+
+
+def _scheduler(spec: dict, base: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    if spec["scheduler"] == "fifo":
+        return FIFOScheduler()
+    # Trials that survive every rung end on their own (stop_last_trials=False): a stop at max_t would
+    # kill the trial before it logs its final checkpoint (tune_report.close_runs recovers that case).
+    return ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs, stop_last_trials=False,
+                         grace_period=spec["grace_period"], reduction_factor=spec["reduction_factor"])
+
+
+def _tune(args) -> int:
+    from pipelines import tracking
+    from pipelines.cli import resolve_config
+    name = args.resume or args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        cfg = space = opts = None
+        if not args.resume:
+            if not args.config:
+                raise ConfigError("give a CONFIG (or --resume NAME)")
+            cfg = Config.from_toml(resolve_config(args.config), args.set)
+            space, opts = load_space(args.space, cfg) if args.space else ({}, {})
+            if args.scheduler:
+                opts["scheduler"] = args.scheduler
+            if args.num_samples:
+                opts["num_samples"] = args.num_samples
+        summary = run_sweep(cfg, name=name, space=space, opts=opts, seeds=args.seeds, resume=bool(args.resume),
+                            storage_path=args.storage or None, tracking_uri=args.tracking_uri or None,
+                            experiment=args.experiment, num_workers=args.num_workers,
+                            cpus_per_worker=args.cpus_per_worker, threads=args.threads,
+                            max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                            address=args.address or None, register_name=args.register, alias=args.alias)
+    except (ConfigError, tracking.TrackingError) as e:
+        print(f"ebm tune: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit):
+        print(f"ebm tune: interrupted; resume with: ebm tune --resume {name}", file=sys.stderr)
+        return 130
+    print(f"sweep {name}: parent MLflow run {summary['parent_run_id']} (resume with --resume {name})")
+    return 1 if summary["errors"] else 0
+
+
+def add_tune_command(subparsers) -> None:
+    tu = subparsers.add_parser("tune", help="Ray Tune sweep (ASHA on val NLL) or a multi-seed run, tracked in MLflow")
+    tu.add_argument("config", nargs="?", default="", help="TOML config or packaged config name (not with --resume)")
+    tu.add_argument("--space", default="", help="search-space TOML (see pipelines/tune.py)")
+    tu.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the base config")
+    tu.add_argument("--num-samples", type=int, default=0, help="samples of the space (default: [tune] or 1)")
+    tu.add_argument("--scheduler", choices=("asha", "fifo"), default="", help="default: [tune] or asha")
+    tu.add_argument("--seeds", type=int, default=0, help="run the config under N seeds; mean ± std and best-5")
+    tu.add_argument("--resume", default="", metavar="NAME", help="continue the named sweep")
+    tu.add_argument("--name", default="", help="sweep name (Tune experiment and MLflow parent run)")
+    tu.add_argument("--register", default="", metavar="MODEL_NAME", help="register the best trial's model")
+    tu.add_argument("--alias", default="champion", help="alias for --register")
+    tu.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per trial")
+    tu.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default 0.5, GPU runs 1)")
+    tu.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    tu.add_argument("--max-concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
+    tu.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
+    tu.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
+    tu.add_argument("--storage", default="", help="Tune and checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
+    tu.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    tu.add_argument("--experiment", default="ebm", help="MLflow experiment name")
+    tu.set_defaults(func=_tune)

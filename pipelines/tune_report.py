@@ -1,0 +1,187 @@
+"""The end of a sweep: results table, plot, best config and (multi-seed) mean ± std on the parent run."""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from ebm.config import Config
+
+UNVALIDATED = 1e29      # worker_loop reports val_nll = 1e30 before the first validation
+
+
+def _child_runs(uri: str, parent: str) -> dict[str, tuple[str, str]]:
+    """trial id -> (MLflow child run id, status)."""
+    from mlflow.tracking import MlflowClient
+    c = MlflowClient(uri)
+    exp = c.get_run(parent).info.experiment_id
+    runs = c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
+    return {r.data.tags.get("ebm.trial_id"): (r.info.run_id, r.info.status) for r in runs}
+
+
+def latest_checkpoint(train_dir: Path) -> Path | None:
+    """The checkpoint directory of a Train run with the highest epoch."""
+    from pipelines.distributed import load_checkpoint_dir
+    best = None
+    for d in train_dir.glob("checkpoint_*"):
+        try:
+            epoch = load_checkpoint_dir(d)["epoch"]
+        except (OSError, RuntimeError):
+            continue
+        if best is None or epoch > best[0]:
+            best = (epoch, d)
+    return best[1] if best else None
+
+
+def close_runs(uri: str, rows: list[dict], children: dict, spec: dict, train_storage: Path, epochs: int) -> None:
+    """Close child runs whose trial actor Tune killed: early-stopped ones KILLED with a reason; ones
+    that had reported their last epoch FINISHED, with the final checkpoint from Train's storage."""
+    from pipelines import tracking
+    for r in rows:
+        run_id, status = children.get(r["trial_id"], ("", ""))
+        if not run_id or status == "FINISHED":
+            continue
+        if r["status"] == "STOPPED":
+            tracking.set_tag(uri, run_id, "ebm.stop_reason",
+                             f"early-stopped by {spec['scheduler'].upper()} after {r['epochs']} epoch(s)")
+            tracking.end_run(uri, run_id, "KILLED")
+        elif r["status"] == "COMPLETED":
+            ckpt = latest_checkpoint(train_storage / f"{spec['name']}-{r['trial_id']}")
+            if ckpt is not None:
+                tracking.log_artifacts(uri, run_id, str(ckpt), "checkpoint")
+            tracking.log_metrics(uri, run_id, {k: v for k, v in r.items() if k.startswith("test_")}, step=epochs)
+            tracking.end_run(uri, run_id, "FINISHED")
+
+
+def rows_of(grid, spec: dict, base: Config, children: dict[str, str]) -> list[dict]:
+    keys = list(spec["space"])
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        trial_id = m.get("trial_id") or Path(r.path).name
+        hist = r.metrics_dataframe
+        vals = [v for v in (hist["val_nll"].tolist() if hist is not None and "val_nll" in hist else [])
+                if v == v and v < UNVALIDATED]
+        epochs = int(m["epoch"]) + 1 if "epoch" in m else 0
+        status = "ERROR" if r.error else ("COMPLETED" if epochs >= base.optim.epochs else "STOPPED")
+        cfg = Config.from_flat({**base.to_flat(), **{k: (r.config or {}).get(k) for k in keys if k in (r.config or {})}})
+        flat = cfg.to_flat()
+        row = {"trial_id": trial_id, "run_id": children.get(trial_id, ""), "status": status,
+               **{k: flat[k] for k in keys},
+               "proposal.K": flat["proposal.K"], "sampler.M_train": flat["sampler.M_train"],
+               "sampler.M_eval": flat["sampler.M_eval"], "epochs": epochs,
+               "val_nll": vals[-1] if vals else math.nan, "best_val_nll": min(vals) if vals else math.nan,
+               "time_s": float(m.get("time_total_s", math.nan))}
+        row.update({k: float(v) for k, v in m.items() if k.startswith("test_") and isinstance(v, (int, float))})
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def plot(rows: list[dict], path: Path, metric: str = "val_nll") -> Path:
+    """Val NLL against K (colour: M_train) and against M_train (colour: K)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r[metric] == r[metric]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (xk, ck) in zip(axes, (("proposal.K", "sampler.M_train"), ("sampler.M_train", "proposal.K"))):
+        for c in sorted({r[ck] for r in ok}):
+            pts = sorted((r[xk], r[metric]) for r in ok if r[ck] == c)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"{ck.split('.')[-1]}={c}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xk)
+        ax.set_ylabel(f"last {metric}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def seed_summary(rows: list[dict], metric: str = "test_nll", best: int = 5) -> dict:
+    """Mean ± std over seeds, and over the ``best`` seeds (lowest ``metric``)."""
+    vals = sorted(r[metric] for r in rows if metric in r and r[metric] == r[metric])
+    if not vals:
+        return {}
+    top = vals[:best]
+    return {f"{metric}_mean": statistics.fmean(vals), f"{metric}_std": statistics.pstdev(vals), "n_seeds": len(vals),
+            f"{metric}_best{best}_mean": statistics.fmean(top), f"{metric}_best{best}_std": statistics.pstdev(top)}
+
+
+def finish(uri: str, parent: str, grid, spec: dict, base: Config, train_storage: Path, wall_s: float,
+           out=sys.stdout) -> dict:
+    """Log the sweep's outcome on the parent run; returns the summary."""
+    from pipelines import tracking
+    children = _child_runs(uri, parent)
+    rows = rows_of(grid, spec, base, {k: v[0] for k, v in children.items()})
+    close_runs(uri, rows, children, spec, Path(train_storage), base.optim.epochs)
+    metric, sign = spec["metric"], (1 if spec["mode"] == "min" else -1)
+    done = [r for r in rows if r["status"] == "COMPLETED" and r["val_nll"] == r["val_nll"]]
+    best = min(done, key=lambda r: sign * r[metric if metric in r else "val_nll"]) if done else None
+    summary = {"rows": rows, "errors": sum(r["status"] == "ERROR" for r in rows), "best": best,
+               "best_run_id": best["run_id"] if best else "",
+               "compute": {"epochs_total": sum(r["epochs"] for r in rows),
+                           "trial_time_total_s": sum(r["time_s"] for r in rows if r["time_s"] == r["time_s"]),
+                           "sweep_wall_s": wall_s, "trials": len(rows)}}
+    if spec["seeds"]:
+        summary["seeds"] = seed_summary(rows)
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        write_csv(rows, d / "results.csv")
+        plot(rows, d / "val_nll_vs_K_M.png")
+        if best:
+            cfg = Config.from_flat({**base.to_flat(), **{k: best[k] for k in spec["space"]}})
+            (d / "best_config.toml").write_text(cfg.to_toml())
+        if spec["seeds"] and summary["seeds"]:
+            s = summary["seeds"]
+            (d / "seeds.md").write_text(
+                "| metric | mean ± std | best-5 mean ± std | seeds |\n|---|---|---|---|\n"
+                f"| test NLL | {s['test_nll_mean']:.4f} ± {s['test_nll_std']:.4f} | "
+                f"{s['test_nll_best5_mean']:.4f} ± {s['test_nll_best5_std']:.4f} | {s['n_seeds']} |\n")
+            write_csv([{"seed": r["seed"], **{k: v for k, v in r.items() if k.startswith("test_")}} for r in rows],
+                      d / "seeds.csv")
+        tracking.log_artifacts(uri, parent, str(d), "sweep")
+    metrics = {k: float(v) for k, v in summary["compute"].items()}
+    metrics["errored_trials"] = float(summary["errors"])
+    if best:
+        metrics.update({f"best_{k}": v for k, v in best.items() if (k.startswith("test_") or k in
+                                                                  ("val_nll", "best_val_nll")) and v == v})
+        tracking.set_tag(uri, parent, "ebm.best_run_id", best["run_id"])
+        tracking.set_tag(uri, parent, "ebm.best_trial_id", best["trial_id"])
+        for k in spec["space"]:
+            tracking.set_tag(uri, parent, f"best.{k}", str(best[k]))
+    metrics.update(summary.get("seeds", {}))
+    tracking.log_metrics(uri, parent, metrics, step=0)
+    _print(summary, spec, out)
+    return summary
+
+
+def _print(summary: dict, spec: dict, out) -> None:
+    keys = list(spec["space"])
+    print(f"{summary['compute']['trials']} trials, {summary['compute']['epochs_total']} epochs in total, "
+          f"{summary['compute']['sweep_wall_s']:.0f} s; errored: {summary['errors']}", file=out)
+    for r in summary["rows"]:
+        kv = ", ".join(f"{k}={r[k]}" for k in keys)
+        print(f"  {r['trial_id']} {r['status']:9s} {kv} epochs {r['epochs']} val_nll {r['val_nll']:.4f}", file=out)
+    if summary["best"]:
+        b = summary["best"]
+        print(f"best: {', '.join(f'{k}={b[k]}' for k in keys)} val_nll {b['val_nll']:.4f}"
+              + (f" test_nll {b['test_nll']:.4f}" if "test_nll" in b else "") + f" (MLflow run {b['run_id']})", file=out)
+    if summary.get("seeds"):
+        s = summary["seeds"]
+        print(f"test NLL over {s['n_seeds']} seeds: {s['test_nll_mean']:.4f} ± {s['test_nll_std']:.4f} "
+              f"(best 5: {s['test_nll_best5_mean']:.4f} ± {s['test_nll_best5_std']:.4f})", file=out)
