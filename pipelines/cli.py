@@ -32,17 +32,20 @@ def _train(args: argparse.Namespace) -> int:
         from pipelines.local import train_local
         return train_local(cfg, out=args.out, seeds=args.seeds)
     from pipelines import tracking
-    from pipelines.train_job import print_summary, run_job
+    from pipelines.train_job import NonFiniteStop, print_summary, run_job
     name = args.resume or args.name or f"{cfg.task.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         metrics = run_job(cfg, name=name, num_workers=args.num_workers, use_gpu=args.use_gpu,
                           address=args.address or None, storage_path=args.storage or None,
                           max_failures=args.max_failures, tracking_uri=args.tracking_uri or None,
-                          experiment=args.experiment, threads=args.threads)
-    except tracking.TrackingError as e:
+                          experiment=args.experiment, threads=args.threads, ray_data=args.ray_data)
+    except (tracking.TrackingError, ConfigError) as e:
         print(f"ebm: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except NonFiniteStop as e:
+        print(f"ebm: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, SystemExit):
         print(f"ebm: interrupted; resume with: ebm train {args.config} --resume {name}", file=sys.stderr)
         return 130
     print(f"run name {name} (resume with --resume {name})")
@@ -60,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
     tr.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     tr.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    tr.add_argument("--ray-data", action="store_true", help="with task.data_dir: stream the train split "
+                    "through Ray Data (get_dataset_shard) instead of per-rank pyarrow readers")
     tr.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     tr.add_argument("--name", default="", help="run name (checkpoints and MLflow run)")
     tr.add_argument("--resume", default="", metavar="RUN_NAME", help="continue the named run from its latest checkpoint")

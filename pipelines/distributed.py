@@ -21,6 +21,7 @@ import torch
 
 CKPT_FILE = "checkpoint.pt"
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "config", "rng")
+PLOTS_DIR = "plots"
 
 
 def save_checkpoint_dir(d: str | Path, state: dict) -> Path:
@@ -55,8 +56,14 @@ def _versions() -> dict:
 
 
 def worker_loop(config: dict) -> None:
-    """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "mlflow": {"uri", "run_id"} | None,
-    "test_hooks": {"fail_at_epoch", "nan_rank", "fail_marker"} | None}``."""
+    """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "max_nonfinite_in_row": int,
+    "ray_data": bool, "test_hooks": {"fail_at_epoch", "fail_marker", "nan_rank", "nan_from_epoch", "pause_at_epoch",
+    "pause_marker"} | None}``.
+
+    Reports every epoch (rank 0 with a checkpoint holding the weights, optimiser, RNG states, config,
+    versions and a density plot). ``max_nonfinite_in_row`` skipped steps in a row end the run on every
+    rank with a last report flagged ``nonfinite_stop`` (not an exception: a retry would repeat it).
+    """
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -64,9 +71,10 @@ def worker_loop(config: dict) -> None:
     from ebm.config import Config
     from ebm.nets import build_model
     from ebm.steps import StepModule
-    from ebm.train import (evaluate, format_epoch, load_data, make_optimizer, proposal_sigmas, run_epoch,
+    from ebm.train import (NonFiniteLoss, evaluate, format_epoch, make_optimizer, proposal_sigmas, run_epoch,
                            seed_everything, set_input_stats)
     from pipelines.runtime import tune_malloc
+    from pipelines.worker_data import for_rank
 
     tune_malloc()
     import logging
@@ -82,10 +90,12 @@ def worker_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    task, splits = load_data(cfg)
-    seed_everything(cfg.seed)
+    data = for_rank(cfg, rank, world, ray.train.get_dataset_shard("train") if config.get("ray_data") else None)
+    task, evals = data.task, data.eval_splits
+    seed_everything(cfg.seed)               # identical init on every rank
     model = build_model(cfg, task.x_shape, task.D, task.circular)
-    set_input_stats(model, cfg, splits["train"].x)
+    if data.train_x is not None:
+        set_input_stats(model, cfg, data.train_x)
     model.to(device)
     opt = make_optimizer(model, cfg)
     g_samp = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank + 1)
@@ -112,27 +122,25 @@ def worker_loop(config: dict) -> None:
 
     hooks = config.get("test_hooks") or {}       # fault injection for the tests only
     fail_at = int(hooks.get("fail_at_epoch", -1))
-    nan_rank = int(hooks.get("nan_rank", -1))
-    train = splits["train"]
-    n_per_rank = len(train) // world
-    bs = cfg.optim.batch_size
+    max_row = int(config.get("max_nonfinite_in_row") or 20)
     last_val = 1e30     # "not validated yet": checkpoint scores must be finite (they round-trip through JSON)
     t_start = time.perf_counter()
     for epoch in range(start, cfg.optim.epochs):
         t0 = time.perf_counter()
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-        idx = perm[rank * n_per_rank:(rank + 1) * n_per_rank]
-
-        def shard():
-            for s in range(0, n_per_rank, bs):
-                j = idx[s:s + bs]
-                x, y = train.x[j], train.y[j]
-                if rank == nan_rank and s == 0:
-                    y = torch.full_like(y, float("nan"))       # test hook: a poisoned first batch
-                yield x, y
-
-        row = run_epoch(model, opt, shard(), cfg, task, epoch, device=device, all_finite=all_finite,
-                        step=lambda x, y, e: ddp_step(x, y, e))
+        _maybe_pause(hooks, epoch)
+        batches = _poisoned(data.train_epoch(epoch), hooks, rank, epoch)
+        try:
+            row = run_epoch(model, opt, batches, cfg, task, epoch, device=device, all_finite=all_finite,
+                            step=lambda x, y, e: ddp_step(x, y, e), max_skips_in_row=max_row)
+        except NonFiniteLoss as e:     # every rank gets here at the same step: the decision was all-reduced
+            # the last good weights (skipped steps changed nothing), as of the end of the previous epoch
+            states = _gather_states(g_samp, world, device)
+            if rank == 0:
+                print(f"stopping: {e}", flush=True)
+            row = {"nonfinite_stop": 1.0, "epoch": float(epoch), "val_nll": last_val}
+            ray.train.report(row, checkpoint=_checkpoint(model, opt, cfg, task, epoch - 1, row, states)
+                             if rank == 0 else None)
+            return
         if rank == 0 and epoch == fail_at and not _fired(hooks):
             _mark_fired(hooks)
             raise RuntimeError(f"test hook: injected failure at epoch {epoch}")
@@ -144,40 +152,76 @@ def worker_loop(config: dict) -> None:
         row = {k: v / world for k, v in zip(keys, vec.tolist())}
         row["examples_per_s"] *= world
         row["epoch"] = epoch
-        probe = torch.cat([p.detach().flatten()[:64].double() for p in model.parameters()]).sum().reshape(1)
-        lo, hi = probe.clone(), probe.clone()
-        if world > 1:
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        row["param_spread_across_ranks"] = float((hi - lo).item())
+        row["first_epoch"] = start          # > 0 when this attempt resumed from a checkpoint
+        row["param_spread_across_ranks"] = _param_spread(model, world, device)
         last = epoch == cfg.optim.epochs - 1
         checkpoint = None
         if rank == 0:
-            if "val" in splits and ((epoch + 1) % cfg.eval.every == 0 or last):
-                row.update({f"val_{k}": v for k, v in evaluate(model, splits["val"], task, cfg, device=device,
+            if "val" in evals and ((epoch + 1) % cfg.eval.every == 0 or last):
+                row.update({f"val_{k}": v for k, v in evaluate(model, evals["val"], task, cfg, device=device,
                                                               generator=g_samp).items()})
-            if last and "test" in splits:
-                row.update({f"test_{k}": v for k, v in evaluate(model, splits["test"], task, cfg, device=device,
+            if last and "test" in evals:
+                row.update({f"test_{k}": v for k, v in evaluate(model, evals["test"], task, cfg, device=device,
                                                                generator=g_samp).items()})
             row["epoch_time_s"] = time.perf_counter() - t0
             last_val = row.get("val_nll", last_val)
             done = epoch + 1 - start
             eta = (time.perf_counter() - t_start) / done * (cfg.optim.epochs - epoch - 1)
             print(f"{format_epoch(row, cfg.optim.epochs)} | ETA {eta:.0f} s", flush=True)
-            if config.get("mlflow"):
-                from pipelines.tracking import log_epoch
-                log_epoch(config["mlflow"], epoch, row, model, task, splits.get("val"), cfg)
-            tmp = tempfile.mkdtemp(prefix="ebm-ckpt-")
-            save_checkpoint_dir(tmp, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "config": cfg.to_dict(), "metrics": row, "versions": _versions(),
-                "rng": {"torch": torch.get_rng_state(), "samplers": _gather_states(g_samp, world, device)},
-                "task": task.name})
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            checkpoint = _checkpoint(model, opt, cfg, task, epoch, row, _gather_states(g_samp, world, device),
+                                     evals.get("val"))
         else:
             _gather_states(g_samp, world, device)
         row.setdefault("val_nll", last_val)      # checkpoint ranking needs a value every epoch
         ray.train.report({k: float(v) for k, v in row.items()}, checkpoint=checkpoint)
+
+
+def _checkpoint(model, opt, cfg, task, epoch: int, row: dict, sampler_states: list, val=None):
+    """Rank 0: a self-describing checkpoint directory (weights, optimiser, epoch, RNG states, config,
+    versions, metrics, and the epoch's density plot when ``val`` is given)."""
+    import ray.train
+    d = tempfile.mkdtemp(prefix="ebm-ckpt-")
+    if val is not None:
+        _density_plot(model, task, val, Path(d), epoch)
+    save_checkpoint_dir(d, {
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "config": cfg.to_dict(),
+        "metrics": row, "versions": _versions(), "task": task.name, "x_shape": tuple(task.x_shape),
+        "rng": {"torch": torch.get_rng_state(), "samplers": sampler_states}})
+    return ray.train.Checkpoint.from_directory(d)
+
+
+def _poisoned(batches, hooks: dict, rank: int, epoch: int):
+    """Test hook: on rank ``nan_rank`` the first batch of each epoch gets NaN targets, and every batch
+    from epoch ``nan_from_epoch`` on."""
+    if int(hooks.get("nan_rank", -1)) != rank:
+        yield from batches
+        return
+    from_epoch = int(hooks.get("nan_from_epoch", 1 << 30))
+    for i, (x, y) in enumerate(batches):
+        if i == 0 or epoch >= from_epoch:
+            y = torch.full_like(y, float("nan"))
+        yield x, y
+
+
+def _param_spread(model: torch.nn.Module, world: int, device) -> float:
+    """max - min over ranks of a parameter checksum (0 when every rank holds the same weights)."""
+    import torch.distributed as dist
+    probe = torch.cat([p.detach().flatten().double() for p in model.parameters()]).sum().reshape(1).to(device)
+    lo, hi = probe.clone(), probe.clone()
+    if world > 1:
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return float((hi - lo).item())
+
+
+def _density_plot(model, task, val, d: Path, epoch: int) -> None:
+    """The epoch's density plot of fixed validation examples, written beside the weights; the driver
+    side logs it to MLflow (workers never talk to MLflow)."""
+    if val is None or task.D != 1:
+        return
+    from pipelines.plots import density_figure
+    (d / PLOTS_DIR).mkdir()
+    density_figure(model, task, val, d / PLOTS_DIR / f"density_epoch{epoch:03d}.png", title=f"epoch {epoch + 1}")
 
 
 def _gather_states(g: torch.Generator, world: int, device) -> list[torch.Tensor]:
@@ -189,6 +233,16 @@ def _gather_states(g: torch.Generator, world: int, device) -> list[torch.Tensor]
     out = [None] * world
     dist.all_gather_object(out, state)
     return out
+
+
+def _maybe_pause(hooks: dict, epoch: int) -> None:
+    """Test hook: hold every rank at the start of epoch ``pause_at_epoch`` (once per ``pause_marker``
+    file), so a test can kill the driver at a known checkpoint."""
+    marker = hooks.get("pause_marker")
+    if int(hooks.get("pause_at_epoch", -1)) != epoch or not marker or Path(marker).exists():
+        return
+    Path(marker).write_text("paused")
+    time.sleep(float(hooks.get("pause_s", 120)))
 
 
 def _fired(config: dict) -> bool:

@@ -1,6 +1,7 @@
 """The driver of a training job: validate -> MLflow run -> Ray -> TorchTrainer -> report -> clean up."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 from ebm.config import Config
+from pipelines.distributed import PLOTS_DIR
 
 
 def _ray_init(address: str | None, num_cpus: int | None) -> bool:
@@ -17,6 +19,7 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")      # set inside a submitted Ray job
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
@@ -28,21 +31,53 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+class NonFiniteStop(RuntimeError):
+    """The run stopped because too many steps in a row had a non-finite loss on some rank."""
+
+
+def _tracking_callback(uri: str, run_id: str):
+    """A Ray Train callback that logs each epoch's metrics and density plot to MLflow. It runs in the
+    Train controller, on the driver's node, so a ``sqlite:///`` store there is the one the driver opened
+    and workers never talk to MLflow (STYLE.md §10)."""
+    from ray.train import UserCallback
+
+    from pipelines import tracking
+
+    class EpochLogger(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            row = metrics[0] if metrics else {}
+            if "epoch" not in row or row.get("nonfinite_stop"):
+                return
+            epoch = int(row["epoch"])
+            tracking.log_metrics(uri, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if checkpoint is not None:
+                with checkpoint.as_directory() as d:
+                    plots = Path(d) / PLOTS_DIR
+                    if plots.is_dir():
+                        tracking.log_artifacts(uri, run_id, str(plots), "plots")
+
+    return EpochLogger()
+
+
 def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
             storage_path: str | None = None, max_failures: int = 0, keep: int = 3, tracking_uri: str | None = None,
-            experiment: str = "ebm", cpus_per_worker: float = 0.0, threads: int = 1,
-            test_hooks: dict | None = None) -> dict:
+            experiment: str = "ebm", cpus_per_worker: float = 0.0, threads: int = 1, ray_data: bool = False,
+            max_nonfinite_in_row: int = 20, test_hooks: dict | None = None) -> dict:
     """Run the job; returns the last reported metrics (test metrics included). Raises on failure,
     after marking the MLflow run FAILED (or KILLED on Ctrl-C / SIGTERM)."""
     from pipelines import tracking
+    from pipelines.worker_data import check_dataset
+    if test_hooks is None and os.environ.get("EBM_TEST_HOOKS"):      # fault injection for subprocess tests
+        test_hooks = json.loads(os.environ["EBM_TEST_HOOKS"])
+    if cfg.task.data_dir and "://" not in cfg.task.data_dir:        # workers run in other directories
+        cfg = cfg.with_overrides([f"task.data_dir={json.dumps(str(Path(cfg.task.data_dir).resolve()))}"])
+    fingerprint = check_dataset(cfg)                                # a bad data_dir fails before Ray starts
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)                                   # fail fast, before Ray starts
     storage_path = storage_path or os.environ.get("EBM_STORAGE_PATH") or str(Path("runs").resolve())
     import ray
-    import torch
-    tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "torch": torch.__version__,
-            "ray": ray.__version__, "task": cfg.task.name, "method": cfg.method.name,
-            "data_fingerprint": cfg.task.data_dir or f"synthetic:{cfg.task.name}:seed{cfg.task.seed}"}
+    tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name,
+            "data_fingerprint": fingerprint, **tracking.package_versions()}
     run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml())
     status = "FAILED"
     previous = signal.getsignal(signal.SIGTERM)
@@ -50,22 +85,28 @@ def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = Fal
     def on_term(signum, frame):
         raise KeyboardInterrupt("SIGTERM")
 
-    signal.signal(signal.SIGTERM, on_term)
     started = False
     try:
         started = _ray_init(address, None)
+        signal.signal(signal.SIGTERM, on_term)      # after ray.init, which installs its own crash handler
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         from pipelines.distributed import worker_loop
         cpus = cpus_per_worker or (1.0 if use_gpu else max(0.5, min(1.0, (os.cpu_count() or 2) / max(num_workers, 1) - 0.5)))
+        datasets = None
+        if ray_data and cfg.task.data_dir:
+            from pipelines.data.readers import ray_dataset
+            datasets = {"train": ray_dataset(cfg.task.data_dir, "train", augment="default", shuffle_files=True)}
         trainer = TorchTrainer(
             worker_loop,
             train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "test_hooks": test_hooks,
-                               "mlflow": {"uri": uri, "run_id": run_id}},
+                               "ray_data": datasets is not None, "max_nonfinite_in_row": max_nonfinite_in_row},
+            datasets=datasets,
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": cpus}),
             run_config=RunConfig(name=name, storage_path=storage_path,
+                                 callbacks=[_tracking_callback(uri, run_id)],
                                  # without Train's print patch each progress line reaches the driver once
                                  worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
                                  failure_config=FailureConfig(max_failures=max_failures),
@@ -76,16 +117,20 @@ def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = Fal
         result = trainer.fit()
         metrics = dict(result.metrics or {})
         metrics["job_time_s"] = time.perf_counter() - t0
+        if metrics.get("nonfinite_stop"):
+            reason = (f"stopped at epoch {int(metrics['epoch']) + 1}: {max_nonfinite_in_row} non-finite losses in a "
+                      f"row on some rank (skipped on every rank); lower optim.lr or check the data for NaN")
+            tracking.set_tag(uri, run_id, "ebm.stop_reason", reason)
+            raise NonFiniteStop(reason)
         if result.checkpoint is not None:
-            from mlflow.tracking import MlflowClient
             with result.checkpoint.as_directory() as d:
-                MlflowClient(uri).log_artifacts(run_id, d, "checkpoint")
+                tracking.log_artifacts(uri, run_id, d, "checkpoint")
         tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k.startswith("test_")},
                              step=cfg.optim.epochs)
         status = "FINISHED"
         metrics["mlflow_run_id"] = run_id
         return metrics
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):     # SIGTERM, or Ctrl-C through Train's own abort handler
         status = "KILLED"
         raise
     finally:

@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -26,6 +27,8 @@ def ray_head(tmp_path_factory):
     """`ray start --head --block` as our own child, stopped by its pid (never `ray stop`, which would
     end every Ray on the machine). Token auth is disabled for this loopback-only test head."""
     tmp = tmp_path_factory.mktemp("rayhead")
+    # short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes
+    ray_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")
     port, dash = _free_port(), _free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
@@ -34,7 +37,7 @@ def ray_head(tmp_path_factory):
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats",
-         f"--temp-dir={tmp / 'ray'}"],
+         f"--temp-dir={ray_tmp}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -56,6 +59,7 @@ def ray_head(tmp_path_factory):
     except (ProcessLookupError, subprocess.TimeoutExpired):
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _ebm(args, env, timeout=600, cwd=ROOT):
@@ -63,12 +67,20 @@ def _ebm(args, env, timeout=600, cwd=ROOT):
                           timeout=timeout)
 
 
-def test_submit_a_training_job_and_follow_it_to_success(ray_head):
-    r = _ebm(["submit", "--address", ray_head["address"], "--", "ebm", "train", "debug", "--set", "optim.epochs=1"],
-             ray_head["env"])
+def test_submit_a_training_job_and_follow_it_to_its_mlflow_run(ray_head, tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlruns.db"          # the job's driver runs on this (the head) node
+    r = _ebm(["submit", "--address", ray_head["address"], "--", "ebm", "train", "debug", "--set", "optim.epochs=2",
+              "--name", "submitted", "--tracking-uri", uri, "--storage", str(tmp_path / "runs")], ray_head["env"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test nll:" in r.stdout and "SUCCEEDED" in r.stdout
     sid = r.stdout.split("submitted ", 1)[1].split()[0]
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("ebm").experiment_id], "tags.`ebm.run_name` = 'submitted'")
+    assert run.info.status == "FINISHED" and run.info.run_id in r.stdout
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+    assert "test_nll" in run.data.metrics
+    assert any(a.path == "checkpoint" for a in c.list_artifacts(run.info.run_id))
     listed = _ebm(["jobs", "list", "--address", ray_head["address"]], ray_head["env"])
     assert sid in listed.stdout and "SUCCEEDED" in listed.stdout
     st = _ebm(["jobs", "status", sid, "--address", ray_head["address"]], ray_head["env"])

@@ -1,5 +1,7 @@
 """The main job on a real local Ray (num_cpus=2) with a real SQLite MLflow store."""
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +59,7 @@ def test_two_worker_ddp_run_learns_keeps_ranks_identical_and_tracks_everything(b
     run = c.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["proposal.K"] == "2" and run.data.tags["git_sha"]
+    assert run.data.tags["version.torch"] == torch.__version__ and run.data.tags["data_fingerprint"].startswith("synthetic:toy1")
     loss = [m.value for m in c.get_metric_history(run.info.run_id, "train_loss")]
     assert len(loss) == 3 and loss[-1] < loss[0]
     spread = [m.value for m in c.get_metric_history(run.info.run_id, "param_spread_across_ranks")]
@@ -80,20 +83,66 @@ def test_a_worker_failure_is_retried_from_the_last_checkpoint_with_identical_res
         assert torch.equal(a[k], b[k]), k
 
 
-def test_nan_on_one_rank_is_skipped_on_all_ranks(ray_local, tmp_path):
-    metrics = _run(tmp_path, "nan", cfg=_cfg(**{"optim.epochs": 1}), test_hooks={"nan_rank": 1})
-    # every rank skipped exactly one step (the mean over ranks is 1) and their weights agree
-    assert metrics["skipped_steps"] == 1.0 and metrics["param_spread_across_ranks"] == 0.0
-
-
-def test_a_failing_job_marks_the_mlflow_run_failed(ray_local, tmp_path):
+def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_the_run(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
-    with pytest.raises(Exception):
-        _run(tmp_path, "fails", cfg=_cfg(**{"optim.epochs": 1}), max_failures=0,
-             test_hooks={"fail_at_epoch": 0})
-    runs = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").search_runs(
-        [MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_experiment_by_name("ebm").experiment_id])
-    assert [r.info.status for r in runs] == ["FAILED"]
+
+    from pipelines.train_job import NonFiniteStop
+    # rank 1: NaN targets in its first batch of epoch 0, then in every batch from epoch 1
+    with pytest.raises(NonFiniteStop, match="stopped at epoch 2: 3 non-finite losses in a row"):
+        _run(tmp_path, "nan", cfg=_cfg(**{"optim.epochs": 3}), max_failures=1, max_nonfinite_in_row=3,
+             test_hooks={"nan_rank": 1, "nan_from_epoch": 1})
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    run = c.search_runs([c.get_experiment_by_name("ebm").experiment_id])[0]
+    assert run.info.status == "FAILED" and "3 non-finite losses" in run.data.tags["ebm.stop_reason"]
+    # epoch 0: each rank skipped exactly one step (the mean over ranks is 1) and their weights agree
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "skipped_steps")] == [1.0]
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "param_spread_across_ranks")] == [0.0]
+    # the stop is not retried: epoch 1 was never reported, and no attempt resumed
+    assert [m.value for m in c.get_metric_history(run.info.run_id, "first_epoch")] == [0.0]
+
+
+@pytest.fixture(scope="module")
+def parquet_toy1(tmp_path_factory):
+    from pipelines.data.ingest import ingest
+    root = tmp_path_factory.mktemp("data") / "toy1"
+    ingest("synthetic", "toy1", root, n={"train": 512, "val": 128, "test": 128}, progress=False)
+    return root
+
+
+def test_ray_data_path_streams_the_parquet_train_split_through_get_dataset_shard(ray_local, tmp_path, parquet_toy1):
+    cfg = _cfg(**{"optim.epochs": 2, "task.data_dir": f'"{parquet_toy1}"'})
+    metrics = _run(tmp_path, "raydata", cfg=cfg, ray_data=True)
+    # 512 rows over 2 ranks at batch 32: 8 steps per rank, every example seen once per epoch
+    assert metrics["epoch"] == 1 and metrics["steps"] == 8.0 and metrics["param_spread_across_ranks"] == 0.0
+    assert metrics["test_nll"] < 3.0
+
+
+def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_local, tmp_path, parquet_toy1):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.distributed import load_checkpoint_dir
+    cfg = _cfg(**{"optim.epochs": 3, "task.data_dir": f'"{parquet_toy1}"'})
+    with pytest.raises(Exception, match="injected failure at epoch 1"):
+        _run(tmp_path, "crash", cfg=cfg, max_failures=0,
+             test_hooks={"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired")})
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    exp = c.get_experiment_by_name("ebm").experiment_id
+    (run,) = c.search_runs([exp])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["data_fingerprint"].startswith("sha256:")
+    # a newer checkpoint directory whose write was cut short: Ray never registered it, and it is unreadable
+    good = sorted(p for p in (tmp_path / "runs" / "crash").glob("checkpoint_*") if p.is_dir())
+    assert (tmp_path / "fired").exists() and len(good) == 1
+    half = tmp_path / "runs" / "crash" / "checkpoint_2999-01-01_00-00-00.000000"
+    half.mkdir()
+    (half / "checkpoint.pt").write_bytes((good[0] / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="half-written"):
+        load_checkpoint_dir(half)
+    metrics = _run(tmp_path, "crash", cfg=cfg)
+    assert metrics["first_epoch"] == 1 and metrics["epoch"] == 2      # resumed from epoch 0's checkpoint
+    (run,) = c.search_runs([exp])
+    assert run.info.status == "FINISHED" and run.info.run_id == metrics["mlflow_run_id"]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
 
 
 def _free_port():
@@ -110,8 +159,11 @@ def test_invalid_config_and_dead_tracking_server_fail_fast_before_ray(tmp_path):
     r = subprocess.run([EBM, "train", "debug", "--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "unreachable" in r.stderr
+    r = subprocess.run([EBM, "train", "debug", "--set", f"task.data_dir={tmp_path}/nothing-here"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "task.data_dir" in r.stderr
     assert time.monotonic() - t < 60
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlruns.db").exists()
 
 
 def _kill_ray_under(tmpdir: str) -> None:
@@ -125,31 +177,59 @@ def _kill_ray_under(tmpdir: str) -> None:
             pass
 
 
-def test_a_killed_driver_resumes_from_its_latest_checkpoint(tmp_path):
+def _logged_epochs(uri: str) -> int:
+    import sqlite3
+    path = uri[len("sqlite:///"):]
+    if not os.path.exists(path):
+        return 0
+    with sqlite3.connect(path, timeout=5) as db:
+        try:
+            return db.execute("select count(*) from metrics where key = 'train_loss'").fetchone()[0]
+        except sqlite3.OperationalError:     # tables not created yet
+            return 0
+
+
+def _wait_for(cond, proc, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the job ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_killed_driver_resumes_at_epoch_3_and_sigterm_marks_the_run_killed(tmp_path):
+    import re
     import tempfile
+
+    from mlflow.tracking import MlflowClient
     ray_tmp = tempfile.mkdtemp(prefix="ebmr", dir="/tmp")     # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", EBM_RAY_TMPDIR=ray_tmp)
+    # every rank holds at the start of epoch index 2 (once), after epochs 0 and 1 were checkpointed
+    hooks = {"pause_at_epoch": 2, "pause_marker": str(tmp_path / "paused")}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", EBM_RAY_TMPDIR=ray_tmp, EBM_TEST_HOOKS=json.dumps(hooks))
     args = [EBM, "train", "debug", "--set", "optim.epochs=5", "--set", "task.n_train=2048", "--storage",
             str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]
-    p = subprocess.Popen(args + ["--name", "killme"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    run_dir = tmp_path / "runs" / "killme"
-    deadline = time.monotonic() + 240
-    while len(list(run_dir.glob("checkpoint_*"))) < 2:
-        assert p.poll() is None, "the job ended before its second checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(p.pid, 9)
-    p.wait()
-    _kill_ray_under(ray_tmp)
-    r = subprocess.run(args + ["--resume", "killme"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=400)
-    _kill_ray_under(ray_tmp)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    out = r.stdout + r.stderr
-    assert "epoch 1/5" not in out and "epoch 5/5" in out
-    import re
-    first = int(re.search(r"epoch (\d)/5", out).group(1))
-    # resumed after the last checkpoint Ray had registered: epoch index 1 or 2 (checkpoint 2 may have been
-    # mid-upload at the kill, and a half-written one is never loaded), never from scratch
-    assert first in (2, 3, 4)
+    try:
+        p = subprocess.Popen(args + ["--name", "killme"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        uri = f"sqlite:///{tmp_path}/mlruns.db"
+        # epoch 2 is in MLflow once Train has registered its checkpoint (the callback runs after that)
+        _wait_for(lambda: _logged_epochs(uri) >= 2 and (tmp_path / "paused").exists(), p, "its second checkpoint")
+        os.killpg(p.pid, 9)
+        p.wait()
+        _kill_ray_under(ray_tmp)
+        log = tmp_path / "resume.log"
+        with open(log, "w") as out:
+            p = subprocess.Popen(args + ["--resume", "killme"], cwd=tmp_path, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+            _wait_for(lambda: re.search(r"epoch \d/5", log.read_text()), p, "the resumed run's first epoch")
+            p.send_signal(signal.SIGTERM)            # the driver only: it must end its MLflow run and Ray
+            assert p.wait(timeout=120) == 130
+    finally:
+        _kill_ray_under(ray_tmp)
+    text = log.read_text()
+    # resumed after the last checkpoint Ray had registered (a third one, being written at the kill, is not)
+    assert re.search(r"epoch (\d)/5", text).group(1) == "3", text[-3000:]
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (run,) = c.search_runs([c.get_experiment_by_name("ebm").experiment_id])
+    assert run.info.status == "KILLED"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")][:2] == [0, 1]

@@ -1,0 +1,84 @@
+"""MLflow tracking against a real SQLite store: concurrent writers, fail-fast URIs, run reopening."""
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipelines import tracking
+
+pytestmark = pytest.mark.integration
+
+WRITER = """
+import sys, time
+from pipelines import tracking
+uri, run_id, key, go = sys.argv[1:5]
+while not __import__("os").path.exists(go):
+    time.sleep(0.01)
+for step in range(200):
+    tracking.log_metrics(uri, run_id, {key: float(step)}, step=step)
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_concurrent_writers_of_200_metrics_each_lose_nothing(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    run_id = tracking.start_run(uri, "ebm", "shared", {"a": 1}, {}, "seed = 0\n")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, run_id, key, str(go)], stderr=subprocess.PIPE,
+                              text=True) for key in ("from_a", "from_b")]
+    time.sleep(3)           # both have imported mlflow and wait on the same start line
+    go.write_text("go")
+    for p in procs:
+        assert p.wait(timeout=180) == 0, p.stderr.read()[-2000:]
+    c = MlflowClient(uri)
+    for key in ("from_a", "from_b"):
+        hist = c.get_metric_history(run_id, key)
+        assert sorted((m.step, m.value) for m in hist) == [(s, float(s)) for s in range(200)]
+
+
+def test_dead_server_and_unwritable_store_fail_fast():
+    t = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="unreachable"):
+        tracking.check_reachable(f"http://127.0.0.1:{_free_port()}", timeout=2)
+    with pytest.raises(tracking.TrackingError, match="not writable"):
+        tracking.check_reachable("sqlite:////nonexistent-dir/mlruns.db")
+    assert time.monotonic() - t < 10
+
+
+def test_relative_sqlite_uri_is_made_absolute_and_env_is_honoured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri() == f"sqlite:///{tmp_path}/mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_uri() == "http://127.0.0.1:5000"
+    assert tracking.resolve_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
+
+
+def test_a_run_name_reopens_its_unfinished_run_and_records_status_and_artifacts(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    tags = {"seed": "3", **tracking.package_versions()}
+    first = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4, "energy.y_embed": [10, 10]}, tags, "seed = 3\n")
+    tracking.end_run(uri, first, "KILLED")
+    again = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4}, tags, "seed = 3\n")
+    assert again == first                                   # a resumed job continues its run
+    tracking.end_run(uri, again, "FINISHED")
+    fresh = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4}, tags, "seed = 3\n")
+    assert fresh != first                                   # a finished run is never reopened
+    c = MlflowClient(uri)
+    run = c.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.params["energy.y_embed"] == "[10, 10]"
+    assert run.data.tags["version.torch"] and run.data.tags["version.mlflow"]
+    assert [a.path for a in c.list_artifacts(first)] == ["config.toml"]
+    exp = c.get_experiment_by_name("ebm")
+    assert exp.artifact_location == (tmp_path / "mlruns-artifacts").as_uri()
+    assert os.path.isfile(tmp_path / "mlruns-artifacts" / first / "artifacts" / "config.toml")
