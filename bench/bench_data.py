@@ -4,7 +4,9 @@ Prints, in one run:
 1. rows/s of decoded, normalised 64x64 RGB batches of 32 from the Ray Data stream and from the
    plain pyarrow stream (:func:`measure_stream_rate`, also importable for comparing against a
    training step's consumption rate), and their ratio;
-2. peak RSS (getrusage maxrss of a fresh subprocess) of one full pass of the plain streaming reader
+2. examples/s a training step of the image config consumes (ResNet-18 64x64 RGB, M = 1024, batch 32,
+   all of this machine's threads) and the ratio of each stream's rate to it (goal >= 10x);
+3. peak RSS (getrusage maxrss of a fresh subprocess) of one full pass of the plain streaming reader
    over ~0.1 GB and ~2 GB of Parquet (``--quick``: ~10 MB and ~100 MB), and their ratio (goal:
    within 1.2).
 
@@ -111,6 +113,22 @@ def measure_stream_rate(path: str | os.PathLike, batch_size: int = 32, n_batches
 _WARM: set[str] = set()
 
 
+def measure_step_rate(reps: int = 5) -> float:
+    """Examples/s a training step consumes on the image config (the median of ``reps`` steps)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_step import IMAGE, ours_step, time_step
+
+    import torch
+    from ebm.config import Config
+    from ebm.nets import build_model
+    cfg = Config.from_dict(IMAGE)
+    torch.manual_seed(0)
+    model = build_model(cfg, (3, 64, 64), 1, (False,))
+    B = cfg.optim.batch_size
+    batch = (torch.randn(B, 3, 64, 64), torch.rand(B, 1) * 2 - 1)
+    return B / time_step(ours_step, model, batch, cfg, reps)
+
+
 def _peak_rss_mib() -> float:
     """Peak RSS of this process in MiB: VmHWM, the high-water mark of this process's own address
     space. getrusage's ru_maxrss is not used alone: Linux carries the parent's high-water mark
@@ -164,6 +182,11 @@ def main(argv=None) -> int:
     print(f"stream pyarrow  {rate_pa:10.0f} rows/s  ({rate_pa / 32:.1f} batches/s)")
     print(f"stream ray      {rate_ray:10.0f} rows/s  ({rate_ray / 32:.1f} batches/s)")
     print(f"ratio pyarrow/ray {rate_pa / rate_ray:.2f}")
+    step_rate = measure_step_rate(reps=3 if args.quick else 5)
+    print(f"train step      {step_rate:10.1f} rows/s  (the image config: ResNet-18 64x64 RGB, K=4, M=1024, batch 32, "
+          f"{__import__('torch').get_num_threads()} torch threads)")
+    print(f"ratio ray stream / train step {rate_ray / step_rate:.1f}x, pyarrow stream / train step "
+          f"{rate_pa / step_rate:.1f}x  (goal >= 10x)")
     import ray
     ray.shutdown()
     res = {}

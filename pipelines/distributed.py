@@ -78,11 +78,9 @@ def worker_loop(config: dict) -> None:
 
     tune_malloc()
     import logging
-    try:        # Ray Train logs every report at INFO, which drowns the one progress line per epoch
-        from ray.train.v2._internal.execution import context as _ctx_mod
-        logging.getLogger(_ctx_mod.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
+    # Ray Train logs every checkpoint at INFO, which drowns the one progress line per epoch
+    for name in ("ray.train", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     cfg = Config.from_flat(config["cfg"])
@@ -172,7 +170,8 @@ def worker_loop(config: dict) -> None:
                                      evals.get("val"))
         else:
             _gather_states(g_samp, world, device)
-        row.setdefault("val_nll", last_val)      # checkpoint ranking needs a value every epoch
+        row["validated"] = float("val_nll" in row)   # this epoch's own validation, or a carried value
+        row.setdefault("val_nll", last_val)      # checkpoint ranking (and Tune's schedulers) need one every epoch
         ray.train.report({k: float(v) for k, v in row.items()}, checkpoint=checkpoint)
 
 

@@ -49,7 +49,9 @@ def _tracking_callback(uri: str, run_id: str):
             if "epoch" not in row or row.get("nonfinite_stop"):
                 return
             epoch = int(row["epoch"])
-            tracking.log_metrics(uri, run_id, {k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            fresh = row.get("validated", 1.0) > 0       # a carried-forward val_nll is not logged as a new point
+            tracking.log_metrics(uri, run_id, {k: v for k, v in row.items() if k not in ("epoch", "validated")
+                                               and (fresh or not k.startswith("val_"))}, step=epoch)
             if checkpoint is not None:
                 with checkpoint.as_directory() as d:
                     plots = Path(d) / PLOTS_DIR
