@@ -59,7 +59,7 @@ def input_example(p: serving.Predictor) -> pd.DataFrame:
     if p.is_image:
         from pipelines.data.ingest import encode_png
         C, H, W = p.task.x_shape
-        img = np.full((H, W, C) if C > 1 else (H, W), 128, dtype=np.uint8)
+        img = np.full((C, H, W), 128, dtype=np.uint8)
         return pd.DataFrame({"image": [encode_png(img), encode_png(img)]})
     d = p.task.x_shape[0]
     return pd.DataFrame({"x": [-1.0, 0.5] if d == 1 else [[-1.0] * d, [0.5] * d]})
