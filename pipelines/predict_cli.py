@@ -19,8 +19,8 @@ def _register(args) -> int:
     try:
         uri = _uri(args)
         tracking.check_reachable(uri)
-        out = registry.register(uri, args.name, run_id=args.run or None, best_of=args.best_of or None,
-                                alias=args.alias or None)
+        run_id = args.run or (registry.run_by_name(uri, args.run_name) if args.run_name else None)
+        out = registry.register(uri, args.name, run_id=run_id, best_of=args.best_of or None, alias=args.alias or None)
     except (registry.RegistryError, tracking.TrackingError) as e:
         print(f"ebm register: {e}", file=sys.stderr)
         return 2
@@ -46,10 +46,16 @@ def _predict(args) -> int:
     p = _load(args.model_uri)
     try:
         ids, values, y = model_eval.read_inputs(args.input, p, args.split)
+        if args.limit:
+            ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
         x = serving.inputs_tensor(p, values, ids)
         out = serving.predict_rows(p, x, y if args.log_density else None, M=args.M or None,
                                    quantiles=_floats(args.quantiles), interval_level=args.level,
                                    refine_steps=args.refine_steps, return_samples=args.samples, seed=args.seed)
+        if args.out == "-":
+            import json
+            print(json.dumps([dict(zip(["id", *out], row)) for row in zip(ids, *out.values())], indent=1))
+            return 0
         path = model_eval.write_table({"id": ids, **out}, args.out)
     except serving.InputError as e:
         print(f"ebm predict: {e}", file=sys.stderr)
@@ -85,6 +91,7 @@ def add_model_commands(subparsers) -> None:
     rg = subparsers.add_parser("register", help="register a run's model (or a sweep's best) as an MLflow pyfunc")
     src = rg.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default="", metavar="RUN_ID", help="a finished training run")
+    src.add_argument("--run-name", default="", metavar="NAME", help="the latest finished run of that name (ebm train --name)")
     src.add_argument("--best-of", default="", metavar="PARENT_RUN_ID", help="the best child run of an ebm tune sweep")
     rg.add_argument("--name", required=True, help="registered model name")
     rg.add_argument("--alias", default="champion", help="alias to point at the new version ('' = none)")
@@ -95,7 +102,8 @@ def add_model_commands(subparsers) -> None:
     pr.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a path")
     pr.add_argument("--input", required=True, help="image folder, Parquet file, or dataset directory")
     pr.add_argument("--split", default="test", help="with a dataset directory: the split to read")
-    pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json")
+    pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json, or - to print JSON")
+    pr.add_argument("--limit", type=int, default=0, help="only the first N inputs")
     pr.add_argument("--quantiles", default="0.05,0.25,0.5,0.75,0.95", help="comma-separated levels")
     pr.add_argument("--level", type=float, default=None, help="central interval level (default: the model's config)")
     pr.add_argument("--M", type=int, default=0, help="proposal samples per example (default: sampler.M_eval)")

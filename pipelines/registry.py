@@ -140,6 +140,21 @@ def best_child(uri: str, parent_run_id: str, metric: str = "val_nll") -> str:
     return runs[0].info.run_id
 
 
+def run_by_name(uri: str, run_name: str) -> str:
+    """The latest finished run named ``run_name`` (the ``--name`` of ``ebm train`` / ``ebm tune``)."""
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import RUN_NAME_TAG
+    client = MlflowClient(uri)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    runs = client.search_runs(exps, filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exps else []
+    if not runs:
+        raise RegistryError(f"no finished run named {run_name!r} in {uri}")
+    return runs[0].info.run_id
+
+
 def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | None = None,
              alias: str | None = "champion") -> dict:
     """Log the run's model as pyfunc, register one new version of ``name``, set ``alias``.

@@ -52,7 +52,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(15)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
@@ -85,9 +85,15 @@ def _train_and_log(uri: str, name: str, overrides: list[str]) -> str:
     from ebm.train import fit, load_data
     from pipelines import tracking
     from pipelines.distributed import save_checkpoint_dir
+    import torch
     cfg = Config.from_toml(os.path.join(ROOT, "pipelines/configs/debug.toml"), overrides)
     task, splits = load_data(cfg)
-    res = fit(cfg, log=None, data=(task, {"train": splits["train"]}))      # no evaluation: only the weights matter
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # tiny matmuls: a second thread costs more than it gives on a busy box
+    try:
+        res = fit(cfg, log=None, data=(task, {"train": splits["train"]}))   # no evaluation: only the weights matter
+    finally:
+        torch.set_num_threads(threads)
     run_id = tracking.start_run(uri, "registry-test", name, cfg.to_flat(), {"task": cfg.task.name}, cfg.to_toml())
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint_dir(d, {"model": res.model.state_dict(), "optimizer": {}, "epoch": cfg.optim.epochs - 1,
@@ -113,8 +119,8 @@ def toy_model(server):
 @pytest.fixture(scope="module")
 def star_model(server):
     from pipelines.cli import main
-    run_id = _train_and_log(server, "star", STAR)
-    assert main(["register", "--run", run_id, "--name", "star-tiny", "--tracking-uri", server]) == 0
+    _train_and_log(server, "star-run", STAR)
+    assert main(["register", "--run-name", "star-run", "--name", "star-tiny", "--tracking-uri", server]) == 0
     return "models:/star-tiny@champion"
 
 
@@ -189,6 +195,10 @@ def test_ebm_predict_on_images_and_clear_errors_for_bad_inputs(star_model, tmp_p
     rows = json.loads(out.read_text())
     assert [r["id"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
     assert all(0 <= r["mean"] < 2 * np.pi and r["std"] > 0 and r["interval_lo"] is not None for r in rows)
+    capsys.readouterr()
+    assert main(["predict", star_model, "--input", str(good), "--out", "-", "--limit", "1", "--M", "64"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 1 and printed[0]["id"] == "img0.png" and printed[0]["std"] > 0
     cases = {"big.png": (lambda p: _png(p, 20, "L"), ["big.png", "20x20", "16x16"]),
              "rgb.png": (lambda p: _png(p, 16, "RGB"), ["rgb.png", "3 channel", "grey (1 channel)"]),
              "junk.png": (lambda p: p.write_bytes(b"this is not an image"), ["junk.png", "not a readable image"])}
