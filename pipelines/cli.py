@@ -30,7 +30,16 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if args.local or args.seeds > 1:
         from pipelines.local import train_local
-        return train_local(cfg, out=args.out, seeds=args.seeds)
+        from pipelines.tracking import TrackingError
+        try:
+            return train_local(cfg, out=args.out, seeds=args.seeds, track=not args.no_track,
+                               tracking_uri=args.tracking_uri or None, experiment=args.experiment,
+                               group=args.group or Path(args.config).stem)
+        except TrackingError as e:
+            print(f"ebm: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
     from pipelines import tracking
     from pipelines.train_job import NonFiniteStop, print_summary, run_job
     name = args.resume or args.name or f"{cfg.task.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -72,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the latest checkpoint")
     tr.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     tr.add_argument("--experiment", default="ebm", help="MLflow experiment name")
-    tr.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
+    tr.add_argument("--local", action="store_true", help="train in this process without Ray; one MLflow run per seed")
+    tr.add_argument("--no-track", action="store_true", help="with --local: no MLflow runs")
+    tr.add_argument("--group", default="", help="with --local: MLflow tag ebm.group that `ebm results` groups "
+                    "runs by (default: the config's name)")
     tr.add_argument("--out", default="", help="with --local: directory for checkpoints and a metrics JSON")
     tr.add_argument("--seeds", type=int, default=1, help="with --local: train this many seeds (seed, seed+1, "
                     "...) and report mean ± std of the test metrics")
