@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.tune import add_tune_command
     add_tune_command(sub)
     add_model_commands(sub)
+    from pipelines.results import add_results_command
+    add_results_command(sub)
     return ap
 
 
