@@ -108,8 +108,10 @@ def render(groups: list[Group], experiment: str, uri: str) -> str:
     return "\n".join(out)
 
 
-def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
-    """The density plot of each group's lowest-seed run -> ``out_dir/<group with / as _>.png``."""
+def download_figures(uri: str, groups: list[Group], out_dir: str, patterns: list[str] | None = None) -> list[Path]:
+    """The density plot of each group's lowest-seed run -> ``out_dir/<group with / as _>.png``, for the
+    groups whose name matches one of ``patterns`` (fnmatch; all groups without patterns)."""
+    import fnmatch
     import shutil
     import tempfile
 
@@ -118,7 +120,7 @@ def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for g in groups:
-        if not g.runs:
+        if not g.runs or (patterns and not any(fnmatch.fnmatchcase(g.name, p) for p in patterns)):
             continue
         run = min(g.runs, key=lambda r: int(r.data.tags.get("seed", "0")))
         with tempfile.TemporaryDirectory() as d:
@@ -150,7 +152,7 @@ def _results(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text)
         print(f"{args.out}: {sum(1 for g in groups if g.runs)} groups, {sum(len(g.runs) for g in groups)} runs")
     if args.figures:
-        for p in download_figures(uri, groups, args.figures):
+        for p in download_figures(uri, groups, args.figures, args.figure_groups):
             print(p)
     return 0
 
@@ -162,4 +164,6 @@ def add_results_command(sub) -> None:
     rs.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     rs.add_argument("--figures", default="", metavar="DIR",
                     help="also copy each group's density plot (lowest seed) here as <group>.png")
+    rs.add_argument("--figure-groups", action="append", default=[], metavar="GLOB",
+                    help="with --figures: only groups matching this pattern (repeatable), e.g. 'toy2/*_K4'")
     rs.set_defaults(func=_results)

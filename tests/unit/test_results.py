@@ -60,3 +60,18 @@ def test_cli_writes_the_file(store, tmp_path):
     out = tmp_path / "r.md"
     assert cli.main(["results", "exp", "--out", str(out), "--tracking-uri", store]) == 0
     assert "`toyY/c` | 1 |" in out.read_text()
+
+
+def test_figures_are_the_lowest_seed_density_plots_of_the_matching_groups(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c = MlflowClient(uri)
+    e = c.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri())
+    for group in ("t/a", "t/b"):
+        for seed in (1, 0):
+            r = c.create_run(e, tags={"seed": str(seed), "task": "t", "ebm.group": group})
+            (tmp_path / "density.png").write_bytes(f"{group} {seed}".encode())
+            c.log_artifact(r.info.run_id, str(tmp_path / "density.png"), "plots")
+            c.set_terminated(r.info.run_id)
+    out = results.download_figures(uri, results.collect(uri, "exp"), str(tmp_path / "figs"), ["*/a"])
+    assert [p.name for p in out] == ["t_a.png"] and out[0].read_bytes() == b"t/a 0"
