@@ -20,7 +20,7 @@ COMMAND_TAG = "ebm.command"
 # (column title, MLflow metric) in table order; a column is dropped when no group of the table has it
 COLUMNS = (("test NLL", "test_nll"), ("IS NLL", "test_is_nll"), ("KL", "test_kl"),
            ("MAE mode", "test_mae_mode"), ("MAE mean", "test_mae_mean"), ("CRPS", "test_crps"),
-           ("90% cover.", "test_coverage"), ("train time (s)", "train_time_s"))
+           ("90% cover.", "test_coverage"), ("wall time (s)", "train_time_s"), ("CPU time (s)", "train_cpu_s"))
 # params shown per group, so that a scaled-down protocol is visible in the table itself
 PARAMS = (("method", "method.name"), ("K", "proposal.K"), ("epochs", "optim.epochs"), ("M", "sampler.M_train"))
 
@@ -90,7 +90,7 @@ def table(groups: list[Group]) -> str:
     head = ["group", "seeds"] + [t for t, _ in PARAMS] + [t for t, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        row = [f"`{g.name}`", str(len(g.runs))] + [g.param(k) for _, k in PARAMS] + [_fmt(g.values(k), 1 if k == "train_time_s" else 3)
+        row = [f"`{g.name}`", str(len(g.runs))] + [g.param(k) for _, k in PARAMS] + [_fmt(g.values(k), 1 if k.startswith("train_") else 3)
                                                                                  for _, k in cols]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")

@@ -36,7 +36,7 @@ def test_each_seed_is_one_finished_run_with_tags_metrics_and_plot(tmp_path, monk
         assert t["ebm.command"] == "ebm " + " ".join(argv)
         assert t["data_fingerprint"].startswith("synthetic:toy1") and t["git_sha"] and "version.torch" in t
         assert r.data.params["optim.epochs"] == "2" and r.data.params["seed"] == t["seed"]
-        assert {"test_nll", "test_kl", "test_is_nll", "test_crps", "test_coverage", "train_time_s"} <= set(r.data.metrics)
+        assert {"test_nll", "test_kl", "test_is_nll", "test_crps", "test_coverage", "train_time_s", "train_cpu_s"} <= set(r.data.metrics)
         assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [0, 1]
         assert [a.path for a in c.list_artifacts(r.info.run_id, "plots")] == ["plots/density.png"]
     assert runs[0].data.metrics["test_nll"] != runs[1].data.metrics["test_nll"]     # different seeds
