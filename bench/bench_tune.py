@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-concurrent", type=int, default=1)
     ap.add_argument("--tracking-uri", default="")
     ap.add_argument("--storage", default="")
+    ap.add_argument("--schedulers", default="fifo,asha", help="which sweeps to run")
     args = ap.parse_args(argv)
     from pipelines.cli import resolve_config
     from pipelines.tune import check_space, run_sweep
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     uri = args.tracking_uri or f"sqlite:///{tmp}/mlruns.db"
     stamp = time.strftime("%H%M%S")
     out = {}
-    for sched in ("fifo", "asha"):
+    for sched in args.schedulers.split(","):
         t0 = time.perf_counter()
         s = run_sweep(cfg, name=f"bench-{sched}-{stamp}", space=space,
                       opts={"scheduler": sched, "grace_period": args.grace, "reduction_factor": args.rf},
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
         print(f"{k:5s}: {v['trials']} trials ({v['stopped']} stopped early), {v['epochs_total']} epochs, "
               f"{v['trial_time_total_s']:.0f} trial-s, sweep wall {v['sweep_wall_s']:.0f} s; best val NLL "
               f"{v['best_val_nll']:.4f} at K={v['best'][0]}, M_train={v['best'][1]}")
+    if set(out) != {"fifo", "asha"}:
+        return 0
     f, a = out["fifo"], out["asha"]
     print(f"ASHA / grid: {a['epochs_total'] / f['epochs_total']:.0%} of the epochs, "
           f"{a['trial_time_total_s'] / f['trial_time_total_s']:.0%} of the trial-seconds; "

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import mlflow.exceptions
 import numpy as np
 import pandas as pd
 import torch
@@ -31,6 +32,14 @@ class RegistryError(RuntimeError):
     pass
 
 
+class BadInput(serving.InputError, mlflow.exceptions.MlflowException):
+    """An InputError that ``mlflow models serve`` turns into HTTP 400 carrying its message (any other
+    exception becomes a generic "unexpected error" there)."""
+
+    def __init__(self, message: str):
+        mlflow.exceptions.MlflowException.__init__(self, message, error_code="INVALID_PARAMETER_VALUE")
+
+
 class EBMPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper: DataFrame in (``image`` bytes or ``x``; optional ``y``), DataFrame out."""
 
@@ -39,7 +48,13 @@ class EBMPyfunc(mlflow.pyfunc.PythonModel):
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
 
     def predict(self, context, model_input, params=None):
-        p, params = self.predictor, dict(params or {})
+        try:
+            return self._predict(model_input, dict(params or {}))
+        except serving.InputError as e:
+            raise BadInput(str(e)) from None
+
+    def _predict(self, model_input, params: dict):
+        p = self.predictor
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         col = p.input_column
         if col not in df.columns:

@@ -158,12 +158,27 @@ def _ray_init(address: str | None, num_cpus: int | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    # TRAIN_DRIVER: the trial drivers' resource (see the module docstring); the dashboard serves the
-    # state API that Train's and Tune's clean-up poll.
+    # TRAIN_DRIVER: the trial drivers' resource (see the module docstring).
     ray.init(num_cpus=num_cpus or os.cpu_count(), resources={"TRAIN_DRIVER": 4}, _node_ip_address="127.0.0.1",
-             include_dashboard=True, dashboard_host="127.0.0.1", object_store_memory=256 * 1024 * 1024,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+             object_store_memory=256 * 1024 * 1024, log_to_driver=True, configure_logging=True,
+             logging_level="WARNING", **state_api_pinned())
     return True
+
+
+def state_api_pinned() -> dict:
+    """``ray.init`` arguments that start the dashboard on a known port and point every process of the
+    job at it (``RAY_API_SERVER_ADDRESS``). Train's placement-group cleaner finds a dead controller
+    through the state API; left to auto-detect the cluster it raises "Found multiple active Ray
+    instances" when another local Ray runs on the machine, dies, and the placement group of every
+    early-stopped trial leaks until the next trial cannot start (seen: 2 CPUs held by 2 dead trials)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = url       # this driver's own state-API calls (Tune's clean-up)
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": url}}}
 
 
 def _driver_resources() -> dict:
@@ -198,9 +213,15 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
               "cpus_per_worker": cpus, **{f"space.{k}": json.dumps(v) for k, v in spec["space"].items()}}
     if spec["scheduler"] == "asha":
         params.update(grace_period=spec["grace_period"], reduction_factor=spec["reduction_factor"])
-    parent = tracking.start_run(uri, experiment, name, params,
-                                {"ebm.kind": "sweep", "git_sha": tracking.git_sha(), "task": base.task.name,
-                                 **tracking.package_versions()}, base.to_toml())
+    if spec.get("parent_run_id"):       # a resumed sweep keeps its parent run, even a finished one
+        parent = spec["parent_run_id"]
+        from mlflow.tracking import MlflowClient
+        MlflowClient(uri).update_run(parent, status="RUNNING")
+    else:
+        parent = tracking.start_run(uri, experiment, name, params,
+                                    {"ebm.kind": "sweep", "git_sha": tracking.git_sha(), "task": base.task.name,
+                                     **tracking.package_versions()}, base.to_toml())
+        spec["parent_run_id"] = parent
     job = {"cfg": spec["cfg"], "sweep": name, "uri": uri, "experiment": experiment, "parent_run_id": parent,
            "tags": {"git_sha": tracking.git_sha(), "data_fingerprint": f"synthetic:{base.task.name}"
                     if not base.task.data_dir else base.task.data_dir, **tracking.package_versions()},
@@ -244,6 +265,7 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         tracking.end_run(uri, parent, status)
         if started:
             ray.shutdown()
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def _make_spec(cfg: Config, space: dict, opts: dict, seeds: int) -> dict:

@@ -213,6 +213,12 @@ def test_ebm_predict_on_images_and_clear_errors_for_bad_inputs(star_model, tmp_p
         assert all(w in err for w in words), err
     assert main(["predict", star_model, "--input", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no such file" in capsys.readouterr().err
+    import mlflow
+
+    from pipelines.serving import InputError
+    model = mlflow.pyfunc.load_model(star_model)        # the same checks behind the pyfunc (and HTTP: 400)
+    with pytest.raises(InputError, match="row 1: not a readable image"):
+        model.predict(pd.DataFrame({"image": [(good / "img0.png").read_bytes(), b"junk"]}))
 
 
 def test_ebm_evaluate_and_predict_on_a_parquet_dataset(star_model, tmp_path, capsys):

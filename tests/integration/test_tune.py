@@ -16,11 +16,15 @@ OVERRIDES = ['task.name="toy2"', "task.n_train=0", "task.n_val=0", "task.n_test=
 @pytest.fixture(scope="module")
 def ray_tune():
     import ray
+
+    from pipelines.tune import state_api_pinned
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, resources={"TRAIN_DRIVER": 2}, _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    # state_api_pinned: early-stopped trials' placement groups are freed even if another local Ray runs
+    ray.init(num_cpus=2, resources={"TRAIN_DRIVER": 2}, _node_ip_address="127.0.0.1",
+             object_store_memory=200 * 1024 * 1024, log_to_driver=False, **state_api_pinned())
     yield
     ray.shutdown()
+    os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
 def _cfg():
