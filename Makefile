@@ -19,12 +19,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job on the embedded default: the built-in k-fold star images written once as a Parquet
-# dataset, trained by 2 Ray Train workers on a local Ray, tracked in ./mlruns.db.
+# dataset, trained by 2 Ray Train workers on a local Ray, tracked in ./mlruns.db, then registered
+# as models:/ebm-demo@champion and used once through the registry.
 DEMO_DATA ?= data/star32
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/_dataset.json || $(EBM) data ingest synthetic star --size 32 --n-train 2000 \
 		--n-val 300 --n-test 500 --out $(DEMO_DATA)
-	$(EBM) train demo --set task.data_dir=$(DEMO_DATA) --name demo-$$(date +%Y%m%d-%H%M%S)
+	@name=demo-$$(date +%Y%m%d-%H%M%S) && set -x && \
+	$(EBM) train demo --set task.data_dir=$(DEMO_DATA) --name $$name && \
+	$(EBM) register --run-name $$name --name ebm-demo --alias champion && \
+	$(EBM) predict models:/ebm-demo@champion --input $(DEMO_DATA) --limit 1 --out -
+	@echo "serve it: MLFLOW_TRACKING_URI=sqlite:///$$PWD/mlruns.db $(VENV)/bin/mlflow models serve -m models:/ebm-demo@champion --env-manager local -h 127.0.0.1 -p 5001"
 
 test: $(STAMP)
 	$(PY) -m pytest
