@@ -37,7 +37,8 @@ class BadInput(serving.InputError, mlflow.exceptions.MlflowException):
     exception becomes a generic "unexpected error" there)."""
 
     def __init__(self, message: str):
-        mlflow.exceptions.MlflowException.__init__(self, message, error_code="INVALID_PARAMETER_VALUE")
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        mlflow.exceptions.MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class EBMPyfunc(mlflow.pyfunc.PythonModel):

@@ -128,3 +128,10 @@ def test_seed_protocol_and_scheduler_spec():
     out = seed_summary(rows)
     assert out["n_seeds"] == 6 and out["test_nll_mean"] == pytest.approx(3.5)
     assert out["test_nll_best5_mean"] == pytest.approx(3.0)
+
+
+def test_pyfunc_input_errors_are_http_400_with_their_message():
+    from pipelines.registry import BadInput
+    from pipelines.serving import InputError
+    e = BadInput("row 0: not a readable image")
+    assert isinstance(e, InputError) and e.get_http_status_code() == 400 and e.message == "row 0: not a readable image"
