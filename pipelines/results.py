@@ -101,17 +101,21 @@ def table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(groups: list[Group], experiment: str, uri: str) -> str:
-    out = [f"<!-- written by: ebm results {experiment} (tracking URI {uri}) -->\n"]
+def render(groups: list[Group], experiment: str, uri: str, command: str = "") -> str:
+    out = [f"<!-- written by: {command or 'ebm results ' + experiment} (tracking URI {uri}) -->\n"]
     for task in sorted({g.task for g in groups}):
         out.append(f"### {task}\n\n" + table([g for g in groups if g.task == task and g.runs]))
     return "\n".join(out)
 
 
-def download_figures(uri: str, groups: list[Group], out_dir: str, patterns: list[str] | None = None) -> list[Path]:
-    """The density plot of each group's lowest-seed run -> ``out_dir/<group with / as _>.png``, for the
-    groups whose name matches one of ``patterns`` (fnmatch; all groups without patterns)."""
+def select(groups: list[Group], patterns: list[str] | None) -> list[Group]:
+    """The groups whose name matches one of ``patterns`` (fnmatch); all of them without patterns."""
     import fnmatch
+    return [g for g in groups if not patterns or any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
+
+
+def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
+    """The density plot of each group's lowest-seed run -> ``out_dir/<group with / as _>.png``."""
     import shutil
     import tempfile
 
@@ -120,7 +124,7 @@ def download_figures(uri: str, groups: list[Group], out_dir: str, patterns: list
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for g in groups:
-        if not g.runs or (patterns and not any(fnmatch.fnmatchcase(g.name, p) for p in patterns)):
+        if not g.runs:
             continue
         run = min(g.runs, key=lambda r: int(r.data.tags.get("seed", "0")))
         with tempfile.TemporaryDirectory() as d:
@@ -143,8 +147,10 @@ def _results(args: argparse.Namespace) -> int:
     except tracking.TrackingError as e:
         print(f"ebm: {e}", file=sys.stderr)
         return 2
-    groups = collect(uri, args.experiment)
-    text = render(groups, args.experiment, uri)
+    groups = select(collect(uri, args.experiment), args.groups)
+    import shlex
+    command = shlex.join(["ebm", "results", args.experiment, *[a for p in args.groups for a in ("--groups", p)]])
+    text = render(groups, args.experiment, uri, command)
     if args.out == "-":
         sys.stdout.write(text)
     else:
@@ -152,7 +158,7 @@ def _results(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text)
         print(f"{args.out}: {sum(1 for g in groups if g.runs)} groups, {sum(len(g.runs) for g in groups)} runs")
     if args.figures:
-        for p in download_figures(uri, groups, args.figures, args.figure_groups):
+        for p in download_figures(uri, groups, args.figures):
             print(p)
     return 0
 
@@ -163,7 +169,7 @@ def add_results_command(sub) -> None:
     rs.add_argument("--out", required=True, help="markdown file to write ('-' for stdout)")
     rs.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     rs.add_argument("--figures", default="", metavar="DIR",
-                    help="also copy each group's density plot (lowest seed) here as <group>.png")
-    rs.add_argument("--figure-groups", action="append", default=[], metavar="GLOB",
-                    help="with --figures: only groups matching this pattern (repeatable), e.g. 'toy2/*_K4'")
+                    help="also copy each selected group's density plot (lowest seed) here as <group>.png")
+    rs.add_argument("--groups", action="append", default=[], metavar="GLOB",
+                    help="only groups whose name matches this pattern (repeatable), e.g. 'toy2/full_*'")
     rs.set_defaults(func=_results)

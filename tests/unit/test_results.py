@@ -56,10 +56,12 @@ def test_markdown_has_a_table_per_task_with_only_the_columns_present(store):
     assert "9.000" not in text and "100.000" not in text
 
 
-def test_cli_writes_the_file(store, tmp_path):
+def test_cli_writes_the_file_for_the_selected_groups(store, tmp_path):
     out = tmp_path / "r.md"
     assert cli.main(["results", "exp", "--out", str(out), "--tracking-uri", store]) == 0
     assert "`toyY/c` | 1 |" in out.read_text()
+    assert cli.main(["results", "exp", "--out", str(out), "--tracking-uri", store, "--groups", "toyX/*"]) == 0
+    assert "`toyY/c`" not in out.read_text() and "`toyX/b` |" in out.read_text()
 
 
 def test_figures_are_the_lowest_seed_density_plots_of_the_matching_groups(tmp_path):
@@ -73,5 +75,5 @@ def test_figures_are_the_lowest_seed_density_plots_of_the_matching_groups(tmp_pa
             (tmp_path / "density.png").write_bytes(f"{group} {seed}".encode())
             c.log_artifact(r.info.run_id, str(tmp_path / "density.png"), "plots")
             c.set_terminated(r.info.run_id)
-    out = results.download_figures(uri, results.collect(uri, "exp"), str(tmp_path / "figs"), ["*/a"])
+    out = results.download_figures(uri, results.select(results.collect(uri, "exp"), ["*/a"]), str(tmp_path / "figs"))
     assert [p.name for p in out] == ["t_a.png"] and out[0].read_bytes() == b"t/a 0"
