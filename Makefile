@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(EBM) train demo --set task.data_dir=$(DEMO_DATA) --name $$name && \
 	$(EBM) register --run-name $$name --name ebm-demo --alias champion && \
 	$(EBM) predict models:/ebm-demo@champion --input $(DEMO_DATA) --limit 1 --out -
-	@echo "serve it: MLFLOW_TRACKING_URI=sqlite:///$$PWD/mlruns.db $(VENV)/bin/mlflow models serve -m models:/ebm-demo@champion --env-manager local -h 127.0.0.1 -p 5001"
+	@echo "serve it: PATH=$$PWD/$(VENV)/bin:\$$PATH MLFLOW_TRACKING_URI=sqlite:///$$PWD/mlruns.db mlflow models serve -m models:/ebm-demo@champion --env-manager local -h 127.0.0.1 -p 5001"
 
 test: $(STAMP)
 	$(PY) -m pytest

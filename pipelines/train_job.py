@@ -12,30 +12,95 @@ from ebm.config import Config
 from pipelines.distributed import PLOTS_DIR
 
 
-def _ray_init(address: str | None, num_cpus: int | None) -> bool:
-    """Connect to ``address`` or start a local Ray on 127.0.0.1; returns whether we started it."""
+def ray_init(address: str | None, num_cpus: int | None = None, resources: dict | None = None) -> bool:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``, set inside a submitted job), else start a local
+    Ray on 127.0.0.1; returns whether we started it (and so must shut it down)."""
     import ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")      # set inside a submitted Ray job
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
-    # The dashboard (bound to 127.0.0.1) serves the state API that Ray Train's clean-up polls.
-    ray.init(num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", _temp_dir=os.environ.get("EBM_RAY_TMPDIR") or None,
-             object_store_memory=256 * 1024 * 1024, log_to_driver=True, configure_logging=True,
-             logging_level="WARNING")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), resources=resources, _node_ip_address="127.0.0.1",
+             _temp_dir=os.environ.get("EBM_RAY_TMPDIR") or None, object_store_memory=256 * 1024 * 1024,
+             log_to_driver=True, configure_logging=True, logging_level="WARNING", **state_api_pinned())
     return True
+
+
+def state_api_pinned() -> dict:
+    """``ray.init`` arguments that start the dashboard (on 127.0.0.1, a known port) and point every
+    process of the job at it through ``RAY_API_SERVER_ADDRESS``. Ray Train's placement-group cleaner
+    polls the dashboard's state API; left to auto-detect the cluster it dies with "Found multiple
+    active Ray instances" when another local Ray runs on the machine, and the placement groups of
+    dead controllers leak (seen: an ASHA sweep hung with 2 CPUs held by 2 stopped trials)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = url       # this driver's own state-API calls
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": url}}}
+
+
+def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
+    """1 CPU per worker, less on a small machine so that Ray Data's read tasks and the driver fit."""
+    return 1.0 if use_gpu else max(0.5, min(1.0, (os.cpu_count() or 2) / max(num_workers, 1) - 0.5))
+
+
+def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int, use_gpu: bool, cpus: float,
+                  threads: int, max_failures: int, keep: int, callbacks: list, ray_data: bool = False,
+                  max_nonfinite_in_row: int = 20, test_hooks: dict | None = None):
+    """The job's ``TorchTrainer`` over :func:`pipelines.distributed.worker_loop` (``ebm train`` and
+    each ``ebm tune`` trial build it here)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.distributed import worker_loop
+    datasets = None
+    if ray_data and cfg.task.data_dir:
+        from pipelines.data.readers import ray_dataset
+        datasets = {"train": ray_dataset(cfg.task.data_dir, "train", augment="default", shuffle_files=True)}
+    return TorchTrainer(
+        worker_loop,
+        train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "test_hooks": test_hooks,
+                           "ray_data": datasets is not None, "max_nonfinite_in_row": max_nonfinite_in_row},
+        datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                             # without Train's print patch each progress line reaches the driver once
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="val_nll",
+                                                                checkpoint_score_order="min")))
+
+
+def finish_run(result, cfg: Config, uri: str, run_id: str, max_nonfinite_in_row: int = 20) -> dict:
+    """After ``trainer.fit()``: raise :class:`NonFiniteStop` (tagging the run) if the job stopped on
+    non-finite losses; else log the final checkpoint and the test metrics; returns the last metrics."""
+    from pipelines import tracking
+    metrics = dict(result.metrics or {})
+    if metrics.get("nonfinite_stop"):
+        reason = (f"stopped at epoch {int(metrics['epoch']) + 1}: {max_nonfinite_in_row} non-finite losses in a "
+                  f"row on some rank (skipped on every rank); lower optim.lr or check the data for NaN")
+        tracking.set_tag(uri, run_id, "ebm.stop_reason", reason)
+        raise NonFiniteStop(reason)
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            tracking.log_artifacts(uri, run_id, d, "checkpoint")
+    tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k.startswith("test_")},
+                         step=cfg.optim.epochs)
+    return metrics
 
 
 class NonFiniteStop(RuntimeError):
     """The run stopped because too many steps in a row had a non-finite loss on some rank."""
 
 
-def _tracking_callback(uri: str, run_id: str):
+def tracking_callback(uri: str, run_id: str):
     """A Ray Train callback that logs each epoch's metrics and density plot to MLflow. It runs in the
     Train controller, on the driver's node, so a ``sqlite:///`` store there is the one the driver opened
     and workers never talk to MLflow (STYLE.md §10)."""
@@ -89,46 +154,17 @@ def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = Fal
 
     started = False
     try:
-        started = _ray_init(address, None)
+        started = ray_init(address)
         signal.signal(signal.SIGTERM, on_term)      # after ray.init, which installs its own crash handler
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        from pipelines.distributed import worker_loop
-        cpus = cpus_per_worker or (1.0 if use_gpu else max(0.5, min(1.0, (os.cpu_count() or 2) / max(num_workers, 1) - 0.5)))
-        datasets = None
-        if ray_data and cfg.task.data_dir:
-            from pipelines.data.readers import ray_dataset
-            datasets = {"train": ray_dataset(cfg.task.data_dir, "train", augment="default", shuffle_files=True)}
-        trainer = TorchTrainer(
-            worker_loop,
-            train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "test_hooks": test_hooks,
-                               "ray_data": datasets is not None, "max_nonfinite_in_row": max_nonfinite_in_row},
-            datasets=datasets,
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus}),
-            run_config=RunConfig(name=name, storage_path=storage_path,
-                                 callbacks=[_tracking_callback(uri, run_id)],
-                                 # without Train's print patch each progress line reaches the driver once
-                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-                                 failure_config=FailureConfig(max_failures=max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=keep,
-                                                                    checkpoint_score_attribute="val_nll",
-                                                                    checkpoint_score_order="min")))
+        trainer = build_trainer(cfg, name=name, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
+                                cpus=cpus_per_worker or default_cpus_per_worker(num_workers, use_gpu),
+                                threads=threads, max_failures=max_failures, keep=keep,
+                                callbacks=[tracking_callback(uri, run_id)], ray_data=ray_data,
+                                max_nonfinite_in_row=max_nonfinite_in_row, test_hooks=test_hooks)
         t0 = time.perf_counter()
         result = trainer.fit()
-        metrics = dict(result.metrics or {})
+        metrics = finish_run(result, cfg, uri, run_id, max_nonfinite_in_row)
         metrics["job_time_s"] = time.perf_counter() - t0
-        if metrics.get("nonfinite_stop"):
-            reason = (f"stopped at epoch {int(metrics['epoch']) + 1}: {max_nonfinite_in_row} non-finite losses in a "
-                      f"row on some rank (skipped on every rank); lower optim.lr or check the data for NaN")
-            tracking.set_tag(uri, run_id, "ebm.stop_reason", reason)
-            raise NonFiniteStop(reason)
-        if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as d:
-                tracking.log_artifacts(uri, run_id, d, "checkpoint")
-        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k.startswith("test_")},
-                             step=cfg.optim.epochs)
         status = "FINISHED"
         metrics["mlflow_run_id"] = run_id
         return metrics

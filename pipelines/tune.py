@@ -103,13 +103,10 @@ def train_trial(config: dict, job: dict) -> None:
     """One trial = one training job (Ray Train driver inside a Tune trial). ``config``: the sampled
     flat config keys; ``job``: the sweep's constants (base config, MLflow, storage, resources)."""
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import tracking
-    from pipelines.distributed import worker_loop
-    from pipelines.train_job import _tracking_callback
+    from pipelines.train_job import tracking_callback, build_trainer, finish_run
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = Config.from_flat({**job["cfg"], **config})
     name = f"{job['sweep']}-{trial_id}"
@@ -122,63 +119,14 @@ def train_trial(config: dict, job: dict) -> None:
     run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml())
     status = "FAILED"
     try:
-        trainer = TorchTrainer(
-            worker_loop,
-            train_loop_config={"cfg": cfg.to_flat(), "threads": job["threads"], "test_hooks": hooks,
-                               "max_nonfinite_in_row": 20},
-            scaling_config=ScalingConfig(num_workers=job["num_workers"], use_gpu=job["use_gpu"],
-                                         resources_per_worker={"CPU": job["cpus_per_worker"]}),
-            run_config=RunConfig(name=name, storage_path=job["train_storage"],
-                                 callbacks=[_tracking_callback(uri, run_id), TuneReportCallback()],
-                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-                                 failure_config=FailureConfig(max_failures=job["max_failures"]),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_nll",
-                                                                    checkpoint_score_order="min")))
-        result = trainer.fit()
-        metrics = dict(result.metrics or {})
-        if metrics.get("nonfinite_stop"):
-            tracking.set_tag(uri, run_id, "ebm.stop_reason", "non-finite losses")
-            raise RuntimeError(f"trial {trial_id}: stopped on non-finite losses")
-        if result.checkpoint is not None:
-            with result.checkpoint.as_directory() as d:
-                tracking.log_artifacts(uri, run_id, d, "checkpoint")
-        tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k.startswith("test_")},
-                             step=cfg.optim.epochs)
+        trainer = build_trainer(cfg, name=name, storage_path=job["train_storage"], num_workers=job["num_workers"],
+                                use_gpu=job["use_gpu"], cpus=job["cpus_per_worker"], threads=job["threads"],
+                                max_failures=job["max_failures"], keep=2, test_hooks=hooks,
+                                callbacks=[tracking_callback(uri, run_id), TuneReportCallback()])
+        finish_run(trainer.fit(), cfg, uri, run_id)
         status = "FINISHED"
     finally:
         tracking.end_run(uri, run_id, status)
-
-
-def _ray_init(address: str | None, num_cpus: int | None) -> bool:
-    import ray
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return False
-    # TRAIN_DRIVER: the trial drivers' resource (see the module docstring).
-    ray.init(num_cpus=num_cpus or os.cpu_count(), resources={"TRAIN_DRIVER": 4}, _node_ip_address="127.0.0.1",
-             object_store_memory=256 * 1024 * 1024, log_to_driver=True, configure_logging=True,
-             logging_level="WARNING", **state_api_pinned())
-    return True
-
-
-def state_api_pinned() -> dict:
-    """``ray.init`` arguments that start the dashboard on a known port and point every process of the
-    job at it (``RAY_API_SERVER_ADDRESS``). Train's placement-group cleaner finds a dead controller
-    through the state API; left to auto-detect the cluster it raises "Found multiple active Ray
-    instances" when another local Ray runs on the machine, dies, and the placement group of every
-    early-stopped trial leaks until the next trial cannot start (seen: 2 CPUs held by 2 dead trials)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    os.environ["RAY_API_SERVER_ADDRESS"] = url       # this driver's own state-API calls (Tune's clean-up)
-    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
-            "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": url}}}
 
 
 def _driver_resources() -> dict:
@@ -231,7 +179,9 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
     try:
         import ray
         from ray import tune
-        started = _ray_init(address, None)
+        from pipelines.train_job import ray_init
+        # TRAIN_DRIVER: the trial drivers' resource (see the module docstring)
+        started = ray_init(address, resources={"TRAIN_DRIVER": 4})
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), _driver_resources())
         if resume:
             tuner = tune.Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)

@@ -17,7 +17,7 @@ OVERRIDES = ['task.name="toy2"', "task.n_train=0", "task.n_val=0", "task.n_test=
 def ray_tune():
     import ray
 
-    from pipelines.tune import state_api_pinned
+    from pipelines.train_job import state_api_pinned
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # state_api_pinned: early-stopped trials' placement groups are freed even if another local Ray runs
     ray.init(num_cpus=2, resources={"TRAIN_DRIVER": 2}, _node_ip_address="127.0.0.1",
