@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 
+def read_toml(path: str | Path, what: str = "file") -> dict:
+    """A TOML file as a dict; a missing file or bad TOML is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown or out of range; the message names the key."""
 
@@ -231,14 +242,7 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            d = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML: {e}") from e
-        cfg = cls.from_dict(d)
+        cfg = cls.from_dict(read_toml(path, "config file"))
         return cfg.with_overrides(overrides or [])
 
     def with_overrides(self, overrides: list[str]) -> "Config":

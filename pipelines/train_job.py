@@ -133,12 +133,10 @@ def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = Fal
     """Run the job; returns the last reported metrics (test metrics included). Raises on failure,
     after marking the MLflow run FAILED (or KILLED on Ctrl-C / SIGTERM)."""
     from pipelines import tracking
-    from pipelines.worker_data import check_dataset
+    from pipelines.worker_data import prepare_dataset
     if test_hooks is None and os.environ.get("EBM_TEST_HOOKS"):      # fault injection for subprocess tests
         test_hooks = json.loads(os.environ["EBM_TEST_HOOKS"])
-    if cfg.task.data_dir and "://" not in cfg.task.data_dir:        # workers run in other directories
-        cfg = cfg.with_overrides([f"task.data_dir={json.dumps(str(Path(cfg.task.data_dir).resolve()))}"])
-    fingerprint = check_dataset(cfg)                                # a bad data_dir fails before Ray starts
+    cfg, fingerprint = prepare_dataset(cfg)                         # a bad data_dir fails before Ray starts
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)                                   # fail fast, before Ray starts
     storage_path = storage_path or os.environ.get("EBM_STORAGE_PATH") or str(Path("runs").resolve())

@@ -31,10 +31,9 @@ import json
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 
-from ebm.config import Config, ConfigError
+from ebm.config import Config, ConfigError, read_toml
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "value")
 TUNE_KEYS = {"scheduler": str, "num_samples": int, "metric": str, "mode": str, "grace_period": int,
@@ -45,13 +44,7 @@ SPEC_FILE = "ebm_sweep.json"
 def load_space(path: str | Path, base: Config) -> tuple[dict, dict]:
     """Parse and check a space file against ``base``: every key exists and every value (or both ends
     of a range) makes a valid config. Returns (space {key: {kind: arg}}, tune options)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"space file not found: {path}")
-    try:
-        d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    d = read_toml(path, "space file")
     bad = sorted(set(d) - {"space", "tune"})
     if bad or not isinstance(d.get("space", {}), dict):
         raise ConfigError(f"{path}: only [space] and [tune] tables are allowed, got {bad or d.get('space')!r}")
@@ -154,7 +147,9 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         if spec_path.exists():
             raise ConfigError(f"sweep {name!r} already exists under {storage}; resume it with --resume {name}")
         spec = {**_make_spec(cfg, space or {}, opts or {}, seeds), "name": name}
-    base = Config.from_flat(spec["cfg"])
+    from pipelines.worker_data import prepare_dataset
+    base, fingerprint = prepare_dataset(Config.from_flat(spec["cfg"]))    # a bad data_dir fails before Ray
+    spec["cfg"] = base.to_flat()
     cpus = cpus_per_worker or (1.0 if use_gpu else 0.5)
     params = {"scheduler": spec["scheduler"], "metric": spec["metric"], "mode": spec["mode"],
               "num_samples": spec["num_samples"], "seeds": spec["seeds"], "num_workers": num_workers,
@@ -171,8 +166,7 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
                                      **tracking.package_versions()}, base.to_toml())
         spec["parent_run_id"] = parent
     job = {"cfg": spec["cfg"], "sweep": name, "uri": uri, "experiment": experiment, "parent_run_id": parent,
-           "tags": {"git_sha": tracking.git_sha(), "data_fingerprint": f"synthetic:{base.task.name}"
-                    if not base.task.data_dir else base.task.data_dir, **tracking.package_versions()},
+           "tags": {"git_sha": tracking.git_sha(), "data_fingerprint": fingerprint, **tracking.package_versions()},
            "train_storage": str(storage / f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
            "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures, "test_hooks": test_hooks}
     status, started = "FAILED", False

@@ -29,6 +29,16 @@ class WorkerData:
     train_epoch: Callable[[int], Batches]  # this rank's batches of one epoch: x (B, ...), y (B, D)
 
 
+def prepare_dataset(cfg: Config) -> tuple[Config, str]:
+    """Driver side, before Ray starts: ``task.data_dir`` made absolute (workers run in other
+    directories) and validated; returns (config, data fingerprint)."""
+    if cfg.task.data_dir and "://" not in cfg.task.data_dir:
+        import json
+        from pathlib import Path
+        cfg = cfg.with_overrides([f"task.data_dir={json.dumps(str(Path(cfg.task.data_dir).resolve()))}"])
+    return cfg, check_dataset(cfg)
+
+
 def check_dataset(cfg: Config) -> str:
     """Driver side, before Ray starts: validate ``task.data_dir`` against the config; returns the data
     fingerprint (the dataset's content hash, or a description of the generated data)."""
