@@ -76,22 +76,17 @@ def write_table(out: dict[str, list], path: str | Path) -> Path:
 
 def read_split(root: str | Path, split: str, p: Predictor) -> Split:
     """A dataset split in memory, checked against the model (task, input shape)."""
-    from pipelines.data import read_metadata, validate
-    from pipelines.data.readers import ParquetStream, load_aux
+    from pipelines.data import validate
+    from pipelines.worker_data import input_shape, read_split as read_parquet_split
     meta = validate(root)
     if meta["task"] != p.task.name:
         raise InputError(f"{root}: dataset task {meta['task']!r}, the model was trained on {p.task.name!r}")
-    inp = meta["input"]
-    shape = (inp["channels"], inp["height"], inp["width"]) if inp["kind"] == "image" else (inp["dim"],)
-    if tuple(shape) != tuple(p.task.x_shape):
-        raise InputError(f"{root}: inputs of shape {tuple(shape)}, the model expects {tuple(p.task.x_shape)}")
-    if not read_metadata(root)["splits"].get(split, {}).get("rows"):
+    shape = input_shape(meta)
+    if shape != tuple(p.task.x_shape):
+        raise InputError(f"{root}: inputs of shape {shape}, the model expects {tuple(p.task.x_shape)}")
+    if not meta["splits"].get(split, {}).get("rows"):
         raise InputError(f"{root}: the dataset has no {split!r} rows")
-    xs, ys = [], []
-    for x, y in ParquetStream(root, split, batch_size=4096, check=False):
-        xs.append(x)
-        ys.append(y)
-    return Split(torch.cat(xs), torch.cat(ys), load_aux(root, split))
+    return read_parquet_split(str(root), split)
 
 
 @torch.no_grad()

@@ -79,7 +79,8 @@ def _in_memory(cfg: Config, rank: int, world: int) -> WorkerData:
     return WorkerData(task, {k: v for k, v in splits.items() if k != "train"}, train.x, epoch_batches)
 
 
-def _read_split(root: str, split: str) -> Split:
+def read_split(root: str, split: str) -> Split:
+    """A whole split of a Parquet dataset in memory (x, y, aux)."""
     from pipelines.data.readers import ParquetStream, load_aux
     xs, ys = [], []
     for x, y in ParquetStream(root, split, batch_size=4096, check=False):
@@ -88,11 +89,15 @@ def _read_split(root: str, split: str) -> Split:
     return Split(torch.cat(xs), torch.cat(ys), load_aux(root, split))
 
 
-def parquet_task(cfg: Config, meta: dict) -> TaskSpec:
-    task = get_task(meta["task"])
+def input_shape(meta: dict) -> tuple[int, ...]:
+    """A dataset's per-example input shape from its metadata: (C, H, W) or (d,)."""
     inp = meta["input"]
     shape = (inp["channels"], inp["height"], inp["width"]) if inp["kind"] == "image" else (inp["dim"],)
-    return dataclasses.replace(task, x_shape=tuple(int(s) for s in shape))
+    return tuple(int(s) for s in shape)
+
+
+def parquet_task(cfg: Config, meta: dict) -> TaskSpec:
+    return dataclasses.replace(get_task(meta["task"]), x_shape=input_shape(meta))
 
 
 def _parquet(cfg: Config, rank: int, world: int, dataset_shard) -> WorkerData:
@@ -101,8 +106,8 @@ def _parquet(cfg: Config, rank: int, world: int, dataset_shard) -> WorkerData:
     root = cfg.task.data_dir
     meta = read_metadata(root)
     task = parquet_task(cfg, meta)
-    evals = {s: _read_split(root, s) for s in ("val", "test") if meta["splits"].get(s, {}).get("rows")}
-    train_x = _read_split(root, "train").x if meta["input"]["kind"] == "vector" else None
+    evals = {s: read_split(root, s) for s in ("val", "test") if meta["splits"].get(s, {}).get("rows")}
+    train_x = read_split(root, "train").x if meta["input"]["kind"] == "vector" else None
     bs = cfg.optim.batch_size
     if dataset_shard is not None:
         stream = RayStream(dataset_shard, bs)
