@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
             return train_local(cfg, out=args.out, seeds=args.seeds, track=not args.no_track,
                                tracking_uri=args.tracking_uri or None, experiment=args.experiment,
                                group=args.group or Path(args.config).stem)
-        except TrackingError as e:
+        except (TrackingError, ConfigError) as e:
             print(f"ebm: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

@@ -48,10 +48,7 @@ class _Tracker:
         tracking.check_reachable(self.uri)              # fail fast, before any training
         self.experiment, self.group, self.command = experiment, group, command
 
-    def start(self, cfg: Config) -> str:
-        from pipelines.worker_data import check_dataset
-        # --local trains on the task's generator (ebm.train.load_data), whatever task.data_dir says
-        fingerprint = check_dataset(cfg.with_overrides(['task.data_dir=""']))
+    def start(self, cfg: Config, fingerprint: str) -> str:
         tags = {"git_sha": self.t.git_sha(), "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name,
                 "data_fingerprint": fingerprint, GROUP_TAG: self.group, COMMAND_TAG: self.command,
                 "ebm.mode": "local", **self.t.package_versions()}
@@ -89,7 +86,9 @@ def train_local(cfg: Config, out: str = "", seeds: int = 1, *, track: bool = Fal
         tracker = _Tracker(tracking_uri, experiment, group or cfg.task.name,
                            command or shlex.join(["ebm", *sys.argv[1:]]))
         print(f"MLflow: experiment {experiment!r}, group {tracker.group!r} in {tracker.uri}", flush=True)
-    data = load_data(cfg)
+    from pipelines.worker_data import load_splits, prepare_dataset
+    cfg, fingerprint = prepare_dataset(cfg)      # validates task.data_dir (ConfigError) before any training
+    data = load_splits(cfg) if cfg.task.data_dir else load_data(cfg)
     task = data[0]
     print(f"task {task.name}: D={task.D}, train {len(data[1]['train'])} / val {len(data[1].get('val', []))} / "
           f"test {len(data[1].get('test', []))}; method {cfg.method.name}, K={cfg.proposal.K}, "
@@ -103,7 +102,7 @@ def train_local(cfg: Config, out: str = "", seeds: int = 1, *, track: bool = Fal
     try:
         for i in range(seeds):
             c = cfg.with_overrides([f"seed={cfg.seed + i}"])
-            run_id = tracker.start(c) if tracker else None
+            run_id = tracker.start(c, fingerprint) if tracker else None
             status = "FAILED"
             try:
                 on_epoch = (lambda e, row, model: tracker.epoch(run_id, e, row)) if tracker else None

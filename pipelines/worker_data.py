@@ -96,6 +96,23 @@ def input_shape(meta: dict) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def load_splits(cfg: Config) -> tuple[TaskSpec, dict[str, Split]]:
+    """Every split of ``task.data_dir`` in memory, in the form of :func:`ebm.train.load_data` (for
+    ``ebm train --local``). Train rows come in stored order: ``fit`` shuffles them each epoch. The
+    dataset's train-time augmentation (``augment`` in its metadata) is applied by the streaming
+    readers only; a dataset that declares one is refused here rather than trained on without it."""
+    from pipelines.data import read_metadata
+    root = cfg.task.data_dir
+    meta = read_metadata(root)
+    if meta.get("augment"):
+        raise ConfigError(f"task.data_dir {root} declares train-time augmentation {meta['augment']}, which "
+                          "only the streaming readers apply: train it without --local (Ray Train)")
+    splits = {s: read_split(root, s) for s in ("train", "val", "test") if meta["splits"].get(s, {}).get("rows")}
+    if "train" not in splits:
+        raise ConfigError(f"task.data_dir {root} has no train rows")
+    return parquet_task(cfg, meta), splits
+
+
 def parquet_task(cfg: Config, meta: dict) -> TaskSpec:
     return dataclasses.replace(get_task(meta["task"]), x_shape=input_shape(meta))
 

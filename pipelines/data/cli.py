@@ -57,7 +57,7 @@ def add_data_commands(subparsers) -> None:
     ing.add_argument("--test-frac", type=float, default=0.2, help="test fraction when the source has no split")
     ing.add_argument("--manifest", help="folder_csv: the CSV manifest (default: the folder's only .csv)")
     ing.add_argument("--size", type=int, help="synthetic star: image side")
-    ing.add_argument("--n-train", type=int, default=0, help="synthetic: split sizes (0 = default)")
+    ing.add_argument("--n-train", type=int, default=0, help="synthetic: split sizes (0 = default); fashion_rotation: seeded subset sizes (0 = all)")
     ing.add_argument("--n-val", type=int, default=0)
     ing.add_argument("--n-test", type=int, default=0)
     ing.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")

@@ -49,6 +49,10 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
         raise DatasetError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise DatasetError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) and sum below 1")
+    if n and fmt not in ("synthetic", "fashion_rotation"):
+        raise DatasetError(f"split sizes (--n-train/--n-val/--n-test) apply to synthetic and fashion_rotation, not {fmt}")
+    if n and any(int(m) < 1 for m in n.values()):
+        raise DatasetError(f"split sizes must be >= 1, got {n}")
     opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest)
     if fmt == "fashion_rotation":
         source = source or FASHION_DIR
@@ -356,6 +360,9 @@ def _fashion_rotation(source, o):
                      split_rule=f"test = t10k; val = seeded {o['val_frac']} of train; angles seeded")
     index = seeded_split(len(data["train"][1]), o["seed"], o["val_frac"], 0.0, has_test=True)
     index["test"] = np.arange(len(data["test"][1]))
+    if o.get("n"):
+        index = _subsample(index, o["n"], o["seed"])
+        meta["split_rule"] += "; seeded subsets " + ", ".join(f"{s} {len(index[s])}" for s in SPLITS if s in o["n"])
 
     def chunks():
         for split in SPLITS:
@@ -364,6 +371,19 @@ def _fashion_rotation(source, o):
                 part = index[split][s:s + CHUNK]
                 yield split, ([f"{stem}:{i:05d}" for i in part], y[part], [encode_png(im) for im in images[part]], {})
     return meta, sum(len(d[1]) for d in data.values()), chunks()
+
+
+def _subsample(index: dict, n: dict, seed: int) -> dict:
+    """Seeded subsets of a split's indices (sorted, so rows keep source order): every angle and image
+    is the one the full dataset holds, so a subset is a sample of the full ingest, not a new draw."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,)))
+    out = dict(index)
+    for split, m in n.items():
+        have = len(index[split])
+        if m > have:
+            raise DatasetError(f"--n-{split} {m}: the {split} split has only {have} examples")
+        out[split] = np.sort(rng.permutation(index[split])[:m])
+    return out
 
 
 def _synthetic(source, o):

@@ -1,0 +1,27 @@
+#!/bin/bash
+# Issue 7 cell loop: one `ebm train --local --seeds 5` per cell, lowest CPU priority, one torch thread,
+# all under experiment "paper-claims" (SQLite store results/mlruns.db).
+# Usage: results/run_cells.sh CONFIG EPOCHS M_TRAIN CELL...
+#   cells: learned_K1 learned_K4 learned_K16 nce_fixed mdn_K4 mdn_K8 teacher_K4 teacher_K8
+#   env:   PREFIX  group-name prefix (groups are TASK/PREFIXCELL, e.g. toy2/full_learned_K4)
+#          TASK    group task part (default: CONFIG)
+#          EXTRA   more --set arguments, e.g. EXTRA="--set task.data_dir=data/fashion4k"
+set -u
+cd "$(dirname "$0")/.."
+config=$1; epochs=$2; m=$3; shift 3
+task=${TASK:-$config}
+for cell in "$@"; do
+  case $cell in
+    learned_K*) set_m="method.name=ebm_learned_proposal"; k=${cell#learned_K} ;;
+    nce_fixed)  set_m="method.name=nce_fixed"; k=4 ;;
+    mdn_K*)     set_m="method.name=mdn"; k=${cell#mdn_K} ;;
+    teacher_K*) set_m="method.name=mdn_ebm_teacher"; k=${cell#teacher_K} ;;
+    *) echo "unknown cell $cell" >&2; exit 2 ;;
+  esac
+  echo "=== $(date +%T) $task/${PREFIX:-}$cell"
+  # shellcheck disable=SC2086  # EXTRA is a list of arguments
+  OMP_NUM_THREADS=1 nice -n 19 .venv/bin/ebm train "$config" --local --seeds 5 \
+    --experiment paper-claims --tracking-uri sqlite:///results/mlruns.db --group "$task/${PREFIX:-}$cell" \
+    --set $set_m --set proposal.K=$k --set optim.epochs=$epochs --set sampler.M_train=$m ${EXTRA:-}
+  echo "=== $(date +%T) $task/${PREFIX:-}$cell rc=$?"
+done
