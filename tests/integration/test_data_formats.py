@@ -335,3 +335,20 @@ def test_cli_ingest_and_inspect(tmp_path, capsys):
     args = ap.parse_args(["data", "inspect", str(tmp_path / "missing")])
     assert args.func(args) == 2
     assert "no such dataset directory" in capsys.readouterr().err
+
+
+def test_fashion_subsets_are_seeded_samples_of_the_full_ingest(tmp_path):
+    full_root, full, _ = build("fashion_rotation", tmp_path / "full", seed=1)
+    root, meta, _ = build("fashion_rotation", tmp_path / "sub", seed=1, n={"train": 10, "test": 4})
+    again = build("fashion_rotation", tmp_path / "again", seed=1, n={"train": 10, "test": 4})[1]
+    assert {s: v["rows"] for s, v in meta["splits"].items()} == {"train": 10, "val": 3, "test": 4}
+    assert meta["fingerprint"] == again["fingerprint"] != full["fingerprint"]
+    assert "seeded subsets train 10, test 4" in meta["split_rule"]
+    whole, sub = read_plain(full_root), read_plain(root)
+    for ex, (x, y) in sub.items():      # the same image and angle as in the full dataset
+        np.testing.assert_array_equal(x, whole[ex][0])
+        np.testing.assert_array_equal(y, whole[ex][1])
+    with pytest.raises(DatasetError, match="--n-train 99: the train split has only 27 examples"):
+        build("fashion_rotation", tmp_path / "big", n={"train": 99})
+    with pytest.raises(DatasetError, match="apply to synthetic and fashion_rotation, not cell200"):
+        build("cell200", tmp_path / "cell", n={"train": 5})

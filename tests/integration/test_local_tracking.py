@@ -78,3 +78,29 @@ def test_an_interrupted_or_failed_seed_ends_its_run_with_that_status(tmp_path, m
     _, runs = _runs(uri)
     assert [r.info.status for r in runs] == [status]
     assert runs[0].data.tags["ebm.group"] == "debug"            # the config's name without --group
+
+
+def test_local_trains_on_a_parquet_dataset_and_tags_its_fingerprint(tmp_path, monkeypatch, capsys):
+    import torch
+    from pipelines.data.ingest import ingest
+    torch.set_num_threads(1)
+    meta = ingest("synthetic", "star", tmp_path / "star", size=16, n={"train": 64, "val": 16, "test": 16},
+                  progress=False)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    argv = ["train", "star", "--local", "--tracking-uri", uri, "--experiment", "e",
+            "--set", f"task.data_dir={tmp_path / 'star'}", "--set", "optim.epochs=1", "--set", "eval.every=1",
+            "--set", "features.width=4", "--set", "sampler.M_train=16", "--set", "sampler.M_eval=64"]
+    monkeypatch.setattr("sys.argv", ["ebm", *argv])
+    assert cli.main(argv) == 0
+    assert "train 64 / val 16 / test 16" in capsys.readouterr().out
+    c, runs = _runs(uri)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["data_fingerprint"] == meta["fingerprint"]
+    assert {"test_nll", "test_kl", "test_mae_mean"} <= set(runs[0].data.metrics)   # star's aux (k, θ_r) gives KL
+
+
+def test_local_refuses_a_bad_dataset_before_training(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["train", "star", "--local", "--no-track", "--set", f"task.data_dir={tmp_path / 'empty'}"]) == 2
+    err = capsys.readouterr()
+    assert "task.data_dir" in err.err and "epoch" not in err.out
