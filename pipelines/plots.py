@@ -1,4 +1,5 @@
-"""Density plots for a few fixed validation examples: EBM, proposal, label, and the truth if known."""
+"""Density plots for a few fixed validation examples: EBM, proposal, label, the truth if known, and the
+input image for image tasks."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,6 +13,15 @@ import torch  # noqa: E402
 
 from ebm import metrics as M  # noqa: E402
 from ebm.train import true_log_density  # noqa: E402
+
+
+def _display_image(x: torch.Tensor) -> np.ndarray:
+    """A normalised (C, H, W) input back in [0, 1] for display, (H, W) or (H, W, 3)."""
+    from ebm.train import image_norm
+    mean, std = image_norm(x.shape[0])
+    img = x.cpu().float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
+    img = img.clamp(0, 1).numpy()
+    return img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
 
 
 @torch.no_grad()
@@ -41,6 +51,10 @@ def density_figure(model, task, split, path: str | Path, n: int = 3, title: str 
         for (label, dens), style in zip(curves.items(), ("-", "--", ":")):
             ax.plot(grid.numpy(), dens[i].numpy(), style, label=label)
         ax.axvline(float(y[i, 0]), color="k", lw=0.8, label="label")
+        if x.dim() == 4:                 # an image task: show the input in the panel's corner
+            inset = ax.inset_axes([0.78, 0.62, 0.2, 0.35])
+            inset.imshow(_display_image(x[i]), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
+            inset.set_axis_off()
         ax.set_xlabel(f"y ({task.units})" if task.units else "y")
         if i == 0:
             ax.legend(fontsize=7)
