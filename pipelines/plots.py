@@ -51,13 +51,16 @@ def density_figure(model, task, split, path: str | Path, n: int = 3, title: str 
         for (label, dens), style in zip(curves.items(), ("-", "--", ":")):
             ax.plot(grid.numpy(), dens[i].numpy(), style, label=label)
         ax.axvline(float(y[i, 0]), color="k", lw=0.8, label="label")
-        if x.dim() == 4:                 # an image task: show the input in the panel's corner
+        image = x.dim() == 4
+        if image:  # show the input in the panel's top-right corner, in headroom above the curves
+            top = max(float(d[i].max()) for d in curves.values())
+            ax.set_ylim(0, top / 0.6)
             inset = ax.inset_axes([0.78, 0.62, 0.2, 0.35])
             inset.imshow(_display_image(x[i]), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
             inset.set_axis_off()
         ax.set_xlabel(f"y ({task.units})" if task.units else "y")
         if i == 0:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper left" if image else "best")
     fig.suptitle(f"{task.name} {title}".strip())
     fig.tight_layout()
     fig.savefig(path, dpi=80)
