@@ -7,6 +7,8 @@ and the Ray Train controller on the driver's node (per-epoch metrics and plots);
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import tempfile
@@ -53,6 +55,23 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_creation_lock(uri: str):
+    """Hold an exclusive lock on a SQLite store's directory while MLflow opens it. Opening a new store
+    creates and migrates its schema, and two processes doing that at once fail (alembic
+    CircularDependencyError): e.g. two ``ebm train --local`` started together on a new mlruns.db.
+    (Processes on one host only: a SQLite store is not shared across hosts anyway.)"""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    fd = os.open(Path(uri[len("sqlite:///"):]).resolve().parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)   # releases the lock
+
+
 def git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -66,9 +85,11 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     import mlflow
     from mlflow.tracking import MlflowClient
     check_reachable(uri)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+    with _store_creation_lock(uri):   # also makes get-or-create of the experiment one step
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found and found[0].info.status != "FINISHED":

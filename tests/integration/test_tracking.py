@@ -21,6 +21,15 @@ for step in range(200):
     tracking.log_metrics(uri, run_id, {key: float(step)}, step=step)
 """
 
+STARTER = """
+import sys, time
+from pipelines import tracking
+uri, name, go = sys.argv[1:4]
+while not __import__("os").path.exists(go):
+    time.sleep(0.001)
+print(tracking.start_run(uri, "ebm", name, {"a": 1}, {}, "seed = 0\\n"))
+"""
+
 
 def _free_port():
     with socket.socket() as s:
@@ -43,6 +52,30 @@ def test_two_concurrent_writers_of_200_metrics_each_lose_nothing(tmp_path):
     for key in ("from_a", "from_b"):
         hist = c.get_metric_history(run_id, key)
         assert sorted((m.step, m.value) for m in hist) == [(s, float(s)) for s in range(200)]
+
+
+def test_two_jobs_starting_together_on_a_new_store_both_get_their_run(tmp_path):
+    """Both create the SQLite schema and the experiment at once; without the store lock one of them
+    failed (alembic CircularDependencyError, or "duplicate column name") in every try."""
+    from mlflow.tracking import MlflowClient
+    for attempt in range(2):
+        d = tmp_path / str(attempt)
+        d.mkdir()
+        uri, go = f"sqlite:///{d}/mlruns.db", d / "go"
+        procs = [subprocess.Popen([sys.executable, "-c", STARTER, uri, name, str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for name in ("job_a", "job_b")]
+        time.sleep(3)       # both have imported mlflow and wait on the same start line
+        go.write_text("go")
+        ids = []
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-2000:]
+            ids.append(out.strip())
+        c = MlflowClient(uri)
+        exps = [e for e in c.search_experiments() if e.name == "ebm"]
+        assert len(exps) == 1
+        runs = c.search_runs([exps[0].experiment_id])
+        assert sorted(r.info.run_id for r in runs) == sorted(ids) and len(set(ids)) == 2
 
 
 def test_dead_server_and_unwritable_store_fail_fast():
