@@ -1,9 +1,8 @@
 #!/bin/bash
 # Issue 7 cell loop: one `ebm train --local --seeds 5` per cell, lowest CPU priority, one torch thread,
-# all under experiment "paper-claims" (SQLite store results/mlruns.db). Before two loops share a new
-# store, create it once, e.g. `ebm results paper-claims --tracking-uri sqlite:///results/mlruns.db
-# --out -` (it then says the experiment does not exist yet): two MLflow clients creating the same
-# SQLite schema at once can fail (alembic CircularDependencyError), which lost one cell here.
+# all under experiment "paper-claims" (SQLite store results/mlruns.db). Two loops may share a new
+# store: opening it is serialised (pipelines/tracking.py, _store_creation_lock) since two clients
+# creating its schema at once lost one cell here.
 # Usage: results/run_cells.sh CONFIG EPOCHS M_TRAIN CELL...
 #   cells: learned_K1 learned_K4 learned_K16 nce_fixed mdn_K4 mdn_K8 teacher_K4 teacher_K8
 #   env:   PREFIX  group-name prefix (groups are TASK/PREFIXCELL, e.g. toy2/full_learned_K4)
