@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines import serving
+from pipelines import serving, tracking
 
 BEST_RUN_TAG = "ebm.best_run_id"         # set by ``ebm tune`` on the sweep's parent run
 REGISTERED_TAG = "ebm.registered_model"  # set on the source run: "NAME/VERSION"
@@ -126,10 +126,8 @@ def _requirements() -> list[str]:
 
 def checkpoint_state(uri: str, run_id: str) -> dict:
     """The final checkpoint a training run logged under ``checkpoint/``."""
-    from mlflow.tracking import MlflowClient
-
     from pipelines.distributed import load_checkpoint_dir
-    client = MlflowClient(uri)
+    client = tracking.open_client(uri)
     names = {a.path for a in client.list_artifacts(run_id)}
     if "checkpoint" not in names:
         raise RegistryError(f"run {run_id} has no 'checkpoint' artifact (did it finish? artifacts: {sorted(names)})")
@@ -142,8 +140,7 @@ def checkpoint_state(uri: str, run_id: str) -> dict:
 def best_child(uri: str, parent_run_id: str, metric: str = "val_nll") -> str:
     """The sweep's best run: the parent's ``ebm.best_run_id`` tag, else its finished child with the
     lowest ``metric``."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
+    client = tracking.open_client(uri)
     parent = client.get_run(parent_run_id)
     if parent.data.tags.get(BEST_RUN_TAG):
         return parent.data.tags[BEST_RUN_TAG]
@@ -159,12 +156,10 @@ def best_child(uri: str, parent_run_id: str, metric: str = "val_nll") -> str:
 def run_by_name(uri: str, run_name: str) -> str:
     """The latest finished run named ``run_name`` (the ``--name`` of ``ebm train`` / ``ebm tune``)."""
     from mlflow.entities import ViewType
-    from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import RUN_NAME_TAG
-    client = MlflowClient(uri)
+    client = tracking.open_client(uri)
     exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    runs = client.search_runs(exps, filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and attributes.status = 'FINISHED'",
+    runs = client.search_runs(exps, filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1) if exps else []
     if not runs:
         raise RegistryError(f"no finished run named {run_name!r} in {uri}")
@@ -175,7 +170,6 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
              alias: str | None = "champion") -> dict:
     """Log the run's model as pyfunc, register one new version of ``name``, set ``alias``.
     Returns {"name", "version", "run_id", "model_uri"}."""
-    from mlflow.tracking import MlflowClient
     if (run_id is None) == (best_of is None):
         raise RegistryError("give exactly one of run_id / best_of")
     run_id = run_id or best_child(uri, best_of)
@@ -183,7 +177,7 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
     p = serving.from_state(state)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(uri)
+    client = tracking.open_client(uri)
     with tempfile.TemporaryDirectory() as d:
         model_path, cfg_path = Path(d) / serving.MODEL_FILE, Path(d) / "config.toml"
         torch.save(state, model_path)

@@ -53,8 +53,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def collect(uri: str, experiment: str) -> list[Group]:
     """The experiment's runs grouped by ``ebm.group`` (runs without the tag are skipped), sorted by name."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
+    from pipelines.tracking import open_client
+    client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"ebm results: no experiment {experiment!r} in {uri}")
@@ -119,8 +119,8 @@ def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
     import shutil
     import tempfile
 
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
+    from pipelines.tracking import open_client
+    client = open_client(uri)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for g in groups:

@@ -43,33 +43,45 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
                                 f"MLFLOW_TRACKING_URI to use the local {DEFAULT_URI}") from e
-    elif uri.startswith("sqlite:///"):
-        d = Path(uri[len("sqlite:///"):]).resolve().parent
+    elif (d := _sqlite_dir(uri)) is not None:
         if not d.is_dir() or not os.access(d, os.W_OK):
             raise TrackingError(f"MLflow store {uri}: directory {d} does not exist or is not writable")
 
 
+def _sqlite_dir(uri: str) -> Path | None:
+    """The directory of a SQLite store's file; None for any other kind of URI."""
+    return Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else None
+
+
 def _artifact_location(uri: str) -> str | None:
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns-artifacts").as_uri()
-    return None
+    d = _sqlite_dir(uri)
+    return (d / "mlruns-artifacts").as_uri() if d is not None else None
 
 
 @contextlib.contextmanager
-def _store_creation_lock(uri: str):
-    """Hold an exclusive lock on a SQLite store's directory while MLflow opens it. Opening a new store
-    creates and migrates its schema, and two processes doing that at once fail (alembic
-    CircularDependencyError): e.g. two ``ebm train --local`` started together on a new mlruns.db.
-    (Processes on one host only: a SQLite store is not shared across hosts anyway.)"""
-    if not uri.startswith("sqlite:///"):
+def _store_lock(uri: str):
+    """Hold an exclusive lock on a SQLite store's directory. Opening a new store creates and migrates
+    its schema, and two processes doing that at once fail (alembic CircularDependencyError): e.g. two
+    ``ebm train --local`` started together on a new mlruns.db. Processes on one host only — a SQLite
+    store is not shared across hosts. Not re-entrant: do not nest."""
+    d = _sqlite_dir(uri)
+    if d is None or not d.is_dir():     # not SQLite, or MLflow's own error about the path will do
         yield
         return
-    fd = os.open(Path(uri[len("sqlite:///"):]).resolve().parent, os.O_RDONLY)
+    fd = os.open(d, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)   # releases the lock
+
+
+def open_client(uri: str):
+    """An ``MlflowClient`` for ``uri``, opened under the store lock. Every MLflow client of the
+    pipelines comes from here."""
+    from mlflow.tracking import MlflowClient
+    with _store_lock(uri):
+        return MlflowClient(uri)
 
 
 def git_sha() -> str:
@@ -85,7 +97,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     import mlflow
     from mlflow.tracking import MlflowClient
     check_reachable(uri)
-    with _store_creation_lock(uri):   # also makes get-or-create of the experiment one step
+    with _store_lock(uri):   # also makes get-or-create of the experiment one step
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
@@ -135,28 +147,24 @@ def package_versions() -> dict[str, str]:
 
 
 def end_run(uri: str, run_id: str, status: str) -> None:
-    from mlflow.tracking import MlflowClient
-    _retry(MlflowClient(uri).set_terminated, run_id, status=status)
+    _retry(open_client(uri).set_terminated, run_id, status=status)
 
 
 def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
-    from mlflow.tracking import MlflowClient
-    _retry(MlflowClient(uri).set_tag, run_id, key, value)
+    _retry(open_client(uri).set_tag, run_id, key, value)
 
 
 def log_artifacts(uri: str, run_id: str, local_dir: str, artifact_path: str) -> None:
-    from mlflow.tracking import MlflowClient
-    _retry(MlflowClient(uri).log_artifacts, run_id, local_dir, artifact_path)
+    _retry(open_client(uri).log_artifacts, run_id, local_dir, artifact_path)
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     """Finite numeric values of ``metrics`` at ``step``, in batches."""
     import math
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step) for k, v in metrics.items()
              if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    client = MlflowClient(uri)
+    client = open_client(uri)
     for s in range(0, len(items), 500):
         _retry(client.log_batch, run_id, metrics=items[s:s + 500])

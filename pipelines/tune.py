@@ -158,8 +158,7 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         params.update(grace_period=spec["grace_period"], reduction_factor=spec["reduction_factor"])
     if spec.get("parent_run_id"):       # a resumed sweep keeps its parent run, even a finished one
         parent = spec["parent_run_id"]
-        from mlflow.tracking import MlflowClient
-        MlflowClient(uri).update_run(parent, status="RUNNING")
+        tracking.open_client(uri).update_run(parent, status="RUNNING")
     else:
         parent = tracking.start_run(uri, experiment, name, params,
                                     {"ebm.kind": "sweep", "git_sha": tracking.git_sha(), "task": base.task.name,

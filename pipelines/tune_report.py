@@ -15,8 +15,8 @@ UNVALIDATED = 1e29      # worker_loop reports val_nll = 1e30 before the first va
 
 def _child_runs(uri: str, parent: str) -> dict[str, tuple[str, str]]:
     """trial id -> (MLflow child run id, status)."""
-    from mlflow.tracking import MlflowClient
-    c = MlflowClient(uri)
+    from pipelines.tracking import open_client
+    c = open_client(uri)
     exp = c.get_run(parent).info.experiment_id
     runs = c.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=5000)
     return {r.data.tags.get("ebm.trial_id"): (r.info.run_id, r.info.status) for r in runs}

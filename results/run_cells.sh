@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 7 cell loop: one `ebm train --local --seeds 5` per cell, lowest CPU priority, one torch thread,
 # all under experiment "paper-claims" (SQLite store results/mlruns.db). Two loops may share a new
-# store: opening it is serialised (pipelines/tracking.py, _store_creation_lock) since two clients
+# store: opening it is serialised (pipelines/tracking.py, open_client) since two clients
 # creating its schema at once lost one cell here.
 # Usage: results/run_cells.sh CONFIG EPOCHS M_TRAIN CELL...
 #   cells: learned_K1 learned_K4 learned_K16 nce_fixed mdn_K4 mdn_K8 teacher_K4 teacher_K8
