@@ -46,16 +46,17 @@ def density_figure(model, task, split, path: str | Path, n: int = 3, title: str 
     lp = true_log_density(task, x.cpu(), aux, grid)
     if lp is not None:
         curves["true"] = torch.softmax(lp, dim=1) / dx
+    image = x.dim() == 4
+    inset_box = (0.78, 0.62, 0.2, 0.35)    # axes fraction: x, y, width, height
     for i in range(n):
         ax = axes[0, i]
         for (label, dens), style in zip(curves.items(), ("-", "--", ":")):
             ax.plot(grid.numpy(), dens[i].numpy(), style, label=label)
         ax.axvline(float(y[i, 0]), color="k", lw=0.8, label="label")
-        image = x.dim() == 4
         if image:  # show the input in the panel's top-right corner, in headroom above the curves
             top = max(float(d[i].max()) for d in curves.values())
-            ax.set_ylim(0, top / 0.6)
-            inset = ax.inset_axes([0.78, 0.62, 0.2, 0.35])
+            ax.set_ylim(0, top / (inset_box[1] - 0.02))
+            inset = ax.inset_axes(inset_box)
             inset.imshow(_display_image(x[i]), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
             inset.set_axis_off()
         ax.set_xlabel(f"y ({task.units})" if task.units else "y")
