@@ -37,17 +37,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _released_together(script: str, argvs: list[list[str]], go) -> list[subprocess.Popen]:
+    """Start one process per argv; each waits on the same start line (``go``), then all go at once."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv in argvs]
+    time.sleep(3)           # all have imported mlflow and wait on the start line
+    go.write_text("go")
+    return procs
+
+
 def test_two_concurrent_writers_of_200_metrics_each_lose_nothing(tmp_path):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     run_id = tracking.start_run(uri, "ebm", "shared", {"a": 1}, {}, "seed = 0\n")
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, run_id, key, str(go)], stderr=subprocess.PIPE,
-                              text=True) for key in ("from_a", "from_b")]
-    time.sleep(3)           # both have imported mlflow and wait on the same start line
-    go.write_text("go")
+    procs = _released_together(WRITER, [[uri, run_id, key, str(go)] for key in ("from_a", "from_b")], go)
     for p in procs:
-        assert p.wait(timeout=180) == 0, p.stderr.read()[-2000:]
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
     c = MlflowClient(uri)
     for key in ("from_a", "from_b"):
         hist = c.get_metric_history(run_id, key)
@@ -62,10 +69,7 @@ def test_two_jobs_starting_together_on_a_new_store_both_get_their_run(tmp_path):
         d = tmp_path / str(attempt)
         d.mkdir()
         uri, go = f"sqlite:///{d}/mlruns.db", d / "go"
-        procs = [subprocess.Popen([sys.executable, "-c", STARTER, uri, name, str(go)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for name in ("job_a", "job_b")]
-        time.sleep(3)       # both have imported mlflow and wait on the same start line
-        go.write_text("go")
+        procs = _released_together(STARTER, [[uri, name, str(go)] for name in ("job_a", "job_b")], go)
         ids = []
         for p in procs:
             out, err = p.communicate(timeout=180)
