@@ -36,8 +36,8 @@ def main() -> None:
     from ebm.config import Config
     from ebm.train import fit
     from pipelines.cli import resolve_config
-    from pipelines.runtime import tune_malloc
-    from pipelines.train_job import run_job
+    from pipelines.worker.runtime import tune_malloc
+    from pipelines.driver.train_job import run_job
 
     base = Config.from_toml(resolve_config(args.config), args.set)
     if base.optim.batch_size % 2:

@@ -30,7 +30,7 @@ def trained(args):
     if args.model:
         import mlflow
 
-        from pipelines.registry import load_predictor
+        from pipelines.serve.registry import load_predictor
         if args.tracking_uri:
             mlflow.set_tracking_uri(args.tracking_uri)
         p = load_predictor(args.model)

@@ -34,7 +34,7 @@ def plain(cfg) -> tuple[float, float]:
     import torch
 
     from ebm.train import fit
-    from pipelines.runtime import tune_malloc
+    from pipelines.worker.runtime import tune_malloc
     tune_malloc()           # as train_local and every Ray worker do
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -43,7 +43,7 @@ def plain(cfg) -> tuple[float, float]:
 
 
 def ray_job(cfg, workers: int, tmp: str) -> tuple[float, float]:
-    from pipelines.train_job import run_job
+    from pipelines.driver.train_job import run_job
     t0 = time.perf_counter()
     m = run_job(cfg, name=f"bench-{workers}w-{time.time_ns()}", num_workers=workers, storage_path=f"{tmp}/runs",
                 tracking_uri=f"sqlite:///{tmp}/mlruns.db", cpus_per_worker=1.0, threads=1)

@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
-    from pipelines.runtime import tune_malloc
+    from pipelines.worker.runtime import tune_malloc
     tuned = tune_malloc()       # process-wide: applies to both forms alike
     if args.threads:
         torch.set_num_threads(args.threads)

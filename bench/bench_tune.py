@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--schedulers", default="fifo,asha", help="which sweeps to run")
     args = ap.parse_args(argv)
     from pipelines.cli import resolve_config
-    from pipelines.tune import check_space, run_sweep
+    from pipelines.driver.tune import check_space, run_sweep
     cfg = Config.from_toml(resolve_config(args.config), [f"optim.epochs={args.epochs}", "eval.every=1",
                                                          "sampler.refine_steps=0"])
     space = check_space({"proposal.K": {"grid": [int(v) for v in args.K.split(",")]},

@@ -1,7 +1,8 @@
-"""The ``ebm`` console script: the pipelines commands plus ``submit`` and ``jobs`` for a Ray cluster.
+"""``ebm submit`` and ``ebm jobs``: the ``ebm`` command's cluster subcommands.
 
-Dependencies point one way (cluster -> pipelines -> ebm): this module extends the parser that
-``pipelines.cli`` builds and never imports ``ebm``.
+This package stands apart: it submits the ``ebm`` command as a string (as ``ray job submit -- python
+train.py`` does) and imports neither ``ebm`` nor ``pipelines``; ``pipelines.cli`` adds these
+subcommands to the ``ebm`` parser.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import argparse
 import os
 import sys
 
-from pipelines.cli import build_parser
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -87,15 +87,3 @@ def add_cluster_commands(sub) -> None:
     jp.add_argument("--address", default="")
     jp.add_argument("--follow", action="store_true", help="with logs: follow until the job ends")
     jp.set_defaults(func=_jobs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    add_cluster_commands(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

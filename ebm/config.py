@@ -39,8 +39,8 @@ def _check(cond: bool, key: str, msg: str, value: Any) -> None:
 
 @dataclass
 class TaskConfig:
-    name: str = "toy2"
-    data_dir: str = ""      # a Parquet dataset (pipelines/data); "" = generate in memory
+    name: str = "toy2"      # a generator (toy1, toy2, star) without data_dir; with one, the dataset's task
+    data_dir: str = ""      # a Parquet dataset (pipelines/data): it defines the task; "" = generate in memory
     seed: int = 0           # data seed for synthetic tasks (toy2 is a fixed split)
     n_train: int = 0        # 0 = the task's default size
     n_val: int = 0
@@ -48,7 +48,15 @@ class TaskConfig:
     image_size: int = 0     # 0 = the task's default
 
     def __post_init__(self):
-        _check(isinstance(self.name, str) and self.name != "", "task.name", "must be a task name", self.name)
+        _check(isinstance(self.name, str), "task.name", "must be a task name", self.name)
+        _check(isinstance(self.data_dir, str), "task.data_dir", "must be a path", self.data_dir)
+        if not self.data_dir:
+            # With a dataset the dataset defines the task (its name is taken from it, see
+            # pipelines.worker.data.prepare_dataset); without one the name picks a generator.
+            from .tasks import GENERATED
+            _check(self.name in GENERATED, "task.name",
+                   f"must name a generated task ({', '.join(GENERATED)}) when task.data_dir is empty; for any "
+                   "other data ingest it (`ebm data ingest`) and set task.data_dir", self.name)
         for k in ("n_train", "n_val", "n_test", "image_size"):
             v = getattr(self, k)
             _check(isinstance(v, int) and v >= 0, f"task.{k}", "must be an integer >= 0", v)
@@ -242,27 +250,21 @@ class Config:
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: list[str] | None = None) -> "Config":
-        cfg = cls.from_dict(read_toml(path, "config file"))
-        return cfg.with_overrides(overrides or [])
+        """The file's values over the defaults, then ``overrides``; validated once, on the result (so
+        an override may complete what the file leaves open, e.g. ``task.data_dir``)."""
+        flat = Config().to_flat()
+        for name, value in read_toml(path, "config file").items():
+            if isinstance(value, dict) and name in _SECTIONS:
+                flat.update({f"{name}.{k}": v for k, v in value.items()})
+            else:
+                flat[name] = value
+        return cls.from_flat(_apply_overrides(flat, overrides or []))
 
     def with_overrides(self, overrides: list[str]) -> "Config":
         """Apply ``section.key=value`` strings (values parsed as TOML, else taken as strings)."""
         if not overrides:
             return self
-        flat = self.to_flat()
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.key=value")
-            key, raw = item.split("=", 1)
-            key = key.strip()
-            if key not in flat:
-                raise ConfigError(f"override names unknown key {key!r}; known: {sorted(flat)}")
-            try:
-                value = tomllib.loads(f"v = {raw}")["v"]
-            except tomllib.TOMLDecodeError:
-                value = raw
-            flat[key] = value
-        return Config.from_flat(flat)
+        return Config.from_flat(_apply_overrides(self.to_flat(), overrides))
 
     def to_toml(self) -> str:
         lines = [f"seed = {_toml_value(self.seed)}"]
@@ -271,6 +273,27 @@ class Config:
                 lines.append(f"\n[{name}]")
                 lines += [f"{k} = {_toml_value(v)}" for k, v in value.items()]
         return "\n".join(lines) + "\n"
+
+
+_SECTIONS = ("task", "features", "energy", "proposal", "method", "sampler", "optim", "schedule", "eval")
+
+
+def _apply_overrides(flat: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``section.key=value`` strings applied to a flat dict (values parsed as TOML, else strings)."""
+    flat = dict(flat)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in flat:
+            raise ConfigError(f"override names unknown key {key!r}; known: {sorted(flat)}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        flat[key] = value
+    return flat
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -28,6 +28,12 @@ def log_partition_is(f_samples: torch.Tensor, logq_samples: torch.Tensor) -> tor
     return torch.logsumexp(f_samples - logq_samples, dim=1) - math.log(M)
 
 
+def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
+    """Effective sample size / M of self-normalised weights: log_w (B, M) -> (B,) in (0, 1]."""
+    w = torch.softmax(log_w, dim=1)
+    return 1.0 / (w * w).sum(1) / log_w.shape[1]
+
+
 def proposal_kl_loss(f_samples: torch.Tensor, logq_samples: torch.Tensor) -> torch.Tensor:
     """L_KL(φ) = mean_i log Ẑ_i with f detached: its φ-gradient is the self-normalised IS estimate of
     ∇_φ KL(p_θ ‖ q_φ) (samples held fixed). Never reaches θ or the feature net."""

@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from .predict import TWO_PI, wrap_diff
+from .circular import TWO_PI, circ_mask, wrap_diff
+from .losses import log_partition_is
 
 
 def grid_points(grids: list[torch.Tensor]) -> torch.Tensor:
@@ -44,7 +45,7 @@ def is_nll(model, x: torch.Tensor, y: torch.Tensor, M: int, generator: torch.Gen
     mix = model.propose(enc)
     ys = mix.sample(M, generator)
     f = model.score(enc, torch.cat([y.unsqueeze(1), ys], dim=1))
-    log_z = torch.logsumexp(f[:, 1:] - mix.log_prob(ys), dim=1) - math.log(M)
+    log_z = log_partition_is(f[:, 1:], mix.log_prob(ys))
     return -f[:, 0] + log_z
 
 
@@ -93,7 +94,7 @@ def crps_weighted(samples: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
     # E|X − X'| = 2 Σ_i w_i x_(i) (2 F_i − w_i − 1) for sorted samples with cumulative weight F_i.
     e2 = 2.0 * (ws * xs * (2.0 * cum - ws - 1.0)).sum(1)
     if any(circular):
-        circ = torch.tensor(circular, device=samples.device)
+        circ = circ_mask(circular, samples.device)
         for d in [i for i, c in enumerate(circular) if c]:
             diff = wrap_diff(samples[:, :, d].unsqueeze(2) - samples[:, :, d].unsqueeze(1), (True,)).abs()
             e2_c = torch.einsum("bi,bij,bj->b", w, diff, w)
@@ -106,8 +107,8 @@ def abs_error(pred: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -
     return wrap_diff(pred - y, circular).abs()
 
 
-def interval_covered(interval: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
-    """Whether y lies in the central interval (B, 2, D) in every dim -> (B,) bool.
+def interval_covered_per_dim(interval: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
+    """Whether y lies in the central interval (B, 2, D), per dim -> (B, D) bool.
 
     Circular intervals are arcs from lo to hi counter-clockwise (they may wrap through 0).
     """
@@ -115,5 +116,10 @@ def interval_covered(interval: torch.Tensor, y: torch.Tensor, circular: tuple[bo
     inside = (y >= lo) & (y <= hi)
     if any(circular):
         arc = torch.remainder(y - lo, TWO_PI) <= torch.remainder(hi - lo, TWO_PI)
-        inside = torch.where(torch.tensor(circular, device=y.device), arc, inside)
-    return inside.all(dim=1)
+        inside = torch.where(circ_mask(circular, y.device), arc, inside)
+    return inside
+
+
+def interval_covered(interval: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
+    """Whether y lies in the central interval (B, 2, D) in every dim -> (B,) bool."""
+    return interval_covered_per_dim(interval, y, circular).all(dim=1)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
+from .circular import circ_mask
 from .proposal import Mixture
 from .resnet import ResNet, resnet_for
 
@@ -59,7 +60,7 @@ class EnergyHead(nn.Module):
                  hidden: int, residual_blocks: int):
         super().__init__()
         self.feat_dim = feat_dim
-        self.register_buffer("circular", torch.tensor(circular, dtype=torch.bool), persistent=False)
+        self.register_buffer("circular", circ_mask(circular), persistent=False)
         self.n_circ = sum(circular)
         self.y_net = _mlp([D + self.n_circ] + list(y_embed))
         self.joint = nn.Linear(feat_dim + y_embed[-1], hidden)

@@ -7,12 +7,12 @@ samples unwrapped to (mean − π, mean + π].
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from .proposal import TWO_PI
+from .circular import TWO_PI, circ_mask, wrap, wrap_diff
+from .losses import ess_fraction, log_partition_is
 
 
 @dataclass
@@ -31,18 +31,6 @@ class Prediction:
     samples: torch.Tensor | None = None  # (B, M, D)
     weights: torch.Tensor | None = None  # (B, M), sum to 1
     extra: dict = field(default_factory=dict)
-
-
-def circ_mask(circular: tuple[bool, ...], device) -> torch.Tensor:
-    return torch.tensor(circular, dtype=torch.bool, device=device)
-
-
-def wrap_diff(d: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
-    """Differences with circular dims mapped to (−π, π]."""
-    if not any(circular):
-        return d
-    wrapped = d - TWO_PI * torch.round(d / TWO_PI)
-    return torch.where(circ_mask(circular, d.device), wrapped, d)
 
 
 def weighted_mean(y: torch.Tensor, w: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
@@ -86,9 +74,8 @@ def summarize(samples: torch.Tensor, log_w: torch.Tensor, circular: tuple[bool, 
     alpha = (1.0 - interval_level) / 2.0
     lv = torch.tensor(list(levels) + [alpha, 1.0 - alpha], device=samples.device)
     qs = weighted_quantiles(centred, w, lv) + mean.unsqueeze(1)
-    if any(circular):
-        qs = torch.where(circ_mask(circular, qs.device), torch.remainder(qs, TWO_PI), qs)
-    ess = 1.0 / (w * w).sum(1) / w.shape[1]
+    qs = wrap(qs, circular)
+    ess = ess_fraction(log_w)
     return {"mean": mean, "std": std, "quantiles": qs[:, : len(levels)], "interval": qs[:, len(levels):],
             "weights": w, "ess": ess}
 
@@ -107,8 +94,7 @@ def refine_mode(model, enc, y0: torch.Tensor, step: torch.Tensor, n_steps: int,
             g = torch.autograd.grad(model.score(enc, yg.unsqueeze(1)).sum(), yg)[0]
         with torch.no_grad():
             cand = y + step * g
-            if any(circular):
-                cand = torch.where(circ_mask(circular, y.device), torch.remainder(cand, TWO_PI), cand)
+            cand = wrap(cand, circular)
             f_new = model.score(enc, cand.unsqueeze(1))[:, 0]
             better = f_new > f
             y = torch.where(better.unsqueeze(1), cand, y)
@@ -134,7 +120,7 @@ def predict(model, x: torch.Tensor, circular: tuple[bool, ...], M: int = 1024,
     if model.has_energy:
         f = model.score(enc, ys)
         log_w = f - logq
-        log_z = torch.logsumexp(log_w, dim=1) - math.log(M)
+        log_z = log_partition_is(f, logq)
         key = f
     else:
         log_w = torch.zeros_like(logq)
@@ -160,5 +146,5 @@ def log_density(model, x: torch.Tensor, y: torch.Tensor, M: int = 1024,
         return model.propose(enc).log_prob(y)
     mix = model.propose(enc)
     ys = mix.sample(M, generator)
-    log_z = torch.logsumexp(model.score(enc, ys) - mix.log_prob(ys), dim=1) - math.log(M)
+    log_z = log_partition_is(model.score(enc, ys), mix.log_prob(ys))
     return model.score(enc, y) - log_z.unsqueeze(1)

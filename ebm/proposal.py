@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-TWO_PI = 2.0 * math.pi
+from .circular import TWO_PI
+
 _LOG_2PI = math.log(TWO_PI)
 
 

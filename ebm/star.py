@@ -15,10 +15,11 @@ import math
 import numpy as np
 import torch
 
+from .circular import TWO_PI
+
 R_IN = 0.35        # inner / outer radius in half-frame units (ρ = 1 at the middle of an edge)
 R_OUT = 0.85
 KAPPA = 50.0
-TWO_PI = 2.0 * math.pi
 
 
 def _subsample_polar(size: int, supersample: int) -> tuple[np.ndarray, np.ndarray]:

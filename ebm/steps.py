@@ -11,20 +11,8 @@ import torch
 
 from . import losses
 from .config import Config
-from .proposal import TWO_PI, fixed_gmm_log_prob, fixed_gmm_sample
-
-
-def _wrap(y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
-    if not any(circular):
-        return y
-    circ = torch.tensor(circular, device=y.device)
-    return torch.where(circ, torch.remainder(y, TWO_PI), y)
-
-
-def ess_fraction(log_w: torch.Tensor) -> torch.Tensor:
-    """Effective sample size / M of self-normalised weights: log_w (B, M) -> (B,) in (0, 1]."""
-    w = torch.softmax(log_w, dim=1)
-    return 1.0 / (w * w).sum(1) / log_w.shape[1]
+from .circular import wrap
+from .proposal import fixed_gmm_log_prob, fixed_gmm_sample
 
 
 def _learned_proposal(model, x, y, cfg: Config, epoch: int, generator, circular):
@@ -49,7 +37,7 @@ def _learned_proposal(model, x, y, cfg: Config, epoch: int, generator, circular)
     else:
         loss = nce + cfg.method.kl_weight * kl
     with torch.no_grad():
-        ess = ess_fraction(f[:, 1:] - logq[:, 1:]).mean()
+        ess = losses.ess_fraction(f[:, 1:] - logq[:, 1:]).mean()
         is_nll = (log_z - f[:, 0]).mean()
     return loss, {"loss": loss.item(), "nce": nce.item(), "log_z": kl.item(), "mdn_nll": nll_q.item(),
                   "is_nll": is_nll.item(), "ess": ess.item()}
@@ -63,11 +51,11 @@ def _fixed_proposal(model, x, y, cfg: Config, epoch: int, generator, circular, s
     M = cfg.sampler.M_train
     sig = torch.as_tensor(sigmas, dtype=y.dtype, device=y.device)
     eps = fixed_gmm_sample((B, M), D, sig, generator)                          # (B, M, D)
-    y_s = _wrap(y.unsqueeze(1) + eps, circular)
+    y_s = wrap(y.unsqueeze(1) + eps, circular)
     logq_s = fixed_gmm_log_prob(eps, sig)                                      # (B, M)
     if name == "nce_plus":
         eps0 = cfg.method.nce_plus_beta * fixed_gmm_sample((B, 1), D, sig, generator)
-        y0 = _wrap(y.unsqueeze(1) + eps0, circular)
+        y0 = wrap(y.unsqueeze(1) + eps0, circular)
         logq_0 = fixed_gmm_log_prob(eps0, sig)[:, 0]
     else:
         y0 = y.unsqueeze(1)

@@ -11,6 +11,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .circular import TWO_PI
 from .star import KAPPA, make_star, render_star, star_true_log_density, wrap_float32
 
 __all__ = [
@@ -28,30 +30,51 @@ __all__ = [
     "rotate_with_circular_mask", "make_fashion_rotation", "read_idx", "make_synthetic", "KAPPA",
 ]
 
-TWO_PI = 2.0 * math.pi
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What the rest of the code needs to know about a task, independent of where data comes from."""
+    """What the rest of the code needs to know about a task, independent of where data comes from.
+
+    Built from a dataset's metadata (:func:`task_from_metadata`) wherever a dataset is used; the
+    built-in entries of :data:`TASKS` are only the defaults that ingest and the generators write."""
     name: str
     D: int                               # target dimension
-    x_shape: tuple[int, ...]             # (1,) for toys, (C, H, W) for images
+    x_shape: tuple[int, ...]             # (d,) for vector inputs, (C, H, W) for images
     circular: tuple[bool, ...]           # per target dim; circular dims live on [0, 2π)
     grid_lo: tuple[float, ...]           # evaluation grid per target dim (METHOD.md §4)
     grid_hi: tuple[float, ...]
     grid_n: tuple[int, ...]
     fixed_sigmas: tuple[float, float]    # hand-designed NCE proposal σ's (METHOD.md §3)
     ml_is_sigmas: tuple[float, float]    # ML-IS proposal σ's
-    units: str                           # "years", "degrees", "radians", "count", ""
+    units: tuple[str, ...]               # per target dim: "years", "degrees", "radians", "count", ""
     has_true_density: bool
+    target_names: tuple[str, ...] = ()   # per target dim; default "y" (D = 1) or "y0".."y{D-1}"
+    augment: str = ""                    # train-time augmentation of the streaming readers ("" = none)
+    norm_mean: tuple[float, ...] = ()    # images: x = (u8 / 255 − mean[c]) / std[c]; default image_norm(C)
+    norm_std: tuple[float, ...] = ()
 
     def __post_init__(self):
+        units = (self.units,) * self.D if isinstance(self.units, str) else tuple(self.units)
+        names = tuple(self.target_names) or (("y",) if self.D == 1 else tuple(f"y{d}" for d in range(self.D)))
+        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "target_names", names)
+        for key in ("x_shape", "circular", "grid_lo", "grid_hi", "grid_n", "fixed_sigmas", "ml_is_sigmas",
+                    "norm_mean", "norm_std"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        if self.is_image and not self.norm_mean:
+            mean, std = image_norm(self.x_shape[0])
+            object.__setattr__(self, "norm_mean", mean)
+            object.__setattr__(self, "norm_std", std)
+        if not 1 <= self.D <= MAX_D:
+            raise ValueError(f"task {self.name}: D = {self.D}; targets of 1 to {MAX_D} dims are supported")
         per_dim = {"circular": self.circular, "grid_lo": self.grid_lo, "grid_hi": self.grid_hi,
-                   "grid_n": self.grid_n}
+                   "grid_n": self.grid_n, "units": self.units, "target_names": self.target_names}
         for key, val in per_dim.items():
             if len(val) != self.D:
                 raise ValueError(f"task {self.name}: {key} has {len(val)} entries, D = {self.D}")
+        if len(set(self.target_names)) != self.D:
+            raise ValueError(f"task {self.name}: target names {list(self.target_names)} are not distinct")
         for d in range(self.D):
             if self.grid_n[d] < 2 or not self.grid_hi[d] > self.grid_lo[d]:
                 raise ValueError(f"task {self.name}: dim {d} grid needs n >= 2 and hi > lo")
@@ -60,6 +83,10 @@ class TaskSpec:
         for key in ("fixed_sigmas", "ml_is_sigmas"):
             if len(getattr(self, key)) != 2 or min(getattr(self, key)) <= 0:
                 raise ValueError(f"task {self.name}: {key} must be two positive σ's")
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.x_shape) == 3
 
     def grid(self) -> list[np.ndarray]:
         """Per-dim 1-D float64 grids (grid_n[d],). Linear dims include both end points (as the
@@ -73,6 +100,27 @@ class TaskSpec:
         for lo, hi, n, circ in zip(self.grid_lo, self.grid_hi, self.grid_n, self.circular):
             vol *= (hi - lo) / (n if circ else n - 1)
         return vol
+
+    def to_dict(self) -> dict:
+        """Plain lists and numbers (a checkpoint stores it; :meth:`from_dict` rebuilds the spec)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def image_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The default image normalisation: ImageNet statistics for RGB (METHOD.md §1), 0.5 / 0.5 for grey."""
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.5,) * channels, (0.5,) * channels
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_D = 3       # grid quadrature is exact enough and affordable up to 3 target dims (METHOD.md §4)
 
 
 def _linear(name, D, x_shape, lo, hi, n, sigmas, units, ml_is=None, true_density=False) -> TaskSpec:
@@ -101,12 +149,55 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 )}
 
 
+GENERATED = ("toy1", "toy2", "star")     # tasks whose data the code generates (no dataset needed)
+
+
 def get_task(name: str) -> TaskSpec:
-    """The spec of a known task; ValueError naming the known tasks otherwise."""
+    """The built-in defaults of a known task; ValueError naming the known tasks otherwise."""
     try:
         return TASKS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+
+
+def task_metadata(spec: TaskSpec) -> dict:
+    """The target description a dataset's metadata holds (the inverse of :func:`task_from_metadata`
+    for these keys; ingest adds the input, augmentation and split keys)."""
+    return dict(task=spec.name, D=spec.D, units=list(spec.units), target_names=list(spec.target_names),
+                circular=list(spec.circular),
+                grid={"lo": list(spec.grid_lo), "hi": list(spec.grid_hi), "n": list(spec.grid_n)},
+                fixed_sigmas=list(spec.fixed_sigmas), ml_is_sigmas=list(spec.ml_is_sigmas))
+
+
+def input_shape(meta: dict) -> tuple[int, ...]:
+    """A dataset's per-example input shape from its metadata: (C, H, W) or (d,)."""
+    inp = meta["input"]
+    shape = (inp["channels"], inp["height"], inp["width"]) if inp["kind"] == "image" else (inp["dim"],)
+    return tuple(int(s) for s in shape)
+
+
+def task_from_metadata(meta: dict) -> TaskSpec:
+    """The task a dataset defines, from its metadata (``_dataset.json``): target dims and names,
+    units, circular dims, grid, σ's, input shape, augmentation. No lookup by name: any task name
+    works. The exact density is known only for the built-in generators' own data."""
+    try:
+        grid = meta["grid"]
+        generated = (meta.get("source") or {}).get("format") == "synthetic"
+        return TaskSpec(
+            name=str(meta["task"]), D=int(meta["D"]), x_shape=input_shape(meta),
+            circular=tuple(bool(c) for c in meta["circular"]),
+            grid_lo=tuple(float(v) for v in grid["lo"]), grid_hi=tuple(float(v) for v in grid["hi"]),
+            grid_n=tuple(int(v) for v in grid["n"]),
+            fixed_sigmas=tuple(float(v) for v in meta["fixed_sigmas"]),
+            ml_is_sigmas=tuple(float(v) for v in meta.get("ml_is_sigmas") or meta["fixed_sigmas"]),
+            units=meta.get("units", ""), has_true_density=generated and TASKS[meta["task"]].has_true_density
+            if meta["task"] in TASKS else False,
+            target_names=tuple(meta.get("target_names") or ()),
+            augment=str((meta.get("augment") or {}).get("train", "")),
+            norm_mean=tuple((meta.get("normalisation") or {}).get("mean") or ()),
+            norm_std=tuple((meta.get("normalisation") or {}).get("std") or ()))
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"dataset metadata lacks or mangles {e} (needed to define the task)") from None
 
 
 TOY1_MIX_P, TOY1_MIX_SIGMA, TOY1_LOGNORMAL_SIGMA = 0.8, 0.075, 0.25

@@ -12,13 +12,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ebm import metrics as M  # noqa: E402
-from ebm.train import true_log_density  # noqa: E402
+from ebm.evaluate import true_log_density  # noqa: E402
 
 
-def _display_image(x: torch.Tensor) -> np.ndarray:
+def _display_image(x: torch.Tensor, task) -> np.ndarray:
     """A normalised (C, H, W) input back in [0, 1] for display, (H, W) or (H, W, 3)."""
-    from ebm.train import image_norm
-    mean, std = image_norm(x.shape[0])
+    mean, std = task.norm_mean, task.norm_std
     img = x.cpu().float() * torch.tensor(std).view(-1, 1, 1) + torch.tensor(mean).view(-1, 1, 1)
     img = img.clamp(0, 1).numpy()
     return img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
@@ -57,9 +56,9 @@ def density_figure(model, task, split, path: str | Path, n: int = 3, title: str 
             top = max(float(d[i].max()) for d in curves.values())
             ax.set_ylim(0, top / (inset_box[1] - 0.02))
             inset = ax.inset_axes(inset_box)
-            inset.imshow(_display_image(x[i]), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
+            inset.imshow(_display_image(x[i], task), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
             inset.set_axis_off()
-        ax.set_xlabel(f"y ({task.units})" if task.units else "y")
+        ax.set_xlabel(f"{task.target_names[0]} ({task.units[0]})" if task.units[0] else task.target_names[0])
         if i == 0:
             ax.legend(fontsize=7, loc="upper left" if image else "best")
     fig.suptitle(f"{task.name} {title}".strip())

@@ -92,8 +92,10 @@ def git_sha() -> str:
         return "unknown"
 
 
-def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict, config_toml: str) -> str:
-    """Create (or, for a resumed run name, reopen) the job's MLflow run; returns its id."""
+def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict, config_toml: str,
+              reopen: bool = False) -> str:
+    """Create the job's MLflow run, or with ``reopen`` (a resumed run) reopen the latest run of that
+    name, whatever its status; returns its id."""
     import mlflow
     from mlflow.tracking import MlflowClient
     check_reachable(uri)
@@ -104,7 +106,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
             experiment, artifact_location=_artifact_location(uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
-    if found and found[0].info.status != "FINISHED":
+    if found and reopen:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
@@ -168,3 +170,18 @@ def log_metrics(uri: str, run_id: str, metrics: dict, step: int) -> None:
     client = open_client(uri)
     for s in range(0, len(items), 500):
         _retry(client.log_batch, run_id, metrics=items[s:s + 500])
+
+
+def epoch_metrics(row: dict) -> dict:
+    """What MLflow gets of an epoch's report: every number but the bookkeeping, and ``val_*`` only
+    for an epoch that validated (a carried-forward val_nll is not a new point)."""
+    fresh = row.get("validated", 1.0) > 0
+    return {k: v for k, v in row.items() if k not in ("epoch", "validated") and isinstance(v, (int, float))
+            and (fresh or not k.startswith("val_")) and not k.startswith("test_")}
+
+
+def log_epoch(uri: str, run_id: str, row: dict, plots_dir: str | None = None) -> None:
+    """One epoch of a training run: its metrics at step = epoch, and its density plots if any."""
+    log_metrics(uri, run_id, epoch_metrics(row), step=int(row["epoch"]))
+    if plots_dir and Path(plots_dir).is_dir():
+        log_artifacts(uri, run_id, str(plots_dir), "plots")

@@ -43,8 +43,16 @@ Chunk = tuple[list, np.ndarray, object, dict]
 def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *, task: str | None = None,
            seed: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS, val_frac: float = 0.1,
            test_frac: float = 0.2, size: int | None = None, n: dict | None = None,
-           manifest: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
-    """Ingest ``source`` (format ``fmt``) into dataset directory ``out`` -> the dataset metadata."""
+           manifest: str | None = None, targets: dict | None = None, overwrite: bool = False,
+           progress: bool = True) -> dict:
+    """Ingest ``source`` (format ``fmt``) into dataset directory ``out`` -> the dataset metadata.
+
+    ``targets`` (folder_csv only) declares a new task's targets: ``names`` (manifest columns, in
+    order), ``circular`` {name: period | None}, ``units`` {name: unit}, ``grid`` {name: (lo, hi, n)},
+    ``sigmas`` (σ1, σ2); see :func:`declare_targets`."""
+    if targets and fmt != "folder_csv":
+        raise DatasetError(f"target declarations (--targets, --circular, --units, --grid, --sigmas) apply to "
+                           f"folder_csv, not {fmt}")
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
@@ -53,7 +61,8 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
         raise DatasetError(f"split sizes (--n-train/--n-val/--n-test) apply to synthetic and fashion_rotation, not {fmt}")
     if n and any(int(m) < 1 for m in n.values()):
         raise DatasetError(f"split sizes must be >= 1, got {n}")
-    opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest)
+    opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest,
+                targets=dict(targets or {}))
     if fmt == "fashion_rotation":
         source = source or FASHION_DIR
     if source is None:
@@ -66,13 +75,9 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
 
 
 def task_meta(name: str, input_: dict, **over) -> dict:
-    """Metadata fields from a known task spec (ebm.tasks), with ``over`` taking precedence."""
-    from ebm.tasks import get_task
-    spec = get_task(name)
-    meta = dict(task=spec.name, D=spec.D, units=spec.units, circular=list(spec.circular),
-                grid={"lo": list(spec.grid_lo), "hi": list(spec.grid_hi), "n": list(spec.grid_n)},
-                fixed_sigmas=list(spec.fixed_sigmas), ml_is_sigmas=list(spec.ml_is_sigmas),
-                input=input_, normalisation=None, augment={}, aux={})
+    """Metadata fields from a built-in task's defaults (ebm.tasks), with ``over`` taking precedence."""
+    from ebm.tasks import get_task, task_metadata
+    meta = dict(task_metadata(get_task(name)), input=input_, normalisation=None, augment={}, aux={})
     if input_["kind"] == "image":
         meta["normalisation"] = _normalisation(input_["channels"])
     meta.update(over)
@@ -80,7 +85,7 @@ def task_meta(name: str, input_: dict, **over) -> dict:
 
 
 def _normalisation(channels: int) -> dict:
-    from ebm.train import image_norm
+    from ebm.tasks import image_norm
     mean, std = image_norm(channels)
     return {"mean": list(mean), "std": list(std), "rule": "imagenet" if channels == 3 else "0.5/0.5 grey"}
 
@@ -89,17 +94,84 @@ def _seeded_rule(o: dict) -> str:
     return f"seeded permutation: test {o['test_frac']}, val {o['val_frac']}"
 
 
-def custom_meta(name: str, y: np.ndarray, input_: dict) -> dict:
-    """A task not in ebm.tasks: grid over the observed y range padded by 5 % (1000 points for
-    D = 1, 30 per dim otherwise); σ's 1 % and 20 % of the widest range, mirroring §3's pairs."""
-    lo, hi = y.min(0).astype(float), y.max(0).astype(float)
-    pad = np.maximum(0.05 * (hi - lo), 1e-3)
-    width = float((hi - lo + 2 * pad).max())
+DEFAULT_GRID_N = {1: (1000, 1024), 2: (128, 128), 3: (30, 30)}   # per dim by D: (linear, circular)
+
+
+def declare_targets(name: str, y: np.ndarray, names: list[str], decl: dict) -> tuple[dict, np.ndarray]:
+    """A new task's target description from the data and the user's declarations -> (metadata
+    fields, y with circular dims in radians on [0, 2π)).
+
+    decl: ``circular`` {name: period or None (= 2π, radians)}, ``units`` {name: unit}, ``grid``
+    {name: (lo, hi, n)}, ``sigmas`` (σ1, σ2). Defaults from the data: a linear dim's grid spans the
+    observed range padded by 5 %; circular dims span [0, 2π); 1000 / 1024 points per dim for D = 1,
+    128 for D = 2, 30 for D = 3; σ's 1 % and 20 % of the widest linear range (mirroring METHOD.md
+    §3's pairs), or 0.05 and 0.8 rad when every dim is circular."""
+    from ebm.tasks import MAX_D, TWO_PI
     D = y.shape[1]
-    return dict(task=name, D=D, units="", circular=[False] * D,
-                grid={"lo": (lo - pad).tolist(), "hi": (hi + pad).tolist(), "n": [1000 if D == 1 else 30] * D},
-                fixed_sigmas=[0.01 * width, 0.2 * width], ml_is_sigmas=[0.01 * width, 0.2 * width],
-                input=input_, normalisation=_normalisation(input_["channels"]), augment={}, aux={})
+    if not 1 <= D <= MAX_D:
+        raise DatasetError(f"{D} target columns {names}: targets of 1 to {MAX_D} dims are supported")
+    for key in ("circular", "units", "grid"):
+        unknown = sorted(set(decl.get(key) or {}) - set(names))
+        if unknown:
+            raise DatasetError(f"--{key} names {unknown}, which are not target columns; targets: {names}")
+    circular = decl.get("circular") or {}
+    y = y.astype(np.float64)
+    periods = {}
+    for d, n in enumerate(names):
+        if n in circular:
+            period = float(circular[n] or TWO_PI)
+            if not period > 0:
+                raise DatasetError(f"--circular {n}: the period must be > 0, got {period}")
+            y[:, d] = np.mod(y[:, d], period) * (TWO_PI / period)
+            periods[n] = period
+    y = y.astype(np.float32)
+    y[y >= np.float32(TWO_PI)] = 0.0        # float32 rounding may land a wrapped angle on 2π
+    circ = [n in circular for n in names]
+    n_lin, n_circ = DEFAULT_GRID_N[D]
+    lo, hi, num = [], [], []
+    for d, n in enumerate(names):
+        if circ[d]:
+            g = (0.0, TWO_PI, n_circ)
+            if n in (decl.get("grid") or {}):
+                raise DatasetError(f"--grid {n}: a circular dim's grid is [0, 2π); give its point count with the "
+                                   "linear dims' grids only")
+        else:
+            a, b = float(y[:, d].min()), float(y[:, d].max())
+            pad = max(0.05 * (b - a), 1e-3)
+            g = tuple((decl.get("grid") or {}).get(n) or (a - pad, b + pad, n_lin))
+            if not (len(g) == 3 and g[1] > g[0] and int(g[2]) >= 2):
+                raise DatasetError(f"--grid {n}: need LO:HI:N with HI > LO and N >= 2, got {g}")
+            if y[:, d].min() < g[0] or y[:, d].max() > g[1]:
+                raise DatasetError(f"--grid {n}: [{g[0]}, {g[1]}] does not hold the data's range "
+                                   f"[{y[:, d].min()}, {y[:, d].max()}]")
+        lo.append(float(g[0]))
+        hi.append(float(g[1]))
+        num.append(int(g[2]))
+    lin_width = max((hi[d] - lo[d] for d in range(D) if not circ[d]), default=0.0)
+    sigmas = decl.get("sigmas") or ([0.01 * lin_width, 0.2 * lin_width] if lin_width else [0.05, 0.8])
+    if len(sigmas) != 2 or min(sigmas) <= 0:
+        raise DatasetError(f"--sigmas needs two positive values, got {sigmas}")
+    units = [("radians" if circ[d] else (decl.get("units") or {}).get(n, "")) for d, n in enumerate(names)]
+    meta = dict(task=name, D=D, units=units, target_names=list(names), circular=circ,
+                grid={"lo": lo, "hi": hi, "n": num}, fixed_sigmas=[float(v) for v in sigmas],
+                ml_is_sigmas=[float(v) for v in sigmas])
+    if periods:
+        meta["circular_source_period"] = periods    # circular dims were converted to radians from these
+    return meta, y
+
+
+def describe_targets(meta: dict) -> str:
+    """One line per target dim, as ingest prints it."""
+    out = []
+    period = meta.get("circular_source_period") or {}
+    names = meta.get("target_names") or (["y"] if meta["D"] == 1 else [f"y{d}" for d in range(meta["D"])])
+    units = meta["units"] if isinstance(meta["units"], list) else [meta["units"]] * meta["D"]
+    for d, n in enumerate(names):
+        kind = "circular [0, 2π)" + (f", converted from period {period[n]:g}" if n in period else "") \
+            if meta["circular"][d] else f"linear, grid [{meta['grid']['lo'][d]:.4g}, {meta['grid']['hi'][d]:.4g}]"
+        out.append(f"  target {n}: {kind}, {meta['grid']['n'][d]} grid points" + (f", units {units[d]}" if units[d] else ""))
+    out.append(f"  fixed-proposal σ's {meta['fixed_sigmas']}")
+    return "\n".join(out)
 
 
 def seeded_split(n: int, seed: int, val_frac: float, test_frac: float, has_test: bool = False) -> dict:
@@ -278,8 +350,10 @@ def _biwi(source, o):
     return meta, total, chunks()
 
 
-def _read_manifest(path: Path) -> tuple[list[str], np.ndarray, list | None, list | None]:
-    """(files, y float32 (N, D), splits or None, ids or None) from a CSV manifest."""
+def _read_manifest(path: Path, names: list[str] | None = None) -> tuple[list[str], np.ndarray, list[str], list | None,
+                                                                      list | None]:
+    """(files, y float32 (N, D), target column names, splits or None, ids or None) from a CSV manifest;
+    ``names``: the target columns in order (default: y, or y0..y{D-1}, or every other column)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     if not rows:
@@ -289,8 +363,15 @@ def _read_manifest(path: Path) -> tuple[list[str], np.ndarray, list | None, list
     if file_col is None:
         raise DatasetError(f"{path}: manifest needs a file column (file, path, image or filename); has {cols}")
     rest = [c for c in cols if c not in (file_col, "split", "id")]
-    ycols = (["y"] if "y" in rest else [c for c in rest if c.startswith("y") and c[1:].isdigit()] or rest)
-    ycols = sorted(ycols, key=lambda c: int(c[1:]) if c[1:].isdigit() else -1)
+    if names:
+        missing = [c for c in names if c not in rest]
+        if missing:
+            raise DatasetError(f"{path}: --targets names {missing}, which are not columns of the manifest "
+                               f"(target candidates: {rest})")
+        ycols = list(names)
+    else:
+        ycols = (["y"] if "y" in rest else [c for c in rest if c.startswith("y") and c[1:].isdigit()] or rest)
+        ycols = sorted(ycols, key=lambda c: int(c[1:]) if c[1:].isdigit() else -1)
     y = np.empty((len(rows), len(ycols)), dtype=np.float32)
     for r, row in enumerate(rows):
         for d, c in enumerate(ycols):
@@ -303,7 +384,7 @@ def _read_manifest(path: Path) -> tuple[list[str], np.ndarray, list | None, list
     bad = sorted({s for s in splits or [] if s not in SPLITS})
     if bad:
         raise DatasetError(f"{path}: unknown split value(s) {bad}; use {SPLITS}")
-    return [row[file_col] for row in rows], y, splits, ([row["id"] for row in rows] if "id" in cols else None)
+    return [row[file_col] for row in rows], y, ycols, splits, ([row["id"] for row in rows] if "id" in cols else None)
 
 
 def _folder_csv(source, o):
@@ -315,7 +396,8 @@ def _folder_csv(source, o):
             raise DatasetError(f"{root}: expected exactly one CSV manifest in the folder, found "
                                f"{len(found)}; pass --manifest")
         manifest = found[0]
-    names, y, splits, ids = _read_manifest(manifest)
+    decl = o["targets"]
+    names, y, ycols, splits, ids = _read_manifest(manifest, decl.get("names"))
     files = [root / n for n in names]
     missing = [p for p in files if not p.is_file()]
     if missing:
@@ -324,11 +406,15 @@ def _folder_csv(source, o):
     inp = image_input(channels, h, w, enc)
     from ebm.tasks import TASKS
     if o["task"] in TASKS:
+        if decl:
+            raise DatasetError(f"task {o['task']} is built in (its targets are fixed); the target declarations "
+                               "(--targets, --circular, --units, --grid, --sigmas) describe a new task: give another --task")
         meta = task_meta(o["task"], inp)
         if meta["D"] != y.shape[1]:
             raise DatasetError(f"{manifest}: {y.shape[1]} target columns, task {o['task']} has D = {meta['D']}")
     else:
-        meta = custom_meta(o["task"] or root.name, y, inp)
+        fields, y = declare_targets(o["task"] or root.name, y, ycols, decl)
+        meta = dict(fields, input=inp, normalisation=_normalisation(inp["channels"]), augment={}, aux={})
     if splits is None:
         index = seeded_split(len(files), o["seed"], o["val_frac"], o["test_frac"])
         meta["split_rule"] = _seeded_rule(o)

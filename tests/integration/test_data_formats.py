@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from ebm.tasks import make_synthetic, rotate_with_circular_mask
-from pipelines.data.cli import add_data_commands
+from pipelines.cli.data import add_data_commands
 from pipelines.data.ingest import cell_count, ingest
 from pipelines.data.layout import SPLITS, DatasetError, read_metadata, validate
 from pipelines.data.readers import ParquetStream, normalise

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from pipelines import cli, local
+from pipelines import cli
+from pipelines.driver import local
 
 pytestmark = pytest.mark.integration
 

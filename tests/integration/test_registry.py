@@ -84,7 +84,7 @@ def _train_and_log(uri: str, name: str, overrides: list[str]) -> str:
     """A finished training run with a checkpoint artifact, as ebm train would leave it."""
     from ebm.train import fit, load_data
     from pipelines import tracking
-    from pipelines.distributed import save_checkpoint_dir
+    from pipelines.worker.loop import save_checkpoint_dir
     import torch
     cfg = Config.from_toml(os.path.join(ROOT, "pipelines/configs/debug.toml"), overrides)
     task, splits = load_data(cfg)
@@ -109,7 +109,7 @@ def _train_and_log(uri: str, name: str, overrides: list[str]) -> str:
 def toy_model(server):
     import mlflow
 
-    from pipelines import registry
+    from pipelines.serve import registry
     run_id = _train_and_log(server, "toy", TOY)
     out = registry.register(server, "toy2-tiny", run_id=run_id, alias="champion")
     mlflow.set_tracking_uri(server)
@@ -130,7 +130,7 @@ COLS = ("mode", "mean", "std", "q0.1", "q0.9", "interval_lo", "interval_hi", "es
 
 
 def _in_process(server, run_id):
-    from pipelines import registry, serving
+    from pipelines.serve import registry, serving
     p = serving.from_state(registry.checkpoint_state(server, run_id))
     return serving.predict_rows(p, serving.inputs_tensor(p, ROWS["x"].tolist()), ROWS["y"].tolist(), M=256,
                                 quantiles=[0.1, 0.9], interval_level=0.8, seed=7)
@@ -215,7 +215,7 @@ def test_ebm_predict_on_images_and_clear_errors_for_bad_inputs(star_model, tmp_p
     assert "no such file" in capsys.readouterr().err
     import mlflow
 
-    from pipelines.serving import InputError
+    from pipelines.serve.serving import InputError
     model = mlflow.pyfunc.load_model(star_model)        # the same checks behind the pyfunc (and HTTP: 400)
     with pytest.raises(InputError, match="row 1: not a readable image"):
         model.predict(pd.DataFrame({"image": [(good / "img0.png").read_bytes(), b"junk"]}))

@@ -33,13 +33,13 @@ def _cfg(**over):
 
 
 def _run(tmp_path, name, cfg=None, **kw):
-    from pipelines.train_job import run_job
+    from pipelines.driver.train_job import run_job
     return run_job(cfg or _cfg(), name=name, num_workers=2, storage_path=str(tmp_path / "runs"),
                    tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", cpus_per_worker=0.5, **kw)
 
 
 def _final_weights(tmp_path, name):
-    from pipelines.distributed import load_checkpoint_dir
+    from pipelines.worker.loop import load_checkpoint_dir
     ckpts = sorted(p for p in (tmp_path / "runs" / name).glob("checkpoint_*") if p.is_dir())
     return load_checkpoint_dir(ckpts[-1])
 
@@ -86,7 +86,7 @@ def test_a_worker_failure_is_retried_from_the_last_checkpoint_with_identical_res
 def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_the_run(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train_job import NonFiniteStop
+    from pipelines.driver.train_job import NonFiniteStop
     # rank 1: NaN targets in its first batch of epoch 0, then in every batch from epoch 1
     with pytest.raises(NonFiniteStop, match="stopped at epoch 2: 3 non-finite losses in a row"):
         _run(tmp_path, "nan", cfg=_cfg(**{"optim.epochs": 3}), max_failures=1, max_nonfinite_in_row=3,
@@ -120,7 +120,7 @@ def test_ray_data_path_streams_the_parquet_train_split_through_get_dataset_shard
 def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_local, tmp_path, parquet_toy1):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.distributed import load_checkpoint_dir
+    from pipelines.worker.loop import load_checkpoint_dir
     cfg = _cfg(**{"optim.epochs": 3, "task.data_dir": f'"{parquet_toy1}"'})
     with pytest.raises(Exception, match="injected failure at epoch 1"):
         _run(tmp_path, "crash", cfg=cfg, max_failures=0,

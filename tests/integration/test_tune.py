@@ -17,7 +17,7 @@ OVERRIDES = ['task.name="toy2"', "task.n_train=0", "task.n_val=0", "task.n_test=
 def ray_tune():
     import ray
 
-    from pipelines.train_job import state_api_pinned
+    from pipelines.driver.train_job import state_api_pinned
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # state_api_pinned: early-stopped trials' placement groups are freed even if another local Ray runs
     ray.init(num_cpus=2, resources={"TRAIN_DRIVER": 2}, _node_ip_address="127.0.0.1",
@@ -32,7 +32,7 @@ def _cfg():
 
 
 def _sweep(tmp_path, name, space, **kw):
-    from pipelines.tune import check_space, run_sweep
+    from pipelines.driver.tune import check_space, run_sweep
     cfg = _cfg()
     return run_sweep(cfg, name=name, space=check_space(space, cfg), storage_path=str(tmp_path / "runs"),
                      tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", num_workers=1, cpus_per_worker=0.5,
@@ -48,7 +48,7 @@ def test_asha_sweep_nests_trials_logs_the_best_and_registers_one_version(ray_tun
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipelines import registry, serving
+    from pipelines.serve import registry, serving
     s = _sweep(tmp_path, "asha", {"proposal.K": {"grid": [1, 2, 4, 8]}},
                opts={"scheduler": "asha", "grace_period": 1, "reduction_factor": 2}, register_name="toy2-ebm")
     uri = f"sqlite:///{tmp_path}/mlruns.db"
@@ -102,7 +102,7 @@ def test_an_errored_trial_resumes_from_its_checkpoint_without_duplicate_runs(ray
     done = next(t for t in before if t != failed)
     assert before[failed].info.status == "FAILED" and before[done].info.status == "FINISHED"
 
-    from pipelines.tune import run_sweep
+    from pipelines.driver.tune import run_sweep
     again = run_sweep(None, name="res", resume=True, storage_path=str(tmp_path / "runs"),
                       tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", num_workers=1, cpus_per_worker=0.5)
     assert again["errors"] == 0 and again["parent_run_id"] == parent

@@ -3,7 +3,8 @@ import statistics
 
 import pytest
 
-from pipelines import cli, results
+from pipelines import cli
+from pipelines.driver import results
 
 pytestmark = pytest.mark.unit
 

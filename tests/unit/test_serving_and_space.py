@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 def _predictor(task="toy2", overrides=()):
     import dataclasses
 
-    from pipelines.serving import Predictor
+    from pipelines.serve.serving import Predictor
     cfg = Config().with_overrides([f'task.name="{task}"', "sampler.M_eval=64", "sampler.refine_steps=0", *overrides])
     t = get_task(task)
     if task == "star":
@@ -34,7 +34,7 @@ def _png(shape_hw, mode):
 
 
 def test_predict_rows_is_deterministic_per_seed_and_consistent():
-    from pipelines.serving import inputs_tensor, predict_rows, quantile_column
+    from pipelines.serve.serving import inputs_tensor, predict_rows, quantile_column
     p = _predictor()
     x = inputs_tensor(p, [0.1, 0.5, 0.9, [0.3]])
     a = predict_rows(p, x, [0.0, 1.0, -1.0, 2.0], quantiles=(0.1, 0.5, 0.9), interval_level=0.8, seed=1)
@@ -51,7 +51,7 @@ def test_predict_rows_is_deterministic_per_seed_and_consistent():
 
 
 def test_bad_rows_are_named():
-    from pipelines.serving import InputError, decode_image, inputs_tensor, predict_rows
+    from pipelines.serve.serving import InputError, decode_image, inputs_tensor, predict_rows
     p = _predictor()
     with pytest.raises(InputError, match="row 1: x has 2 value"):
         inputs_tensor(p, [0.1, [0.1, 0.2]])
@@ -76,7 +76,7 @@ def test_bad_rows_are_named():
 
 
 def test_image_predictor_rebuilds_from_its_state():
-    from pipelines.serving import from_state, inputs_tensor, predict_rows, slim_state
+    from pipelines.serve.serving import from_state, inputs_tensor, predict_rows, slim_state
     p = _predictor("star", ['features.kind="resnet_slim"', "features.width=4"])
     state = {"model": p.model.state_dict(), "config": p.cfg.to_dict(), "task": "star", "x_shape": (1, 8, 8),
              "optimizer": {}, "rng": {}}
@@ -89,7 +89,7 @@ def test_image_predictor_rebuilds_from_its_state():
 
 
 def test_space_file_is_checked_against_the_config(tmp_path):
-    from pipelines.tune import load_space, param_space
+    from pipelines.driver.tune import load_space, param_space
     base = Config()
     f = tmp_path / "s.toml"
     f.write_text('[space]\n"proposal.K" = {grid = [1, 2, 4]}\n"optim.lr" = {loguniform = [1e-4, 1e-2]}\n'
@@ -115,8 +115,8 @@ def test_space_file_is_checked_against_the_config(tmp_path):
 
 
 def test_seed_protocol_and_scheduler_spec():
-    from pipelines.tune import _make_spec
-    from pipelines.tune_report import seed_summary
+    from pipelines.driver.tune import _make_spec
+    from pipelines.driver.tune_report import seed_summary
     cfg = Config().with_overrides(["seed=10", "eval.every=5"])
     s = _make_spec(cfg, {}, {}, seeds=4)
     assert s["space"] == {"seed": {"grid": [10, 11, 12, 13]}} and s["scheduler"] == "fifo"
@@ -131,7 +131,7 @@ def test_seed_protocol_and_scheduler_spec():
 
 
 def test_pyfunc_input_errors_are_http_400_with_their_message():
-    from pipelines.registry import BadInput
-    from pipelines.serving import InputError
+    from pipelines.serve.registry import BadInput
+    from pipelines.serve.serving import InputError
     e = BadInput("row 0: not a readable image")
     assert isinstance(e, InputError) and e.get_http_status_code() == 400 and e.message == "row 0: not a readable image"

@@ -1,6 +1,6 @@
 """A trained model as a predictor of full predictive distributions, independent of MLflow.
 
-The same code answers in-process calls, the MLflow pyfunc (:mod:`pipelines.registry`), ``ebm
+The same code answers in-process calls, the MLflow pyfunc (:mod:`pipelines.serve.registry`), ``ebm
 predict`` and ``mlflow models serve``, so all four give the same numbers for the same rows and seed.
 
 Inputs, one row per example:
@@ -16,7 +16,6 @@ optionally ``log_p`` and ``samples`` (M × D) with ``weights`` (M).
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 from ebm.config import Config
 from ebm.nets import build_model
 from ebm.predict import log_density, predict
-from ebm.tasks import TaskSpec, get_task
-from ebm.train import to_inputs
+from ebm.data import to_inputs
+from ebm.tasks import TaskSpec
 
 DEFAULT_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 MODEL_FILE = "model.pt"
@@ -58,26 +57,21 @@ class Predictor:
 
 
 def slim_state(state: dict) -> dict:
-    """What a registered model needs from a training checkpoint: weights, config, task, input shape,
-    versions and metrics (no optimiser, no RNG states)."""
-    cfg = Config.from_dict(state["config"])
-    return {"model": state["model"], "config": state["config"], "task": state.get("task", cfg.task.name),
-            "x_shape": tuple(state.get("x_shape") or _default_x_shape(cfg)), "versions": state.get("versions", {}),
-            "metrics": state.get("metrics", {}), "epoch": state.get("epoch")}
-
-
-def _default_x_shape(cfg: Config) -> tuple[int, ...]:
-    shape = get_task(cfg.task.name).x_shape
-    if len(shape) == 3 and cfg.task.image_size:
-        shape = (shape[0], cfg.task.image_size, cfg.task.image_size)
-    return shape
+    """What a registered model needs from a training checkpoint (:mod:`ebm.checkpoint`): the selected
+    weights (best validation epoch, or the last), config, task spec, versions, metrics and epochs —
+    no optimiser, no RNG states. Plain tensors and values: it loads with ``weights_only=True``."""
+    from ebm import checkpoint
+    return {"format": state.get("format"), "model": checkpoint.selected_weights(state), "config": state["config"],
+            "task": state["task"], "versions": state.get("versions", {}), "metrics": state.get("metrics", {}),
+            "epoch": state.get("epoch"), "selected_epoch": checkpoint.selected_epoch(state)}
 
 
 def from_state(state: dict) -> Predictor:
-    """Rebuild the network from a (slim or full) checkpoint dict: no source edits needed."""
+    """Rebuild the network from a (slim or full) checkpoint dict: no source edits, no dataset needed
+    (the task spec travels with the weights)."""
     s = slim_state(state)
     cfg = Config.from_dict(s["config"])
-    task = dataclasses.replace(get_task(s["task"]), x_shape=tuple(int(v) for v in s["x_shape"]))
+    task = TaskSpec.from_dict(s["task"])
     model = build_model(cfg, task.x_shape, task.D, task.circular)
     model.load_state_dict(s["model"])
     model.eval()
@@ -85,7 +79,12 @@ def from_state(state: dict) -> Predictor:
 
 
 def load_file(path: str | Path) -> Predictor:
-    return from_state(torch.load(path, map_location="cpu", weights_only=False))
+    """A predictor from a saved (slim or full) checkpoint file, loaded with ``weights_only=True``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InputError(f"{path}: not a model file of this project ({str(e).splitlines()[0]})") from None
+    return from_state(state)
 
 
 def decode_image(data: Any, shape: tuple[int, int, int], where: str) -> np.ndarray:

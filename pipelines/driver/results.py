@@ -7,7 +7,6 @@ command(s) recorded on the group's runs (tag ``ebm.command``).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import sys
@@ -137,39 +136,3 @@ def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
             shutil.copyfile(local, dest)
             written.append(dest)
     return written
-
-
-def _results(args: argparse.Namespace) -> int:
-    from pipelines import tracking
-    uri = tracking.resolve_uri(args.tracking_uri or None)
-    try:
-        tracking.check_reachable(uri)
-    except tracking.TrackingError as e:
-        print(f"ebm: {e}", file=sys.stderr)
-        return 2
-    groups = select(collect(uri, args.experiment), args.groups)
-    import shlex
-    command = shlex.join(["ebm", "results", args.experiment, *[a for p in args.groups for a in ("--groups", p)]])
-    text = render(groups, args.experiment, uri, command)
-    if args.out == "-":
-        sys.stdout.write(text)
-    else:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"{args.out}: {sum(1 for g in groups if g.runs)} groups, {sum(len(g.runs) for g in groups)} runs")
-    if args.figures:
-        for p in download_figures(uri, groups, args.figures):
-            print(p)
-    return 0
-
-
-def add_results_command(sub) -> None:
-    rs = sub.add_parser("results", help="markdown tables of an MLflow experiment's runs, grouped by ebm.group")
-    rs.add_argument("experiment", help="MLflow experiment name")
-    rs.add_argument("--out", required=True, help="markdown file to write ('-' for stdout)")
-    rs.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    rs.add_argument("--figures", default="", metavar="DIR",
-                    help="also copy each selected group's density plot (lowest seed) here as <group>.png")
-    rs.add_argument("--groups", action="append", default=[], metavar="GLOB",
-                    help="only groups whose name matches this pattern (repeatable), e.g. 'toy2/full_*'")
-    rs.set_defaults(func=_results)

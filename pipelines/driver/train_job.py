@@ -1,7 +1,6 @@
 """The driver of a training job: validate -> MLflow run -> Ray -> TorchTrainer -> report -> clean up."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -9,7 +8,7 @@ import time
 from pathlib import Path
 
 from ebm.config import Config
-from pipelines.distributed import PLOTS_DIR
+from pipelines.driver import runs
 
 
 def ray_init(address: str | None, num_cpus: int | None = None, resources: dict | None = None) -> bool:
@@ -53,51 +52,39 @@ def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
 
 def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int, use_gpu: bool, cpus: float,
                   threads: int, max_failures: int, keep: int, callbacks: list, ray_data: bool = False,
-                  max_nonfinite_in_row: int = 20, test_hooks: dict | None = None):
-    """The job's ``TorchTrainer`` over :func:`pipelines.distributed.worker_loop` (``ebm train`` and
+                  max_nonfinite_in_row: int = 20, resume_from: str | None = None):
+    """The job's ``TorchTrainer`` over :func:`pipelines.worker.loop.worker_loop` (``ebm train`` and
     each ``ebm tune`` trial build it here)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.distributed import worker_loop
+    from pipelines.worker import loop
     datasets = None
     if ray_data and cfg.task.data_dir:
         from pipelines.data.readers import ray_dataset
         datasets = {"train": ray_dataset(cfg.task.data_dir, "train", augment="default", shuffle_files=True)}
     return TorchTrainer(
-        worker_loop,
-        train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "test_hooks": test_hooks,
-                           "ray_data": datasets is not None, "max_nonfinite_in_row": max_nonfinite_in_row},
+        loop.worker_loop,
+        train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "ray_data": datasets is not None,
+                           "max_nonfinite_in_row": max_nonfinite_in_row},
         datasets=datasets,
+        resume_from_checkpoint=Checkpoint.from_directory(resume_from) if resume_from else None,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              # without Train's print patch each progress line reaches the driver once
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
                              failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="val_nll",
-                                                                checkpoint_score_order="min")))
+                             checkpoint_config=CheckpointConfig(num_to_keep=keep)))
 
 
-def finish_run(result, cfg: Config, uri: str, run_id: str, max_nonfinite_in_row: int = 20) -> dict:
-    """After ``trainer.fit()``: raise :class:`NonFiniteStop` (tagging the run) if the job stopped on
-    non-finite losses; else log the final checkpoint and the test metrics; returns the last metrics."""
-    from pipelines import tracking
+def finish_run(result, cfg: Config, uri: str, run_id: str) -> dict:
+    """After ``trainer.fit()``: :func:`pipelines.driver.runs.finish` on the last report and the final
+    checkpoint (raises TrainingFailed, tagging the reason, for a run that did not train)."""
     metrics = dict(result.metrics or {})
-    if metrics.get("nonfinite_stop"):
-        reason = (f"stopped at epoch {int(metrics['epoch']) + 1}: {max_nonfinite_in_row} non-finite losses in a "
-                  f"row on some rank (skipped on every rank); lower optim.lr or check the data for NaN")
-        tracking.set_tag(uri, run_id, "ebm.stop_reason", reason)
-        raise NonFiniteStop(reason)
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            tracking.log_artifacts(uri, run_id, d, "checkpoint")
-    tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k.startswith("test_")},
-                         step=cfg.optim.epochs)
-    return metrics
-
-
-class NonFiniteStop(RuntimeError):
-    """The run stopped because too many steps in a row had a non-finite loss on some rank."""
+    if result.checkpoint is None:
+        return runs.finish(uri, run_id, metrics, None, cfg.optim.epochs)
+    with result.checkpoint.as_directory() as d:
+        return runs.finish(uri, run_id, metrics, d, cfg.optim.epochs)
 
 
 def tracking_callback(uri: str, run_id: str):
@@ -107,43 +94,40 @@ def tracking_callback(uri: str, run_id: str):
     from ray.train import UserCallback
 
     from pipelines import tracking
+    from pipelines.worker.loop import FAILURE_KEY, PLOTS_DIR
 
     class EpochLogger(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             row = metrics[0] if metrics else {}
-            if "epoch" not in row or row.get("nonfinite_stop"):
+            if "epoch" not in row or FAILURE_KEY in row:
                 return
-            epoch = int(row["epoch"])
-            fresh = row.get("validated", 1.0) > 0       # a carried-forward val_nll is not logged as a new point
-            tracking.log_metrics(uri, run_id, {k: v for k, v in row.items() if k not in ("epoch", "validated")
-                                               and (fresh or not k.startswith("val_"))}, step=epoch)
-            if checkpoint is not None:
-                with checkpoint.as_directory() as d:
-                    plots = Path(d) / PLOTS_DIR
-                    if plots.is_dir():
-                        tracking.log_artifacts(uri, run_id, str(plots), "plots")
+            if checkpoint is None:
+                tracking.log_epoch(uri, run_id, row)
+                return
+            with checkpoint.as_directory() as d:
+                tracking.log_epoch(uri, run_id, row, str(Path(d) / PLOTS_DIR))
 
     return EpochLogger()
 
 
-def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = False, address: str | None = None,
-            storage_path: str | None = None, max_failures: int = 0, keep: int = 3, tracking_uri: str | None = None,
-            experiment: str = "ebm", cpus_per_worker: float = 0.0, threads: int = 1, ray_data: bool = False,
-            max_nonfinite_in_row: int = 20, test_hooks: dict | None = None) -> dict:
+def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change: bool = False, num_workers: int = 2,
+            use_gpu: bool = False, address: str | None = None, storage_path: str | None = None, max_failures: int = 0,
+            keep: int = 2, tracking_uri: str | None = None, experiment: str = "ebm", cpus_per_worker: float = 0.0,
+            threads: int = 1, ray_data: bool = False, max_nonfinite_in_row: int = 20) -> dict:
     """Run the job; returns the last reported metrics (test metrics included). Raises on failure,
     after marking the MLflow run FAILED (or KILLED on Ctrl-C / SIGTERM)."""
     from pipelines import tracking
-    from pipelines.worker_data import prepare_dataset
-    if test_hooks is None and os.environ.get("EBM_TEST_HOOKS"):      # fault injection for subprocess tests
-        test_hooks = json.loads(os.environ["EBM_TEST_HOOKS"])
-    cfg, fingerprint = prepare_dataset(cfg)                         # a bad data_dir fails before Ray starts
+    from pipelines.worker.data import prepare_dataset
+    cfg, task, fingerprint = prepare_dataset(cfg)                   # a bad data_dir fails before Ray starts
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)                                   # fail fast, before Ray starts
-    storage_path = storage_path or os.environ.get("EBM_STORAGE_PATH") or str(Path("runs").resolve())
+    storage_path = runs.storage_root(storage_path)
+    _, resume_dir, changes = runs.plan(cfg, name, storage_path, resume, allow_config_change)
     import ray
-    tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name,
-            "data_fingerprint": fingerprint, **tracking.package_versions()}
-    run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml())
+    tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
+            "data_fingerprint": fingerprint, "ebm.mode": "ray", **tracking.package_versions()}
+    run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
+    runs.note_changes(uri, run_id, changes)
     status = "FAILED"
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -158,16 +142,19 @@ def run_job(cfg: Config, *, name: str, num_workers: int = 2, use_gpu: bool = Fal
                                 cpus=cpus_per_worker or default_cpus_per_worker(num_workers, use_gpu),
                                 threads=threads, max_failures=max_failures, keep=keep,
                                 callbacks=[tracking_callback(uri, run_id)], ray_data=ray_data,
-                                max_nonfinite_in_row=max_nonfinite_in_row, test_hooks=test_hooks)
+                                max_nonfinite_in_row=max_nonfinite_in_row,
+                                resume_from=str(resume_dir) if resume_dir else None)
         t0 = time.perf_counter()
-        result = trainer.fit()
-        metrics = finish_run(result, cfg, uri, run_id, max_nonfinite_in_row)
+        metrics = finish_run(trainer.fit(), cfg, uri, run_id)
         metrics["job_time_s"] = time.perf_counter() - t0
         status = "FINISHED"
         metrics["mlflow_run_id"] = run_id
         return metrics
     except (KeyboardInterrupt, SystemExit):     # SIGTERM, or Ctrl-C through Train's own abort handler
         status = "KILLED"
+        raise
+    except Exception as e:
+        tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -7,7 +7,7 @@ parameters and an input example — registers one new version, points an alias a
 the deprecated stages) and tags both the version and the source run with each other.
 
 Load it anywhere with ``mlflow.pyfunc.load_model("models:/NAME@ALIAS")``; its ``predict`` is
-:func:`pipelines.serving.predict_rows` on a DataFrame (see that module for columns and params).
+:func:`pipelines.serve.serving.predict_rows` on a DataFrame (see that module for columns and params).
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines import serving, tracking
+from pipelines import tracking
+from pipelines.serve import serving
 
 BEST_RUN_TAG = "ebm.best_run_id"         # set by ``ebm tune`` on the sweep's parent run
 REGISTERED_TAG = "ebm.registered_model"  # set on the source run: "NAME/VERSION"
@@ -126,7 +127,7 @@ def _requirements() -> list[str]:
 
 def checkpoint_state(uri: str, run_id: str) -> dict:
     """The final checkpoint a training run logged under ``checkpoint/``."""
-    from pipelines.distributed import load_checkpoint_dir
+    from ebm import checkpoint
     client = tracking.open_client(uri)
     names = {a.path for a in client.list_artifacts(run_id)}
     if "checkpoint" not in names:
@@ -134,7 +135,10 @@ def checkpoint_state(uri: str, run_id: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=d,
                                                     tracking_uri=uri)
-        return load_checkpoint_dir(local)
+        try:
+            return checkpoint.load(local)
+        except checkpoint.CheckpointError as e:
+            raise RegistryError(f"run {run_id}: {e}") from None
 
 
 def best_child(uri: str, parent_run_id: str, metric: str = "val_nll") -> str:
@@ -166,6 +170,19 @@ def run_by_name(uri: str, run_name: str) -> str:
     return runs[0].info.run_id
 
 
+def check_registrable(uri: str, run_id: str) -> None:
+    """Only a run that trained to the end is a model: FINISHED, with a finite test NLL."""
+    import math
+    run = tracking.open_client(uri).get_run(run_id)
+    if run.info.status != "FINISHED":
+        reason = run.data.tags.get("ebm.stop_reason")
+        raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED" + (f" ({reason})" if reason else "")
+                            + ": only a run that trained to the end can be registered")
+    nll = run.data.metrics.get("test_nll")
+    if nll is None or not math.isfinite(nll) or abs(nll) >= 1e29:
+        raise RegistryError(f"run {run_id} has test_nll {nll!r}: only a run with finite test metrics can be registered")
+
+
 def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | None = None,
              alias: str | None = "champion") -> dict:
     """Log the run's model as pyfunc, register one new version of ``name``, set ``alias``.
@@ -173,6 +190,7 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
     if (run_id is None) == (best_of is None):
         raise RegistryError("give exactly one of run_id / best_of")
     run_id = run_id or best_child(uri, best_of)
+    check_registrable(uri, run_id)
     state = serving.slim_state(checkpoint_state(uri, run_id))
     p = serving.from_state(state)
     mlflow.set_tracking_uri(uri)
@@ -188,7 +206,8 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
                 name=MODEL_NAME, python_model=EBMPyfunc(), artifacts={"model": str(model_path), "config": str(cfg_path)},
                 code_paths=_code_copy(Path(d) / "code"), signature=signature(p, example), input_example=example,
                 pip_requirements=_requirements(), registered_model_name=name,
-                metadata={"task": p.task.name, "x_shape": list(p.task.x_shape), "source_run_id": run_id})
+                metadata={"task": p.task.name, "x_shape": list(p.task.x_shape), "target_names": list(p.task.target_names),
+                          "source_run_id": run_id})
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "source_run_id", run_id)
     client.set_model_version_tag(name, version, "task", p.task.name)

@@ -1,7 +1,7 @@
 """``ebm tune``: Ray Tune over the training job, one MLflow parent run per sweep.
 
 Each trial is one training job: a function trainable (:func:`train_trial`) that builds the same
-``TorchTrainer`` over the same worker function as ``ebm train`` (:func:`pipelines.distributed.worker_loop`)
+``TorchTrainer`` over the same worker function as ``ebm train`` (:func:`pipelines.worker.loop.worker_loop`)
 and forwards its reports to Tune with ``TuneReportCallback`` (Ray 2.60: ``Tuner(trainer)`` is gone).
 The trial's Train run and its MLflow child run are both named ``<sweep>-<trial id>``, so a resumed
 sweep (``--resume``) that reruns an errored trial continues that Train run from its latest checkpoint
@@ -99,25 +99,28 @@ def train_trial(config: dict, job: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import tracking
-    from pipelines.train_job import tracking_callback, build_trainer, finish_run
+    from pipelines.driver import runs
+    from pipelines.driver.train_job import build_trainer, finish_run, tracking_callback
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = Config.from_flat({**job["cfg"], **config})
     name = f"{job['sweep']}-{trial_id}"
     uri = job["uri"]
     tags = {**job["tags"], "mlflow.parentRunId": job["parent_run_id"], "ebm.sweep": job["sweep"],
             "ebm.trial_id": trial_id, "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name}
-    hooks = job.get("test_hooks") or None
-    if hooks and not trial_id.endswith(hooks.get("trial_suffix", "")):
-        hooks = None
-    run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml())
+    # a rerun of an errored trial (a resumed sweep) continues its Train run and reopens its MLflow run
+    again = runs.latest_checkpoint(job["train_storage"], name) is not None
+    run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml(), reopen=again)
     status = "FAILED"
     try:
         trainer = build_trainer(cfg, name=name, storage_path=job["train_storage"], num_workers=job["num_workers"],
                                 use_gpu=job["use_gpu"], cpus=job["cpus_per_worker"], threads=job["threads"],
-                                max_failures=job["max_failures"], keep=2, test_hooks=hooks,
+                                max_failures=job["max_failures"], keep=2,
                                 callbacks=[tracking_callback(uri, run_id), TuneReportCallback()])
         finish_run(trainer.fit(), cfg, uri, run_id)
         status = "FINISHED"
+    except Exception as e:
+        tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])
+        raise
     finally:
         tracking.end_run(uri, run_id, status)
 
@@ -131,10 +134,11 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
               seeds: int = 0, resume: bool = False, storage_path: str | None = None, tracking_uri: str | None = None,
               experiment: str = "ebm", num_workers: int = 1, cpus_per_worker: float = 0.0, use_gpu: bool = False,
               threads: int = 1, max_concurrent: int = 1, max_failures: int = 1, address: str | None = None,
-              register_name: str = "", alias: str = "champion", test_hooks: dict | None = None,
+              register_name: str = "", alias: str = "champion",
               out=sys.stdout) -> dict:
     """Run (or resume) the sweep ``name``; returns the summary logged on the parent run."""
-    from pipelines import tracking, tune_report
+    from pipelines import tracking
+    from pipelines.driver import tune_report
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
     storage = Path(storage_path or os.environ.get("EBM_STORAGE_PATH") or "runs").resolve()
@@ -147,8 +151,8 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         if spec_path.exists():
             raise ConfigError(f"sweep {name!r} already exists under {storage}; resume it with --resume {name}")
         spec = {**_make_spec(cfg, space or {}, opts or {}, seeds), "name": name}
-    from pipelines.worker_data import prepare_dataset
-    base, fingerprint = prepare_dataset(Config.from_flat(spec["cfg"]))    # a bad data_dir fails before Ray
+    from pipelines.worker.data import prepare_dataset
+    base, task, fingerprint = prepare_dataset(Config.from_flat(spec["cfg"]))    # a bad data_dir fails before Ray
     spec["cfg"] = base.to_flat()
     cpus = cpus_per_worker or (1.0 if use_gpu else 0.5)
     params = {"scheduler": spec["scheduler"], "metric": spec["metric"], "mode": spec["mode"],
@@ -161,18 +165,18 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         tracking.open_client(uri).update_run(parent, status="RUNNING")
     else:
         parent = tracking.start_run(uri, experiment, name, params,
-                                    {"ebm.kind": "sweep", "git_sha": tracking.git_sha(), "task": base.task.name,
+                                    {"ebm.kind": "sweep", "git_sha": tracking.git_sha(), "task": task.name,
                                      **tracking.package_versions()}, base.to_toml())
         spec["parent_run_id"] = parent
     job = {"cfg": spec["cfg"], "sweep": name, "uri": uri, "experiment": experiment, "parent_run_id": parent,
            "tags": {"git_sha": tracking.git_sha(), "data_fingerprint": fingerprint, **tracking.package_versions()},
            "train_storage": str(storage / f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
-           "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures, "test_hooks": test_hooks}
+           "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures}
     status, started = "FAILED", False
     try:
         import ray
         from ray import tune
-        from pipelines.train_job import ray_init
+        from pipelines.driver.train_job import ray_init
         # TRAIN_DRIVER: the trial drivers' resource (see the module docstring)
         started = ray_init(address, resources={"TRAIN_DRIVER": 4})
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), _driver_resources())
@@ -192,7 +196,7 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         summary = tune_report.finish(uri, parent, grid, spec, base, storage / f"{name}-train",
                                      time.perf_counter() - t0, out=out)
         if register_name and summary.get("best_run_id") and not summary["errors"]:
-            from pipelines import registry
+            from pipelines.serve import registry
             summary["registered"] = registry.register(uri, register_name, run_id=summary["best_run_id"], alias=alias)
             tracking.set_tag(uri, parent, "ebm.registered_model",
                              f"{register_name}/{summary['registered']['version']}")
@@ -239,58 +243,3 @@ def _scheduler(spec: dict, base: Config):
     # kill the trial before it logs its final checkpoint (tune_report.close_runs recovers that case).
     return ASHAScheduler(time_attr="training_iteration", max_t=base.optim.epochs, stop_last_trials=False,
                          grace_period=spec["grace_period"], reduction_factor=spec["reduction_factor"])
-
-
-def _tune(args) -> int:
-    from pipelines import tracking
-    from pipelines.cli import resolve_config
-    name = args.resume or args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        cfg = space = opts = None
-        if not args.resume:
-            if not args.config:
-                raise ConfigError("give a CONFIG (or --resume NAME)")
-            cfg = Config.from_toml(resolve_config(args.config), args.set)
-            space, opts = load_space(args.space, cfg) if args.space else ({}, {})
-            if args.scheduler:
-                opts["scheduler"] = args.scheduler
-            if args.num_samples:
-                opts["num_samples"] = args.num_samples
-        summary = run_sweep(cfg, name=name, space=space, opts=opts, seeds=args.seeds, resume=bool(args.resume),
-                            storage_path=args.storage or None, tracking_uri=args.tracking_uri or None,
-                            experiment=args.experiment, num_workers=args.num_workers,
-                            cpus_per_worker=args.cpus_per_worker, threads=args.threads,
-                            max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-                            address=args.address or None, register_name=args.register, alias=args.alias)
-    except (ConfigError, tracking.TrackingError) as e:
-        print(f"ebm tune: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, SystemExit):
-        print(f"ebm tune: interrupted; resume with: ebm tune --resume {name}", file=sys.stderr)
-        return 130
-    print(f"sweep {name}: parent MLflow run {summary['parent_run_id']} (resume with --resume {name})")
-    return 1 if summary["errors"] else 0
-
-
-def add_tune_command(subparsers) -> None:
-    tu = subparsers.add_parser("tune", help="Ray Tune sweep (ASHA on val NLL) or a multi-seed run, tracked in MLflow")
-    tu.add_argument("config", nargs="?", default="", help="TOML config or packaged config name (not with --resume)")
-    tu.add_argument("--space", default="", help="search-space TOML (see pipelines/tune.py)")
-    tu.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the base config")
-    tu.add_argument("--num-samples", type=int, default=0, help="samples of the space (default: [tune] or 1)")
-    tu.add_argument("--scheduler", choices=("asha", "fifo"), default="", help="default: [tune] or asha")
-    tu.add_argument("--seeds", type=int, default=0, help="run the config under N seeds; mean ± std and best-5")
-    tu.add_argument("--resume", default="", metavar="NAME", help="continue the named sweep")
-    tu.add_argument("--name", default="", help="sweep name (Tune experiment and MLflow parent run)")
-    tu.add_argument("--register", default="", metavar="MODEL_NAME", help="register the best trial's model")
-    tu.add_argument("--alias", default="champion", help="alias for --register")
-    tu.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per trial")
-    tu.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default 0.5, GPU runs 1)")
-    tu.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    tu.add_argument("--max-concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
-    tu.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
-    tu.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
-    tu.add_argument("--storage", default="", help="Tune and checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
-    tu.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
-    tu.add_argument("--experiment", default="ebm", help="MLflow experiment name")
-    tu.set_defaults(func=_tune)

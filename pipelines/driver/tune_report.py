@@ -22,20 +22,6 @@ def _child_runs(uri: str, parent: str) -> dict[str, tuple[str, str]]:
     return {r.data.tags.get("ebm.trial_id"): (r.info.run_id, r.info.status) for r in runs}
 
 
-def latest_checkpoint(train_dir: Path) -> Path | None:
-    """The checkpoint directory of a Train run with the highest epoch."""
-    from pipelines.distributed import load_checkpoint_dir
-    best = None
-    for d in train_dir.glob("checkpoint_*"):
-        try:
-            epoch = load_checkpoint_dir(d)["epoch"]
-        except (OSError, RuntimeError):
-            continue
-        if best is None or epoch > best[0]:
-            best = (epoch, d)
-    return best[1] if best else None
-
-
 def close_runs(uri: str, rows: list[dict], children: dict, spec: dict, train_storage: Path, epochs: int) -> None:
     """Close child runs whose trial actor Tune killed: early-stopped ones KILLED with a reason; ones
     that had reported their last epoch FINISHED, with the final checkpoint from Train's storage."""
@@ -49,9 +35,10 @@ def close_runs(uri: str, rows: list[dict], children: dict, spec: dict, train_sto
                              f"early-stopped by {spec['scheduler'].upper()} after {r['epochs']} epoch(s)")
             tracking.end_run(uri, run_id, "KILLED")
         elif r["status"] == "COMPLETED":
-            ckpt = latest_checkpoint(train_storage / f"{spec['name']}-{r['trial_id']}")
-            if ckpt is not None:
-                tracking.log_artifacts(uri, run_id, str(ckpt), "checkpoint")
+            from pipelines.driver.runs import latest_checkpoint
+            found = latest_checkpoint(str(train_storage), f"{spec['name']}-{r['trial_id']}")
+            if found is not None:
+                tracking.log_artifacts(uri, run_id, str(found[0]), "checkpoint")
             tracking.log_metrics(uri, run_id, {k: v for k, v in r.items() if k.startswith("test_")}, step=epochs)
             tracking.end_run(uri, run_id, "FINISHED")
 

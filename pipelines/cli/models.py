@@ -15,7 +15,8 @@ def _uri(args) -> str:
 
 
 def _register(args) -> int:
-    from pipelines import registry, tracking
+    from pipelines import tracking
+    from pipelines.serve import registry
     try:
         uri = _uri(args)
         tracking.check_reachable(uri)
@@ -29,7 +30,7 @@ def _register(args) -> int:
 
 
 def _load(uri_model: str):
-    from pipelines.registry import load_predictor
+    from pipelines.serve.registry import load_predictor
     try:
         return load_predictor(uri_model)
     except Exception as e:      # MlflowException (unknown name/alias), OSError (missing path)
@@ -41,7 +42,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _predict(args) -> int:
-    from pipelines import model_eval, serving
+    from pipelines.serve import model_eval, serving
     _uri(args)
     p = _load(args.model_uri)
     try:
@@ -65,7 +66,7 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from pipelines import model_eval, serving
+    from pipelines.serve import model_eval, serving
     from pipelines.data import DatasetError
     _uri(args)
     p = _load(args.model_uri)

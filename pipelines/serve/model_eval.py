@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebm.predict import predict, wrap_diff
-from ebm.train import Split, evaluate
-from pipelines.serving import InputError, Predictor
+from ebm.circular import wrap_diff
+from ebm.data import Split
+from ebm.evaluate import evaluate
+from ebm.predict import predict
+from pipelines.serve.serving import InputError, Predictor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 CALIBRATION_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
@@ -75,15 +77,17 @@ def write_table(out: dict[str, list], path: str | Path) -> Path:
 
 
 def read_split(root: str | Path, split: str, p: Predictor) -> Split:
-    """A dataset split in memory, checked against the model (task, input shape)."""
+    """A dataset split in memory, checked against the model: the task the dataset defines must be the
+    one the model was trained on (name, target dims, circular dims, input shape)."""
+    from ebm.tasks import task_from_metadata
     from pipelines.data import validate
-    from pipelines.worker_data import input_shape, read_split as read_parquet_split
+    from pipelines.worker.data import read_split as read_parquet_split
     meta = validate(root)
-    if meta["task"] != p.task.name:
-        raise InputError(f"{root}: dataset task {meta['task']!r}, the model was trained on {p.task.name!r}")
-    shape = input_shape(meta)
-    if shape != tuple(p.task.x_shape):
-        raise InputError(f"{root}: inputs of shape {shape}, the model expects {tuple(p.task.x_shape)}")
+    task = task_from_metadata(meta)
+    for what, got, want in (("task", task.name, p.task.name), ("target dims", task.target_names, p.task.target_names),
+                            ("circular dims", task.circular, p.task.circular), ("input shape", task.x_shape, p.task.x_shape)):
+        if got != want:
+            raise InputError(f"{root}: dataset {what} {got!r}, the model was trained on {want!r}")
     if not meta["splits"].get(split, {}).get("rows"):
         raise InputError(f"{root}: the dataset has no {split!r} rows")
     return read_parquet_split(str(root), split)

@@ -1,0 +1,251 @@
+"""The one training loop: epochs, steps, divergence handling, evaluation, model selection and the
+checkpoint's contents. ``ebm train --local``, every Ray Train worker and every Tune trial run
+:func:`train`; they differ only in the :class:`Runtime` (rank, world size, device, collectives, the
+data-parallel wrapper, and where a report goes) and the :class:`~ebm.data.LoopData` they pass in.
+
+Seed discipline (the same on every path, so ``--local`` and a 1-worker Ray run give the same
+numbers): every rank builds the model from ``cfg.seed``; each epoch's data order is a function of
+(seed, epoch); rank r samples from a generator seeded ``seed * 1000 + r + 1``, which rank 0 also
+uses for evaluation; a resumed run restores every rank's generator and torch's RNG.
+
+Divergence: a step whose loss is non-finite on any rank is skipped on every rank (the decision is
+all-reduced). ``max_nonfinite_in_row`` skipped steps in a row — counted across epochs and kept in
+the checkpoint — or an epoch without one successful step fail the run with :class:`TrainingFailed`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import Config
+from .data import LoopData
+from .evaluate import evaluate
+from .nets import build_model
+from .steps import StepModule
+from .tasks import TaskSpec
+
+MAX_NONFINITE_IN_ROW = 20
+NOT_VALIDATED = 1e30    # "no validation yet": reported scores must stay finite (they round-trip through JSON)
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (diverged, or an epoch had no successful step); the message says why."""
+
+
+class Runtime:
+    """A single process: rank 0 of 1 on ``device``. Distributed runtimes override the collectives,
+    ``wrap`` (data parallelism) and ``report`` (where metrics and checkpoints go)."""
+    rank: int = 0
+    world: int = 1
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+
+    def wrap(self, step: torch.nn.Module, find_unused_parameters: bool) -> Callable:
+        return step
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """``op`` in sum | min | max over ranks (in place); identity for one rank."""
+        return t
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` in rank order (collective)."""
+        return [obj]
+
+    def report(self, row: dict, state: dict | None, model: torch.nn.Module) -> None:
+        """After every epoch, on every rank: the epoch's metrics; ``state`` (the checkpoint dict) on
+        rank 0 only."""
+
+    def log(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
+
+
+@dataclass
+class LoopResult:
+    model: torch.nn.Module          # the selected weights (best validation epoch, or the last)
+    history: list[dict]
+    last: dict                      # the last epoch's row (test_* on rank 0)
+    selected_epoch: int
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def proposal_sigmas(task: TaskSpec, cfg: Config) -> tuple[float, ...]:
+    if cfg.method.fixed_sigmas:
+        return tuple(cfg.method.fixed_sigmas)
+    return task.ml_is_sigmas if cfg.method.name == "ml_is" else task.fixed_sigmas
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    groups = model.param_groups() if hasattr(model, "param_groups") else model.parameters()
+    return torch.optim.Adam(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def set_input_stats(model: torch.nn.Module, cfg: Config, x_train: torch.Tensor) -> None:
+    """Standardise vector inputs with statistics of the whole train split (``features.standardize``),
+    the same on every rank, kept in the model's buffers."""
+    if not (cfg.features.standardize and cfg.features.kind == "toy_mlp"):
+        return
+    mean, std = x_train.float().mean(0), x_train.float().std(0)
+    for mod in model.modules():
+        if hasattr(mod, "set_input_stats"):
+            mod.set_input_stats(mean, std)
+
+
+def run_epoch(model, opt, data: Iterable, cfg: Config, epoch: int, step: Callable, *,
+              all_finite: Callable[[torch.Tensor], bool], device, in_row: int = 0,
+              max_in_row: int = MAX_NONFINITE_IN_ROW) -> tuple[dict[str, float], int]:
+    """One pass over ``data`` ((x, y) batches) with ``step(x, y, epoch) -> (loss, metrics)``.
+    Returns (mean metrics, examples/s, data-wait fraction, step counts; the non-finite-in-a-row count
+    to carry into the next epoch). Raises :class:`TrainingFailed` at ``max_in_row`` in a row."""
+    model.train()
+    sums: dict[str, float] = {}
+    n_steps = n_ex = skipped = 0
+    wait = 0.0
+    t0 = t_last = time.perf_counter()
+    for x, y in data:
+        wait += time.perf_counter() - t_last
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss, mets = step(x, y, epoch)
+        opt.zero_grad(set_to_none=True)
+        if not all_finite(loss.detach()):
+            skipped += 1
+            in_row += 1
+            if in_row >= max_in_row:
+                raise TrainingFailed(f"{in_row} non-finite losses in a row (at epoch {epoch + 1}); lower "
+                                     "optim.lr or check the data for NaN")
+            t_last = time.perf_counter()
+            continue
+        in_row = 0
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        for k, v in mets.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_steps += 1
+        n_ex += y.shape[0]
+        t_last = time.perf_counter()
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    out = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+    out.update(examples_per_s=n_ex / elapsed, data_wait_frac=wait / elapsed, skipped_steps=float(skipped),
+               steps=float(n_steps))
+    return out, in_row
+
+
+def _mean_over_ranks(row: dict, rt: Runtime) -> dict:
+    """Every train metric averaged over ranks; examples/s summed. Keys must match on all ranks:
+    a rank whose epoch had no successful step lacks train_* keys, so those default to NaN."""
+    keys = sorted(k for k in row)
+    vec = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=rt.device)
+    vec = rt.all_reduce(vec, "sum")
+    out = {k: v / rt.world for k, v in zip(keys, vec.tolist())}
+    out["examples_per_s"] *= rt.world
+    return out
+
+
+def _param_spread(model: torch.nn.Module, rt: Runtime) -> float:
+    """max − min over ranks of a parameter checksum (0 when every rank holds the same weights)."""
+    probe = torch.cat([p.detach().flatten().double() for p in model.parameters()]).sum().reshape(1).to(rt.device)
+    return float((rt.all_reduce(probe.clone(), "max") - rt.all_reduce(probe.clone(), "min")).item())
+
+
+def _cpu_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
+          max_nonfinite_in_row: int = MAX_NONFINITE_IN_ROW) -> LoopResult:
+    """Train ``cfg`` on ``data`` from scratch or from a checkpoint dict ``resume``, evaluating on rank 0
+    (val every ``eval.every`` epochs and at the last; test at the last on the selected weights).
+    ``rt.report`` gets every epoch's row and, on rank 0, the checkpoint dict."""
+    task, evals, device = data.task, data.eval_splits, rt.device
+    seed_everything(cfg.seed)               # identical init on every rank
+    model = build_model(cfg, task.x_shape, task.D, task.circular)
+    if data.train_x is not None:
+        set_input_stats(model, cfg, data.train_x)
+    model.to(device)
+    opt = make_optimizer(model, cfg)
+    g = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rt.rank + 1)
+    start, in_row, best = 0, 0, None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        start = int(resume["epoch"]) + 1
+        torch.set_rng_state(resume["rng"]["torch"])
+        samplers = resume["rng"]["samplers"]
+        g.set_state(samplers[rt.rank % len(samplers)])
+        in_row, best = int(resume.get("nonfinite_in_row", 0)), resume.get("best")
+    unused = cfg.schedule.freeze_backbone_epochs > 0 or cfg.schedule.proposal_warmup_epochs > 0
+    step = rt.wrap(StepModule(model, cfg, task.circular, proposal_sigmas(task, cfg), g), unused)
+
+    def all_finite(loss: torch.Tensor) -> bool:
+        flag = torch.isfinite(loss).all().to(torch.float32).reshape(1).to(device)
+        return bool(rt.all_reduce(flag, "min").item() > 0)
+
+    epochs, history, row = cfg.optim.epochs, [], {}
+    last_val = best["val_nll"] if best else NOT_VALIDATED
+    t_start = time.perf_counter()
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        row, in_row = run_epoch(model, opt, data.train_epoch(epoch), cfg, epoch, step, all_finite=all_finite,
+                                device=device, in_row=in_row, max_in_row=max_nonfinite_in_row)
+        if row["steps"] == 0:
+            raise TrainingFailed(f"epoch {epoch + 1} had no successful step ({int(row['skipped_steps'])} skipped as "
+                                 "non-finite, or no batches); lower optim.lr or check the data")
+        row = _mean_over_ranks(row, rt)
+        row.update(epoch=epoch, first_epoch=start, param_spread_across_ranks=_param_spread(model, rt))
+        last = epoch == epochs - 1
+        if rt.rank == 0:
+            if "val" in evals and ((epoch + 1) % cfg.eval.every == 0 or last):
+                val = evaluate(model, evals["val"], task, cfg, generator=g, device=device)
+                row.update({f"val_{k}": v for k, v in val.items()})
+                if cfg.eval.select == "best_val" and math.isfinite(val["nll"]) and (best is None or val["nll"] < best["val_nll"]):
+                    best = {"epoch": epoch, "val_nll": float(val["nll"]), "model": _cpu_copy(model.state_dict())}
+            if last and "test" in evals:
+                selected = _selected_model(model, best)
+                row.update({f"test_{k}": v for k, v in evaluate(selected, evals["test"], task, cfg, generator=g,
+                                                               device=device).items()})
+                row["selected_epoch"] = best["epoch"] if best else epoch
+        row["validated"] = float("val_nll" in row)     # this epoch's own validation, or a carried value
+        last_val = row.setdefault("val_nll", last_val)  # Tune's schedulers need one every epoch
+        row["epoch_time_s"] = time.perf_counter() - t0
+        done = epoch + 1 - start
+        eta = (time.perf_counter() - t_start) / done * (epochs - epoch - 1)
+        rt.log(f"{format_epoch(row, epochs)} | ETA {eta:.0f} s")
+        samplers = rt.gather(g.get_state())
+        state = checkpoint.make_state(model=model, optimizer=opt, config=cfg.to_dict(), task=task.to_dict(),
+                                      epoch=epoch, metrics=row, samplers=samplers, best=best,
+                                      nonfinite_in_row=in_row) if rt.rank == 0 else None
+        rt.report(row, state, model)
+        history.append(row)
+    return LoopResult(_selected_model(model, best), history, row, best["epoch"] if best else epochs - 1)
+
+
+def _selected_model(model: torch.nn.Module, best: dict | None) -> torch.nn.Module:
+    if best is None:
+        return model
+    selected = copy.deepcopy(model)
+    selected.load_state_dict(best["model"])
+    return selected
+
+
+def format_epoch(row: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(row['epoch']) + 1}/{epochs}", f"loss {row.get('train_loss', float('nan')):.4f}"]
+    if row.get("validated", 1.0) > 0:
+        for k in ("val_nll", "val_is_nll", "val_kl", "val_mae_mean"):
+            if k in row and not math.isnan(row[k]):
+                parts.append(f"{k} {row[k]:.4f}")
+    parts.append(f"{row.get('examples_per_s', 0):.0f} ex/s")
+    return " | ".join(parts)

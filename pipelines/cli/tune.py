@@ -1,0 +1,63 @@
+"""``ebm tune``: the sweep's front end (:mod:`pipelines.driver.tune` runs it)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from ebm.config import Config, ConfigError
+from pipelines.configs import resolve_config
+from pipelines.driver.tune import load_space, run_sweep
+
+
+def _tune(args) -> int:
+    from pipelines import tracking
+    name = args.resume or args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        cfg = space = opts = None
+        if not args.resume:
+            if not args.config:
+                raise ConfigError("give a CONFIG (or --resume NAME)")
+            cfg = Config.from_toml(resolve_config(args.config), args.set)
+            space, opts = load_space(args.space, cfg) if args.space else ({}, {})
+            if args.scheduler:
+                opts["scheduler"] = args.scheduler
+            if args.num_samples:
+                opts["num_samples"] = args.num_samples
+        summary = run_sweep(cfg, name=name, space=space, opts=opts, seeds=args.seeds, resume=bool(args.resume),
+                            storage_path=args.storage or None, tracking_uri=args.tracking_uri or None,
+                            experiment=args.experiment, num_workers=args.num_workers,
+                            cpus_per_worker=args.cpus_per_worker, threads=args.threads,
+                            max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                            address=args.address or None, register_name=args.register, alias=args.alias)
+    except (ConfigError, tracking.TrackingError) as e:
+        print(f"ebm tune: {e}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, SystemExit):
+        print(f"ebm tune: interrupted; resume with: ebm tune --resume {name}", file=sys.stderr)
+        return 130
+    print(f"sweep {name}: parent MLflow run {summary['parent_run_id']} (resume with --resume {name})")
+    return 1 if summary["errors"] else 0
+
+
+def add_tune_command(subparsers) -> None:
+    tu = subparsers.add_parser("tune", help="Ray Tune sweep (ASHA on val NLL) or a multi-seed run, tracked in MLflow")
+    tu.add_argument("config", nargs="?", default="", help="TOML config or packaged config name (not with --resume)")
+    tu.add_argument("--space", default="", help="search-space TOML (see pipelines/tune.py)")
+    tu.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the base config")
+    tu.add_argument("--num-samples", type=int, default=0, help="samples of the space (default: [tune] or 1)")
+    tu.add_argument("--scheduler", choices=("asha", "fifo"), default="", help="default: [tune] or asha")
+    tu.add_argument("--seeds", type=int, default=0, help="run the config under N seeds; mean ± std and best-5")
+    tu.add_argument("--resume", default="", metavar="NAME", help="continue the named sweep")
+    tu.add_argument("--name", default="", help="sweep name (Tune experiment and MLflow parent run)")
+    tu.add_argument("--register", default="", metavar="MODEL_NAME", help="register the best trial's model")
+    tu.add_argument("--alias", default="champion", help="alias for --register")
+    tu.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per trial")
+    tu.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default 0.5, GPU runs 1)")
+    tu.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    tu.add_argument("--max-concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
+    tu.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
+    tu.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
+    tu.add_argument("--storage", default="", help="Tune and checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
+    tu.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
+    tu.add_argument("--experiment", default="ebm", help="MLflow experiment name")
+    tu.set_defaults(func=_tune)

@@ -1,0 +1,2 @@
+"""What runs on the driver: config and dataset checks, MLflow runs, the TorchTrainer/Tuner set-up,
+sweep reports, results tables."""

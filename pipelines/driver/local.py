@@ -1,0 +1,171 @@
+"""``ebm train --local``: the one loop (:func:`ebm.loop.train`) in this process, without Ray.
+
+The same data (:func:`pipelines.worker.data.for_rank` as rank 0 of 1), checkpoints (every epoch,
+under ``STORAGE/NAME/checkpoint_*``, resumable and registrable), run states and MLflow logging as a
+Ray Train job. Each seed is one run, written from this process only: the flat config as params; tags
+for git SHA, seed, task, method, data fingerprint, package versions, ``ebm.group`` (what ``ebm
+results`` groups by) and ``ebm.command``; per-epoch metrics and density plots; the final checkpoint
+and ``test_*`` metrics, ``train_time_s`` (wall) and ``train_cpu_s`` (this process's CPU time; both
+include the final test evaluation); status FINISHED, FAILED (reason tagged), or KILLED on
+Ctrl-C/SIGTERM.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ebm import checkpoint
+from ebm.config import Config
+from ebm.loop import Runtime, train
+from pipelines.driver import runs
+
+GROUP_TAG = "ebm.group"
+COMMAND_TAG = "ebm.command"
+
+
+class LocalRuntime(Runtime):
+    """Rank 0 of 1 in this process: checkpoints to the run's storage directory (the last ``keep``
+    kept), per-epoch metrics and plots to MLflow."""
+
+    def __init__(self, run_dir: Path, log_epoch=None, val_split=None, keep: int = 2, prefix: str = ""):
+        super().__init__("cpu")
+        self.run_dir, self.log_epoch, self.val_split, self.keep, self.prefix = run_dir, log_epoch, val_split, keep, prefix
+
+    def report(self, row: dict, state: dict | None, model) -> None:
+        from pipelines.worker.loop import PLOTS_DIR, density_plot
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f".{int(time.time() * 1e6) % 1_000_000:06d}"
+        d = self.run_dir / f"checkpoint_{stamp}"
+        tmp = self.run_dir / f".tmp_{stamp}"
+        checkpoint.save(tmp, state)
+        density_plot(model, state, self.val_split, tmp)
+        tmp.rename(d)                # a checkpoint directory appears whole or not at all
+        for old in runs.checkpoint_dirs(str(self.run_dir.parent), self.run_dir.name)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.log_epoch:
+            self.log_epoch(row, d / PLOTS_DIR)
+
+    def log(self, line: str) -> None:
+        print(f"{self.prefix}{line}", flush=True)
+
+
+def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = False, allow_config_change: bool = False,
+                storage: str | None = None, track: bool = True, tracking_uri: str | None = None,
+                experiment: str = "ebm", group: str = "", command: str = "", threads: int = 0,
+                out: str = "") -> list[dict]:
+    """Train ``seeds`` seeds (cfg.seed, cfg.seed + 1, ...) one after another in this process; returns
+    each seed's last metrics (``test_*`` included) and prints mean ± std. Raises ConfigError /
+    TrackingError before any training, TrainingFailed if a seed's run failed."""
+    from pipelines import tracking
+    from pipelines.worker.data import for_rank, prepare_dataset
+    from pipelines.worker.runtime import tune_malloc
+    tune_malloc()
+    if threads:
+        torch.set_num_threads(threads)
+    cfg, task, fingerprint = prepare_dataset(cfg)       # a bad data_dir or config fails before anything runs
+    storage = runs.storage_root(storage)
+    group = group or task.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = [name or f"{group}-seed{cfg.seed}-{stamp}"] if seeds == 1 else \
+        [f"{name or group}-seed{cfg.seed + i}" + ("" if name else f"-{stamp}") for i in range(seeds)]
+    cfgs = [cfg.with_overrides([f"seed={cfg.seed + i}"]) for i in range(seeds)]
+    plans = [runs.plan(c, n, storage, resume, allow_config_change) for c, n in zip(cfgs, names)]
+    uri = tracking.resolve_uri(tracking_uri) if track else None
+    if uri:
+        tracking.check_reachable(uri)                   # fail fast, before any training
+        print(f"MLflow: experiment {experiment!r}, group {group!r} in {uri}", flush=True)
+    command = command or shlex.join(["ebm", *sys.argv[1:]])
+    data = for_rank(cfg, 0, 1)
+    print(f"task {task.name}: D={task.D} ({', '.join(task.target_names)}), train {_rows(cfg, data)} / val "
+          f"{len(data.eval_splits.get('val', []))} / test {len(data.eval_splits.get('test', []))}; method "
+          f"{cfg.method.name}, K={cfg.proposal.K}, M={cfg.sampler.M_train}", flush=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    results = []
+    try:
+        for c, run_name, (state, _, changes) in zip(cfgs, names, plans):
+            run_id = None
+            if uri:
+                tags = {"git_sha": tracking.git_sha(), "seed": str(c.seed), "task": task.name, "method": c.method.name,
+                        "data_fingerprint": fingerprint, GROUP_TAG: group, COMMAND_TAG: command, "ebm.mode": "local",
+                        **tracking.package_versions()}
+                run_id = tracking.start_run(uri, experiment, run_name, c.to_flat(), tags, c.to_toml(), reopen=resume)
+                runs.note_changes(uri, run_id, changes)
+            results.append(_one_seed(c, run_name, state, storage, data if c.seed == cfg.seed else for_rank(c, 0, 1),
+                                     uri, run_id, prefix=f"[seed {c.seed}] " if seeds > 1 else ""))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    _print_summary(results, seeds)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "summary.json").write_text(json.dumps({"config": cfg.to_flat(), "runs": names,
+                                                            "test": _summary(results)}, indent=1))
+    return results
+
+
+def _rows(cfg: Config, data) -> str:
+    from pipelines.data import read_metadata
+    return str(read_metadata(cfg.task.data_dir)["splits"]["train"]["rows"]) if cfg.task.data_dir else "(generated)"
+
+
+def _one_seed(cfg: Config, name: str, state, storage: str, data, uri, run_id, prefix: str) -> dict:
+    from pipelines import tracking
+    run_dir = Path(storage) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_epoch = (lambda row, plots: tracking.log_epoch(uri, run_id, row, str(plots))) if uri else None
+    rt = LocalRuntime(run_dir, log_epoch, data.eval_splits.get("val"), prefix=prefix)
+    status = "FAILED"
+    try:
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = train(cfg, data, rt, state)
+        last = dict(res.last)
+        # wall time depends on what else the machine runs; CPU time of this process much less so
+        last.update(train_time_s=time.perf_counter() - t0, train_cpu_s=time.process_time() - c0)
+        final = runs.latest_checkpoint(storage, name)
+        runs.finish(uri, run_id, last, str(final[0]) if final else None, cfg.optim.epochs)
+        if uri:
+            tracking.log_metrics(uri, run_id, {"train_time_s": last["train_time_s"],
+                                               "train_cpu_s": last["train_cpu_s"]}, step=cfg.optim.epochs)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    except Exception as e:
+        if uri:
+            tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])
+        raise
+    finally:
+        if uri:
+            tracking.end_run(uri, run_id, status)
+    print(f"{prefix}run {name}: test " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in sorted(last.items())
+                                                     if k.startswith("test_")), flush=True)
+    return {**last, "run_name": name, "mlflow_run_id": run_id}
+
+
+def _summary(results: list[dict]) -> dict:
+    summary = {}
+    for k in results[0]:
+        vals = [r[k] for r in results if isinstance(r.get(k), float) and not math.isnan(r[k])]
+        if vals and k.startswith("test_"):
+            summary[k[5:]] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "values": vals}
+    return summary
+
+
+def _print_summary(results: list[dict], seeds: int) -> None:
+    summary = _summary(results)
+    for k in ("nll", "grid_nll", "is_nll", "kl", "mae_mode", "mae_mean", "crps", "coverage"):
+        if k in summary:
+            s = summary[k]
+            spread = f" ± {s['std']:.4f} over {seeds} seeds (max {max(s['values']):.4f})" if seeds > 1 else ""
+            print(f"test {k}: {s['mean']:.4f}{spread}")

@@ -1,0 +1,1 @@
+"""Trained models in use: the registry, the pyfunc predictor, evaluation and prediction over inputs."""

@@ -1,0 +1,120 @@
+"""The Ray Train worker function: the one loop (:func:`ebm.loop.train`) given a Ray runtime — the
+glue a Ray Train example has (STYLE.md §8: Ray calls stay in this module).
+
+Rank 0 reports a checkpoint every epoch (the format of :mod:`ebm.checkpoint`, plus the epoch's
+density plot for the driver to log); a restarted worker group, or a rerun of the same run name,
+continues from the latest one. A run that cannot go on (:class:`ebm.loop.TrainingFailed`) ends with a
+last report carrying ``failure`` — not an exception, since a retry would only repeat it.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+PLOTS_DIR = "plots"
+FAILURE_KEY = "failure"
+
+
+class RayRuntime:
+    """:class:`ebm.loop.Runtime` inside a Ray Train worker: DDP via ``prepare_model``, gloo/NCCL
+    collectives, reports to Ray Train."""
+
+    def __init__(self, val_split=None):
+        import ray.train
+        import ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.val_split = val_split
+
+    def wrap(self, step, find_unused_parameters: bool):
+        import ray.train.torch
+        return ray.train.torch.prepare_model(step, parallel_strategy_kwargs={"find_unused_parameters":
+                                                                               find_unused_parameters})
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        return t
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def report(self, row: dict, state: dict | None, model) -> None:
+        import ray.train
+        from ebm import checkpoint
+        metrics = {k: float(v) for k, v in row.items()}
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="ebm-ckpt-") as d:   # Ray copies it to storage (sync upload)
+            checkpoint.save(d, state)
+            density_plot(model, state, self.val_split, Path(d))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    def log(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
+
+
+def density_plot(model, state: dict, val, d: Path) -> None:
+    """The epoch's density plot of fixed validation examples (1-D targets), beside the weights; the
+    driver side logs it to MLflow (workers never talk to MLflow)."""
+    from ebm.tasks import TaskSpec
+    task = TaskSpec.from_dict(state["task"])
+    if val is None or task.D != 1:
+        return
+    from pipelines.plots import density_figure
+    epoch = state["epoch"]
+    (d / PLOTS_DIR).mkdir(exist_ok=True)
+    density_figure(model, task, val, d / PLOTS_DIR / f"density_epoch{epoch:03d}.png", title=f"epoch {epoch + 1}")
+
+
+def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
+    """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "max_nonfinite_in_row": int,
+    "ray_data": bool}``. ``runtime_factory(val_split)`` builds the runtime (tests wrap it to inject
+    faults)."""
+    import logging
+
+    import ray.train
+
+    from ebm import checkpoint
+    from ebm.config import Config
+    from ebm.loop import NOT_VALIDATED, TrainingFailed, train
+    from pipelines.worker.data import for_rank
+    from pipelines.worker.runtime import tune_malloc
+
+    tune_malloc()
+    # Ray Train logs every checkpoint at INFO, which drowns the one progress line per epoch
+    for name in ("ray.train", "ray.train.v2._internal.execution.storage"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if config.get("threads"):
+        torch.set_num_threads(int(config["threads"]))
+    cfg = Config.from_flat(config["cfg"])
+    ctx = ray.train.get_context()
+    data = for_rank(cfg, ctx.get_world_rank(), ctx.get_world_size(),
+                    ray.train.get_dataset_shard("train") if config.get("ray_data") else None)
+    rt = runtime_factory(data.eval_splits.get("val"))
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            resume = checkpoint.load(d)
+    try:
+        train(cfg, data, rt, resume, max_nonfinite_in_row=int(config.get("max_nonfinite_in_row") or 20))
+    except TrainingFailed as e:     # every rank gets here at the same step: the decision was all-reduced
+        rt.log(f"stopping: {e}")
+        ray.train.report({FAILURE_KEY: str(e), "val_nll": NOT_VALIDATED})   # Tune checks its metric in every report
+
+
+def worker_loop(config: dict) -> None:
+    """The production worker function (what ``TorchTrainer`` runs)."""
+    train_worker(config)
