@@ -26,7 +26,7 @@ class CheckpointError(RuntimeError):
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version()}
 
 
 def make_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict, task: dict, epoch: int,

@@ -56,7 +56,7 @@ def test_toy_mlp_rejects_image_inputs():
 
 
 def test_importing_ebm_pulls_in_no_ray_mlflow_pyarrow_scipy_pil():
-    code = ("import sys, ebm, ebm.train, ebm.metrics, ebm.predict, ebm.steps, ebm.nets, ebm.tasks;"
+    code = ("import sys, ebm, ebm.loop, ebm.checkpoint, ebm.data, ebm.evaluate, ebm.metrics, ebm.predict, ebm.steps, ebm.nets, ebm.tasks;"
             "bad = [m for m in ('ray', 'mlflow', 'pyarrow', 'scipy', 'PIL') if m in sys.modules];"
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -75,13 +75,17 @@ def test_bad_rows_are_named():
     assert decode_image(base64.b64encode(_png((8, 8), "L")).decode(), (1, 8, 8), "a").shape == (1, 8, 8)
 
 
-def test_image_predictor_rebuilds_from_its_state():
-    from pipelines.serve.serving import from_state, inputs_tensor, predict_rows, slim_state
+def test_image_predictor_rebuilds_from_its_state_file_without_the_task_registry(tmp_path):
+    from pipelines.serve.serving import load_file, inputs_tensor, predict_rows, slim_state
     p = _predictor("star", ['features.kind="resnet_slim"', "features.width=4"])
-    state = {"model": p.model.state_dict(), "config": p.cfg.to_dict(), "task": "star", "x_shape": (1, 8, 8),
+    task = p.task.to_dict()
+    task["name"] = "my_own_angles"         # a task name no registry knows: the spec travels with the weights
+    state = {"format": 2, "model": p.model.state_dict(), "config": p.cfg.to_dict(), "task": task, "epoch": 0,
              "optimizer": {}, "rng": {}}
-    q = from_state(state)
+    torch.save(slim_state(state), tmp_path / "model.pt")
+    q = load_file(tmp_path / "model.pt")            # weights_only=True
     assert "optimizer" not in slim_state(state) and q.task.x_shape == (1, 8, 8) and q.input_column == "image"
+    assert q.task.name == "my_own_angles"
     imgs = [_png((8, 8), "L")] * 2
     a = predict_rows(p, inputs_tensor(p, imgs), seed=0)
     b = predict_rows(q, inputs_tensor(q, imgs), seed=0)

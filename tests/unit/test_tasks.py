@@ -29,7 +29,7 @@ def test_registry_has_every_task_with_consistent_dims():
         assert t.x_shape == (1,) or len(t.x_shape) == 3
     assert get_task("headpose").D == 3 and get_task("headpose").fixed_sigmas == (1.0, 10.0)
     assert get_task("toy1").ml_is_sigmas == (0.2, 1.6) and get_task("toy2").fixed_sigmas == (0.4, 3.2)
-    assert get_task("star").circular == (True,) and get_task("star").units == "radians"
+    assert get_task("star").circular == (True,) and get_task("star").units == ("radians",)
     assert [n for n, t in TASKS.items() if t.has_true_density] == ["toy1", "star"]
 
 

@@ -1,12 +1,18 @@
+"""The one training loop (ebm.loop.train) in a single process: learning, model selection, seeding,
+divergence handling and checkpoints (resume is exact, files load with weights_only=True)."""
+import copy
 import math
 
 import pytest
 import torch
 
+from ebm import checkpoint
 from ebm.config import Config
+from ebm.data import LoopData, Split, in_memory, load_data
+from ebm.evaluate import evaluate
+from ebm.loop import Runtime, TrainingFailed, make_optimizer, run_epoch, train
 from ebm.nets import build_model
 from ebm.tasks import get_task
-from ebm.train import NonFiniteLoss, Split, batches, evaluate, fit, load_data, make_optimizer, run_epoch
 
 pytestmark = pytest.mark.unit
 
@@ -15,56 +21,144 @@ def _debug(**over):
     return Config.from_toml("pipelines/configs/debug.toml", [f"{k}={v}" for k, v in over.items()])
 
 
+class _Recorder(Runtime):
+    """A single-process runtime that keeps every report (what a driver would write)."""
+
+    def __init__(self):
+        super().__init__("cpu")
+        self.rows, self.states = [], []
+
+    def report(self, row, state, model):
+        self.rows.append(row)
+        self.states.append(copy.deepcopy(state))      # a real runtime writes it out at once
+
+    def log(self, line):
+        pass
+
+
+def _fit(cfg, data=None, resume=None, rt=None):
+    rt = rt or _Recorder()
+    data = data or in_memory(*load_data(cfg), cfg)
+    return train(cfg, data, rt, resume), rt
+
+
 @pytest.mark.parametrize("method", ["ebm_learned_proposal", "mdn_ebm_teacher", "nce_fixed"])
-def test_fit_learns_toy2_and_reports_finite_metrics(method):
-    cfg = _debug(**{"method.name": f'"{method}"', })
+def test_the_loop_learns_toy1_and_reports_finite_metrics(method):
+    cfg = _debug(**{"method.name": f'"{method}"'})
     task, splits = load_data(cfg)
     torch.manual_seed(cfg.seed)
     untrained = evaluate(build_model(cfg, task.x_shape, task.D, task.circular), splits["test"], task, cfg)
-    res = fit(cfg, log=None, data=(task, splits))
-    assert all(math.isfinite(v) for v in res.test.values())
-    assert res.test["nll"] < untrained["nll"] - 0.2
+    res, _ = _fit(cfg, in_memory(task, splits, cfg))
+    test = {k[5:]: v for k, v in res.last.items() if k.startswith("test_")}
+    assert all(math.isfinite(v) for v in test.values())
+    assert test["nll"] < untrained["nll"] - 0.2
     if method != "nce_fixed":
-        assert {"is_nll", "crps", "coverage", "mae_mode", "ess"} <= set(res.test)
+        assert {"is_nll", "crps", "coverage", "mae_mode", "ess"} <= set(test)
 
 
-def test_best_val_selection_restores_the_best_epoch():
-    cfg = _debug(**{"eval.every": 1, "eval.select": "\"best_val\""})
-    res = fit(cfg, log=None)
+def test_best_val_selection_tests_and_checkpoints_the_best_epoch():
+    cfg = _debug(**{"eval.every": 1, "eval.select": "\"best_val\"", "optim.epochs": 4})
+    res, rt = _fit(cfg)
     vals = [h["val_nll"] for h in res.history]
-    assert res.best_epoch == min(range(len(vals)), key=vals.__getitem__)
+    best = min(range(len(vals)), key=vals.__getitem__)
+    assert res.selected_epoch == best == res.last["selected_epoch"]
+    final = rt.states[-1]
+    assert checkpoint.selected_epoch(final) == best
+    for k, v in checkpoint.selected_weights(final).items():
+        assert torch.equal(v, rt.states[best]["model"][k]), k
+    # the test figures are those of the selected weights
+    task, splits = load_data(cfg)
+    model = build_model(cfg, task.x_shape, task.D, task.circular)
+    model.load_state_dict(checkpoint.selected_weights(final))
+    again = evaluate(model, splits["test"], task, cfg, generator=torch.Generator().manual_seed(0))
+    assert again["grid_nll"] == pytest.approx(res.last["test_grid_nll"], abs=1e-6)
 
 
 def test_same_seed_same_result():
     cfg = _debug(**{"optim.epochs": 1})
-    a, b = fit(cfg, log=None), fit(cfg, log=None)
-    assert a.test == b.test
+    (a, _), (b, _) = _fit(cfg), _fit(cfg)
+    timing = ("epoch_time_s", "examples_per_s", "data_wait_frac")
+    assert {k: v for k, v in a.last.items() if k not in timing} == {k: v for k, v in b.last.items() if k not in timing}
 
 
-class _NaNEvery:
-    """Batches whose targets are NaN on chosen steps."""
+def test_resume_from_a_checkpoint_file_is_exact(tmp_path):
+    cfg = _debug(**{"optim.epochs": 3, "eval.every": 1})
+    full, rt_full = _fit(cfg)
+    _, rt_part = _fit(cfg.with_overrides(["optim.epochs=2"]))
+    checkpoint.save(tmp_path / "c", rt_part.states[-1])
+    state = checkpoint.load(tmp_path / "c")            # weights_only=True inside
+    resumed, _ = _fit(cfg, resume=state)
+    assert [h["epoch"] for h in resumed.history] == [2] and resumed.history[0]["first_epoch"] == 2
+    for k, v in rt_full.states[-1]["model"].items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert resumed.last["test_nll"] == full.last["test_nll"]
 
-    def __init__(self, split, bad):
-        self.split, self.bad = split, bad
 
-    def __iter__(self):
-        for i, (x, y) in enumerate(batches(self.split, 32, None)):
-            yield x, (torch.full_like(y, float("nan")) if i in self.bad else y)
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    cfg = _debug(**{"optim.epochs": 1})
+    _, rt = _fit(cfg)
+    path = checkpoint.save(tmp_path / "ok", rt.states[-1])
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / checkpoint.CKPT_FILE).write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match="half-written"):
+        checkpoint.load(tmp_path / "half")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint.pt"):
+        checkpoint.load(tmp_path / "missing")
+    torch.save({"format": 1, "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="format 1"):
+        checkpoint.load(tmp_path / "old.pt")
 
 
-def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_training():
-    cfg = _debug()
+class _NaNAt:
+    """Batches of a split whose targets are NaN at chosen (epoch, step) pairs."""
+
+    def __init__(self, split, bad, batch=32):
+        self.split, self.bad, self.batch = split, bad, batch
+
+    def epoch(self, e):
+        for i, s in enumerate(range(0, len(self.split), self.batch)):
+            x, y = self.split.x[s:s + self.batch], self.split.y[s:s + self.batch]
+            yield x, (torch.full_like(y, float("nan")) if (e, i) in self.bad or ("all", i) in self.bad else y)
+
+
+def _nan_data(cfg, bad):
+    task = get_task("toy2")
+    train_split = Split(torch.rand(320, 1), torch.randn(320, 1))
+    evals = {"val": Split(torch.rand(64, 1), torch.randn(64, 1)), "test": Split(torch.rand(64, 1), torch.randn(64, 1))}
+    return LoopData(task, evals, train_split.x, _NaNAt(train_split, bad).epoch)
+
+
+def test_non_finite_steps_are_skipped():
+    cfg = _debug(**{"task.name": '"toy1"', "optim.epochs": 1})
     task = get_task("toy2")
     model = build_model(cfg, task.x_shape, task.D, task.circular)
     opt = make_optimizer(model, cfg)
-    split = Split(torch.rand(320, 1), torch.randn(320, 1))
+    data = _nan_data(cfg, {(0, 1), (0, 4)})
     before = [p.detach().clone() for p in model.parameters()]
-    out = run_epoch(model, opt, _NaNEvery(split, {1, 4}), cfg, task, 0)
-    assert out["skipped_steps"] == 2 and out["steps"] == 8
+
+    def step(x, y, e):
+        from ebm.steps import train_step
+        return train_step(model, (x, y), cfg, epoch=e, circular=task.circular)
+    out, in_row = run_epoch(model, opt, data.train_epoch(0), cfg, 0, step,
+                            all_finite=lambda t: bool(torch.isfinite(t).all()), device="cpu")
+    assert out["skipped_steps"] == 2 and out["steps"] == 8 and in_row == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    with pytest.raises(NonFiniteLoss, match="non-finite losses in a row"):
-        run_epoch(model, opt, _NaNEvery(split, set(range(10))), cfg, task, 0, max_skips_in_row=5)
+
+
+def test_non_finite_steps_in_a_row_are_counted_across_epochs():
+    # 10 steps per epoch; the last 6 of epoch 0 and the first 6 of epoch 1 are NaN: 12 in a row, never
+    # 10 in one epoch. A counter that restarted every epoch would let this run "finish".
+    cfg = _debug(**{"optim.epochs": 3})
+    bad = {(0, i) for i in range(4, 10)} | {(1, i) for i in range(6)}
+    with pytest.raises(TrainingFailed, match="12 non-finite losses in a row"):
+        train(cfg, _nan_data(cfg, bad), _Recorder(), max_nonfinite_in_row=12)
+
+
+def test_an_epoch_without_a_successful_step_fails_the_run():
+    cfg = _debug(**{"optim.epochs": 2})
+    with pytest.raises(TrainingFailed, match="epoch 1 had no successful step"):
+        train(cfg, _nan_data(cfg, {("all", i) for i in range(10)}), _Recorder(), max_nonfinite_in_row=100)
 
 
 def test_evaluate_star_reports_exact_kl():
@@ -72,7 +166,7 @@ def test_evaluate_star_reports_exact_kl():
                             "features": {"kind": "resnet_slim", "width": 4}, "sampler": {"M_eval": 64},
                             "energy": {"y_embed": [8, 8], "hidden": 8}})
     task, splits = load_data(cfg)
-    assert splits["train"].x.shape[1:] == (1, 16, 16)
+    assert splits["train"].x.shape[1:] == (1, 16, 16) and task.x_shape == (1, 16, 16)
     model = build_model(cfg, task.x_shape, task.D, task.circular)
     out = evaluate(model, splits["test"], task, cfg)
     assert out["kl_ebm"] > 0 and out["kl_proposal"] > 0 and math.isfinite(out["grid_nll"])
@@ -81,9 +175,10 @@ def test_evaluate_star_reports_exact_kl():
 def test_toy_inputs_are_standardised_by_buffers_that_travel_with_the_weights():
     cfg = _debug(**{"optim.epochs": 1})
     task, splits = load_data(cfg)
-    res = fit(cfg, log=None, data=(task, splits))
+    res, _ = _fit(cfg, in_memory(task, splits, cfg))
     sd = res.model.state_dict()
     torch.testing.assert_close(sd["feature_net.x_mean"], splits["train"].x.mean(0))
     torch.testing.assert_close(sd["feature_net.x_std"], splits["train"].x.std(0))
-    raw = fit(_debug(**{"optim.epochs": 1, "features.standardize": "false"}), log=None, data=(task, splits))
+    raw_cfg = _debug(**{"optim.epochs": 1, "features.standardize": "false"})
+    raw, _ = _fit(raw_cfg, in_memory(task, splits, raw_cfg))
     assert torch.equal(raw.model.state_dict()["feature_net.x_std"], torch.ones(1))
