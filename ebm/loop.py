@@ -5,8 +5,10 @@ data-parallel wrapper, and where a report goes) and the :class:`~ebm.data.LoopDa
 
 Seed discipline (the same on every path, so ``--local`` and a 1-worker Ray run give the same
 numbers): every rank builds the model from ``cfg.seed``; each epoch's data order is a function of
-(seed, epoch); rank r samples from a generator seeded ``seed * 1000 + r + 1``, which rank 0 also
-uses for evaluation; a resumed run restores every rank's generator and torch's RNG.
+(seed, epoch); rank r samples from a generator seeded ``seed * 1000 + r + 1``; a resumed run restores
+every rank's generator and torch's RNG. Evaluation draws from a generator seeded afresh each time
+(:func:`eval_generator`), so its figures are a function of the weights alone (the same IS samples at
+every epoch) and evaluating never shifts the training stream.
 
 Divergence: a step whose loss is non-finite on any rank is skipped on every rank (the decision is
 all-reduced). ``max_nonfinite_in_row`` skipped steps in a row — counted across epochs and kept in
@@ -161,6 +163,11 @@ def _param_spread(model: torch.nn.Module, rt: Runtime) -> float:
     return float((rt.all_reduce(probe.clone(), "max") - rt.all_reduce(probe.clone(), "min")).item())
 
 
+def eval_generator(cfg: Config, device) -> torch.Generator:
+    """The generator of one evaluation: the same draws every time for the same seed."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 999)
+
+
 def _cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
@@ -209,14 +216,14 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
         last = epoch == epochs - 1
         if rt.rank == 0:
             if "val" in evals and ((epoch + 1) % cfg.eval.every == 0 or last):
-                val = evaluate(model, evals["val"], task, cfg, generator=g, device=device)
+                val = evaluate(model, evals["val"], task, cfg, generator=eval_generator(cfg, device), device=device)
                 row.update({f"val_{k}": v for k, v in val.items()})
                 if cfg.eval.select == "best_val" and math.isfinite(val["nll"]) and (best is None or val["nll"] < best["val_nll"]):
                     best = {"epoch": epoch, "val_nll": float(val["nll"]), "model": _cpu_copy(model.state_dict())}
             if last and "test" in evals:
                 selected = _selected_model(model, best)
-                row.update({f"test_{k}": v for k, v in evaluate(selected, evals["test"], task, cfg, generator=g,
-                                                               device=device).items()})
+                row.update({f"test_{k}": v for k, v in evaluate(selected, evals["test"], task, cfg, device=device,
+                                                               generator=eval_generator(cfg, device)).items()})
                 row["selected_epoch"] = best["epoch"] if best else epoch
         row["validated"] = float("val_nll" in row)     # this epoch's own validation, or a carried value
         last_val = row.setdefault("val_nll", last_val)  # Tune's schedulers need one every epoch
