@@ -1,7 +1,10 @@
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))     # tests/faults.py: fault injection lives with the tests
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")

@@ -46,7 +46,8 @@ class LocalRuntime(Runtime):
         d = self.run_dir / f"checkpoint_{stamp}"
         tmp = self.run_dir / f".tmp_{stamp}"
         checkpoint.save(tmp, state)
-        density_plot(model, state, self.val_split, tmp)
+        if row.get("validated"):
+            density_plot(model, state, self.val_split, tmp)
         tmp.rename(d)                # a checkpoint directory appears whole or not at all
         for old in runs.checkpoint_dirs(str(self.run_dir.parent), self.run_dir.name)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -101,7 +102,7 @@ def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = F
                         "data_fingerprint": fingerprint, GROUP_TAG: group, COMMAND_TAG: command, "ebm.mode": "local",
                         **tracking.package_versions()}
                 run_id = tracking.start_run(uri, experiment, run_name, c.to_flat(), tags, c.to_toml(), reopen=resume)
-                runs.note_changes(uri, run_id, changes)
+                runs.reopened(uri, run_id, changes)
             results.append(_one_seed(c, run_name, state, storage, data if c.seed == cfg.seed else for_rank(c, 0, 1),
                                      uri, run_id, prefix=f"[seed {c.seed}] " if seeds > 1 else ""))
     finally:
@@ -121,8 +122,7 @@ def _rows(cfg: Config, data) -> str:
 
 def _one_seed(cfg: Config, name: str, state, storage: str, data, uri, run_id, prefix: str) -> dict:
     from pipelines import tracking
-    run_dir = Path(storage) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(storage) / name          # made by the first checkpoint
     log_epoch = (lambda row, plots: tracking.log_epoch(uri, run_id, row, str(plots))) if uri else None
     rt = LocalRuntime(run_dir, log_epoch, data.eval_splits.get("val"), prefix=prefix)
     status = "FAILED"

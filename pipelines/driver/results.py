@@ -126,12 +126,14 @@ def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
         if not g.runs:
             continue
         run = min(g.runs, key=lambda r: int(r.data.tags.get("seed", "0")))
+        plots = sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots") if a.path.endswith(".png"))
+        # runs made before per-epoch plots logged one final plots/density.png
+        name = "plots/density.png" if "plots/density.png" in plots else (plots[-1] if plots else None)
+        if name is None:
+            print(f"ebm results: {g.name}: run {run.info.run_id} has no density plot", file=sys.stderr)
+            continue
         with tempfile.TemporaryDirectory() as d:
-            try:
-                local = client.download_artifacts(run.info.run_id, "plots/density.png", d)
-            except Exception as e:        # a run logged without the plot
-                print(f"ebm results: {g.name}: no plots/density.png ({e})", file=sys.stderr)
-                continue
+            local = client.download_artifacts(run.info.run_id, name, d)
             dest = Path(out_dir) / (g.name.replace("/", "_") + ".png")
             shutil.copyfile(local, dest)
             written.append(dest)

@@ -79,9 +79,14 @@ def plan(cfg: Config, name: str, storage: str, resume: bool, allow_config_change
     return state, d, changes
 
 
-def note_changes(uri: str, run_id: str, changes: dict) -> None:
+def reopened(uri: str, run_id: str, changes: dict) -> None:
+    """A run (re)starting: the reason an earlier attempt stopped no longer holds; a config change
+    that ``--allow-config-change`` let through is recorded (MLflow params cannot change)."""
+    from pipelines import tracking
+    client = tracking.open_client(uri)
+    if STOP_REASON_TAG in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, STOP_REASON_TAG)
     if changes:
-        from pipelines import tracking
         tracking.set_tag(uri, run_id, CONFIG_CHANGE_TAG, json.dumps(changes)[:5000])
 
 

@@ -55,7 +55,7 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
                   max_nonfinite_in_row: int = 20, resume_from: str | None = None):
     """The job's ``TorchTrainer`` over :func:`pipelines.worker.loop.worker_loop` (``ebm train`` and
     each ``ebm tune`` trial build it here)."""
-    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.worker import loop
@@ -66,9 +66,8 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
     return TorchTrainer(
         loop.worker_loop,
         train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "ray_data": datasets is not None,
-                           "max_nonfinite_in_row": max_nonfinite_in_row},
+                           "max_nonfinite_in_row": max_nonfinite_in_row, "resume_from": resume_from},
         datasets=datasets,
-        resume_from_checkpoint=Checkpoint.from_directory(resume_from) if resume_from else None,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              # without Train's print patch each progress line reaches the driver once
@@ -78,9 +77,16 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
 
 
 def finish_run(result, cfg: Config, uri: str, run_id: str) -> dict:
+    from pipelines import tracking
+    from pipelines.worker.loop import FAILURE_KEY
     """After ``trainer.fit()``: :func:`pipelines.driver.runs.finish` on the last report and the final
     checkpoint (raises TrainingFailed, tagging the reason, for a run that did not train)."""
     metrics = dict(result.metrics or {})
+    # a failure report carries no checkpoint, so result.metrics is the last good epoch's: the tracking
+    # callback tagged the reason on the run
+    reason = tracking.open_client(uri).get_run(run_id).data.tags.get(runs.STOP_REASON_TAG)
+    if reason:
+        metrics[FAILURE_KEY] = reason
     if result.checkpoint is None:
         return runs.finish(uri, run_id, metrics, None, cfg.optim.epochs)
     with result.checkpoint.as_directory() as d:
@@ -99,7 +105,10 @@ def tracking_callback(uri: str, run_id: str):
     class EpochLogger(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
             row = metrics[0] if metrics else {}
-            if "epoch" not in row or FAILURE_KEY in row:
+            if FAILURE_KEY in row:
+                tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(row[FAILURE_KEY])[:5000])
+                return
+            if "epoch" not in row:
                 return
             if checkpoint is None:
                 tracking.log_epoch(uri, run_id, row)
@@ -127,7 +136,7 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
     tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
             "data_fingerprint": fingerprint, "ebm.mode": "ray", **tracking.package_versions()}
     run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
-    runs.note_changes(uri, run_id, changes)
+    runs.reopened(uri, run_id, changes)
     status = "FAILED"
     previous = signal.getsignal(signal.SIGTERM)
 

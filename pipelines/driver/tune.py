@@ -110,6 +110,7 @@ def train_trial(config: dict, job: dict) -> None:
     # a rerun of an errored trial (a resumed sweep) continues its Train run and reopens its MLflow run
     again = runs.latest_checkpoint(job["train_storage"], name) is not None
     run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml(), reopen=again)
+    runs.reopened(uri, run_id, {})
     status = "FAILED"
     try:
         trainer = build_trainer(cfg, name=name, storage_path=job["train_storage"], num_workers=job["num_workers"],

@@ -57,7 +57,8 @@ class RayRuntime:
             return
         with tempfile.TemporaryDirectory(prefix="ebm-ckpt-") as d:   # Ray copies it to storage (sync upload)
             checkpoint.save(d, state)
-            density_plot(model, state, self.val_split, Path(d))
+            if row.get("validated"):
+                density_plot(model, state, self.val_split, Path(d))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log(self, line: str) -> None:
@@ -80,7 +81,7 @@ def density_plot(model, state: dict, val, d: Path) -> None:
 
 def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     """Ray Train worker: ``config = {"cfg": flat config, "threads": int, "max_nonfinite_in_row": int,
-    "ray_data": bool}``. ``runtime_factory(val_split)`` builds the runtime (tests wrap it to inject
+    "ray_data": bool, "resume_from": checkpoint directory or None}``. ``runtime_factory(val_split)`` builds the runtime (tests wrap it to inject
     faults)."""
     import logging
 
@@ -104,10 +105,12 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
                     ray.train.get_dataset_shard("train") if config.get("ray_data") else None)
     rt = runtime_factory(data.eval_splits.get("val"))
     resume = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()      # Ray's own: the latest of this run (a restarted worker group)
     if ckpt:
         with ckpt.as_directory() as d:
             resume = checkpoint.load(d)
+    elif config.get("resume_from"):        # --resume of a run Ray has no record of (e.g. one trained --local)
+        resume = checkpoint.load(config["resume_from"])
     try:
         train(cfg, data, rt, resume, max_nonfinite_in_row=int(config.get("max_nonfinite_in_row") or 20))
     except TrainingFailed as e:     # every rank gets here at the same step: the decision was all-reduced

@@ -39,14 +39,16 @@ def test_each_seed_is_one_finished_run_with_tags_metrics_and_plot(tmp_path, monk
         assert r.data.params["optim.epochs"] == "2" and r.data.params["seed"] == t["seed"]
         assert {"test_nll", "test_kl", "test_is_nll", "test_crps", "test_coverage", "train_time_s", "train_cpu_s"} <= set(r.data.metrics)
         assert [m.step for m in c.get_metric_history(r.info.run_id, "train_loss")] == [0, 1]
-        assert [a.path for a in c.list_artifacts(r.info.run_id, "plots")] == ["plots/density.png"]
+        assert [a.path for a in c.list_artifacts(r.info.run_id, "plots")] == ["plots/density_epoch000.png",
+                                                                          "plots/density_epoch001.png"]
+        assert {a.path for a in c.list_artifacts(r.info.run_id, "checkpoint")} >= {"checkpoint/checkpoint.pt"}
     assert runs[0].data.metrics["test_nll"] != runs[1].data.metrics["test_nll"]     # different seeds
 
 
 def test_no_track_opens_no_store(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(local, "fit", boom)
+    monkeypatch.setattr(local, "train", boom)
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli.main(["train", "debug", "--local", "--no-track"]) == 130
@@ -68,7 +70,7 @@ def test_unreachable_server_fails_before_training(capsys):
 def test_an_interrupted_or_failed_seed_ends_its_run_with_that_status(tmp_path, monkeypatch, exc, status, rc):
     def boom(*a, **k):
         raise exc("stop")
-    monkeypatch.setattr(local, "fit", boom)
+    monkeypatch.setattr(local, "train", boom)
     uri = f"sqlite:///{tmp_path}/m.db"
     argv = ["train", "debug", "--local", "--tracking-uri", uri, "--experiment", "e"]
     if rc is None:

@@ -15,6 +15,7 @@ from ebm.config import Config
 pytestmark = pytest.mark.integration
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 EBM = os.path.join(os.path.dirname(sys.executable), "ebm")
+FAULT_DRIVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fault_driver.py")
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +33,22 @@ def _cfg(**over):
                             [f"{k}={v}" for k, v in over.items()])
 
 
-def _run(tmp_path, name, cfg=None, **kw):
+def _run(tmp_path, name, cfg=None, faults=None, monkeypatch=None, **kw):
+    """A 2-worker job; ``faults`` (see tests/faults.py) go to its workers through the worker function
+    Ray runs — production code has no hook for them."""
     from pipelines.driver.train_job import run_job
+    if faults:
+        import faults as f
+        f.register_by_value()
+        monkeypatch.setattr("pipelines.worker.loop.worker_loop", f.worker_with_faults(faults))
     return run_job(cfg or _cfg(), name=name, num_workers=2, storage_path=str(tmp_path / "runs"),
                    tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", cpus_per_worker=0.5, **kw)
 
 
 def _final_weights(tmp_path, name):
-    from pipelines.worker.loop import load_checkpoint_dir
+    from ebm import checkpoint
     ckpts = sorted(p for p in (tmp_path / "runs" / name).glob("checkpoint_*") if p.is_dir())
-    return load_checkpoint_dir(ckpts[-1])
+    return checkpoint.load(ckpts[-1])
 
 
 @pytest.fixture(scope="module")
@@ -68,29 +75,29 @@ def test_two_worker_ddp_run_learns_keeps_ranks_identical_and_tracks_everything(b
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.toml", "plots", "checkpoint"} <= arts
     plots = [a.path for a in c.list_artifacts(run.info.run_id, "plots")]
-    assert len(plots) == 3 and all(p.endswith(".png") for p in plots)
+    assert plots == ["plots/density_epoch002.png"]          # one per validated epoch (eval.every = 3)
     state = _final_weights(tmp, "base")
     assert state["epoch"] == 2 and state["config"]["proposal"]["K"] == 2 and "torch" in state["versions"]
 
 
-def test_a_worker_failure_is_retried_from_the_last_checkpoint_with_identical_result(baseline, tmp_path):
+def test_a_worker_failure_is_retried_from_the_last_checkpoint_with_identical_result(baseline, tmp_path, monkeypatch):
     base_tmp, _ = baseline
-    hooks = {"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired")}
-    _run(tmp_path, "retry", max_failures=1, test_hooks=hooks)
+    faults = {"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired")}
+    _run(tmp_path, "retry", max_failures=1, faults=faults, monkeypatch=monkeypatch)
     assert (tmp_path / "fired").exists()
     a, b = _final_weights(base_tmp, "base")["model"], _final_weights(tmp_path, "retry")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_the_run(ray_local, tmp_path):
+def test_nan_on_one_rank_is_skipped_on_all_and_k_in_a_row_stop_the_run(ray_local, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.driver.train_job import NonFiniteStop
+    from ebm.loop import TrainingFailed
     # rank 1: NaN targets in its first batch of epoch 0, then in every batch from epoch 1
-    with pytest.raises(NonFiniteStop, match="stopped at epoch 2: 3 non-finite losses in a row"):
+    with pytest.raises(TrainingFailed, match=r"3 non-finite losses in a row \(at epoch 2\)"):
         _run(tmp_path, "nan", cfg=_cfg(**{"optim.epochs": 3}), max_failures=1, max_nonfinite_in_row=3,
-             test_hooks={"nan_rank": 1, "nan_from_epoch": 1})
+             faults={"nan_rank": 1, "nan_from_epoch": 1}, monkeypatch=monkeypatch)
     c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     run = c.search_runs([c.get_experiment_by_name("ebm").experiment_id])[0]
     assert run.info.status == "FAILED" and "3 non-finite losses" in run.data.tags["ebm.stop_reason"]
@@ -117,14 +124,16 @@ def test_ray_data_path_streams_the_parquet_train_split_through_get_dataset_shard
     assert metrics["test_nll"] < 3.0
 
 
-def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_local, tmp_path, parquet_toy1):
+def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_local, tmp_path, parquet_toy1,
+                                                                         monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.worker.loop import load_checkpoint_dir
+    from ebm import checkpoint
     cfg = _cfg(**{"optim.epochs": 3, "task.data_dir": f'"{parquet_toy1}"'})
     with pytest.raises(Exception, match="injected failure at epoch 1"):
-        _run(tmp_path, "crash", cfg=cfg, max_failures=0,
-             test_hooks={"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired")})
+        _run(tmp_path, "crash", cfg=cfg, max_failures=0, monkeypatch=monkeypatch,
+             faults={"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired")})
+    monkeypatch.undo()
     c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     exp = c.get_experiment_by_name("ebm").experiment_id
     (run,) = c.search_runs([exp])
@@ -136,9 +145,11 @@ def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_loc
     half = tmp_path / "runs" / "crash" / "checkpoint_2999-01-01_00-00-00.000000"
     half.mkdir()
     (half / "checkpoint.pt").write_bytes((good[0] / "checkpoint.pt").read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match="half-written"):
-        load_checkpoint_dir(half)
-    metrics = _run(tmp_path, "crash", cfg=cfg)
+    with pytest.raises(checkpoint.CheckpointError, match="half-written"):
+        checkpoint.load(half)
+    with pytest.raises(Exception, match="already exists.*--resume crash"):      # never continued by accident
+        _run(tmp_path, "crash", cfg=cfg)
+    metrics = _run(tmp_path, "crash", cfg=cfg, resume=True)
     assert metrics["first_epoch"] == 1 and metrics["epoch"] == 2      # resumed from epoch 0's checkpoint
     (run,) = c.search_runs([exp])
     assert run.info.status == "FINISHED" and run.info.run_id == metrics["mlflow_run_id"]
@@ -204,12 +215,13 @@ def test_a_killed_driver_resumes_at_epoch_3_and_sigterm_marks_the_run_killed(tmp
     from mlflow.tracking import MlflowClient
     ray_tmp = tempfile.mkdtemp(prefix="ebmr", dir="/tmp")     # short: Ray's socket paths have a length limit
     # every rank holds at the start of epoch index 2 (once), after epochs 0 and 1 were checkpointed
-    hooks = {"pause_at_epoch": 2, "pause_marker": str(tmp_path / "paused")}
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", EBM_RAY_TMPDIR=ray_tmp, EBM_TEST_HOOKS=json.dumps(hooks))
-    args = [EBM, "train", "debug", "--set", "optim.epochs=5", "--set", "task.n_train=2048", "--storage",
+    faults = {"pause_at_epoch": 2, "pause_marker": str(tmp_path / "paused")}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", EBM_RAY_TMPDIR=ray_tmp)
+    args = ["train", "debug", "--set", "optim.epochs=5", "--set", "task.n_train=2048", "--storage",
             str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]
     try:
-        p = subprocess.Popen(args + ["--name", "killme"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([sys.executable, FAULT_DRIVER, json.dumps(faults)] + args + ["--name", "killme"],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
         uri = f"sqlite:///{tmp_path}/mlruns.db"
         # epoch 2 is in MLflow once Train has registered its checkpoint (the callback runs after that)
@@ -219,7 +231,7 @@ def test_a_killed_driver_resumes_at_epoch_3_and_sigterm_marks_the_run_killed(tmp
         _kill_ray_under(ray_tmp)
         log = tmp_path / "resume.log"
         with open(log, "w") as out:
-            p = subprocess.Popen(args + ["--resume", "killme"], cwd=tmp_path, env=env, stdout=out,
+            p = subprocess.Popen([EBM, *args, "--resume", "killme"], cwd=tmp_path, env=env, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True)
             _wait_for(lambda: re.search(r"epoch \d/5", log.read_text()), p, "the resumed run's first epoch")
             p.send_signal(signal.SIGTERM)            # the driver only: it must end its MLflow run and Ray

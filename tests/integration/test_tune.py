@@ -88,11 +88,17 @@ def test_asha_sweep_nests_trials_logs_the_best_and_registers_one_version(ray_tun
         assert got[col].tolist() == pytest.approx(want[col], rel=1e-6, abs=1e-6), col
 
 
-def test_an_errored_trial_resumes_from_its_checkpoint_without_duplicate_runs(ray_tune, tmp_path):
+def test_an_errored_trial_resumes_from_its_checkpoint_without_duplicate_runs(ray_tune, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
-    hooks = {"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired"), "trial_suffix": "_00000"}
+
+    import faults
+    faults.register_by_value()
+    # trial _00000's Train workers fail once as epoch 1 starts (fault injection lives in tests/faults.py)
+    monkeypatch.setattr("pipelines.driver.tune.train_trial", faults.trial_with_faults(
+        {"fail_at_epoch": 1, "fail_marker": str(tmp_path / "fired")}, trial_suffix="_00000"))
     first = _sweep(tmp_path, "res", {"proposal.K": {"grid": [1, 2]}}, opts={"scheduler": "fifo"},
-                   max_failures=0, test_hooks=hooks)
+                   max_failures=0)
+    monkeypatch.undo()
     assert first["errors"] == 1 and (tmp_path / "fired").exists()
     c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
     parent = first["parent_run_id"]
