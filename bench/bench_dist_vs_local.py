@@ -1,6 +1,6 @@
 """Same config, same seeds: the single-process loop vs the 2-worker Ray Train job (issue 4 acceptance 3).
 
-For each seed, trains the config with ``ebm.train.fit`` in this process and with ``run_job`` on a local
+For each seed, trains the config with ``ebm.loop.fit`` in this process and with ``run_job`` on a local
 Ray (2 DDP workers, 1 CPU and 1 torch thread each), and prints both test NLLs side by side with the
 mean ± std over seeds. ``optim.batch_size`` is per worker, so the distributed run uses half the
 configured batch per worker to keep the global batch (and steps per epoch) of the paper's protocol.
@@ -34,8 +34,8 @@ def main() -> None:
     import torch
 
     from ebm.config import Config
-    from ebm.train import fit
-    from pipelines.cli import resolve_config
+    from ebm.loop import fit
+    from pipelines.configs import resolve_config
     from pipelines.worker.runtime import tune_malloc
     from pipelines.driver.train_job import run_job
 
@@ -52,7 +52,7 @@ def main() -> None:
             for i in range(args.seeds):
                 cfg = base.with_overrides([f"seed={base.seed + i}"])
                 t0 = time.perf_counter()
-                local = fit(cfg, log=None).test
+                local = {k[5:]: v for k, v in fit(cfg).last.items() if k.startswith("test_")}
                 t_local = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 dist = run_job(cfg.with_overrides([f"optim.batch_size={cfg.optim.batch_size // 2}"]),

@@ -26,7 +26,8 @@ from ebm.config import Config  # noqa: E402
 
 def trained(args):
     """(model, task, test split) from a registered model or a fresh in-process training run."""
-    from ebm.train import fit, load_data
+    from ebm.data import in_memory, load_data
+    from ebm.loop import fit
     if args.model:
         import mlflow
 
@@ -34,15 +35,16 @@ def trained(args):
         if args.tracking_uri:
             mlflow.set_tracking_uri(args.tracking_uri)
         p = load_predictor(args.model)
-        _, splits = load_data(p.cfg)
+        _, splits = load_data(p.cfg)             # generated tasks: the test split is regenerated from the config
         return p.model, p.task, splits["test"], f"{args.model} ({p.task.name})"
-    from pipelines.cli import resolve_config
+    from pipelines.configs import resolve_config
     cfg = Config.from_toml(resolve_config(args.config),
                            [f"optim.epochs={args.epochs}", f"sampler.M_train={args.M_train}", "eval.grid_nll=false",
                             f"eval.every={args.epochs}", "sampler.refine_steps=0"])
     t0 = time.perf_counter()
     data = load_data(cfg)
-    res = fit(cfg, data=(data[0], {"train": data[1]["train"]}), log=None)
+    loop_data = in_memory(data[0], {"train": data[1]["train"]}, cfg)      # no evaluation: only the weights matter
+    res = fit(cfg, data=loop_data)
     print(f"trained {cfg.task.name} K={cfg.proposal.K} M_train={cfg.sampler.M_train} for {cfg.optim.epochs} epochs "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
     return res.model.eval(), data[0], data[1]["test"], f"{cfg.task.name} trained here"

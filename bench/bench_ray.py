@@ -1,6 +1,6 @@
 """Ray Train overhead benchmark (issue 4 acceptance 2). Prints, in one run:
 
-1. train examples/s of one epoch in the plain single-process loop (``ebm.train.fit``) and of the same
+1. train examples/s of one epoch in the plain single-process loop (``ebm.loop.fit``) and of the same
    epoch inside a 1-worker Ray Train job (DDP wrapper, all-reduced NaN check, per-epoch report and
    checkpoint), both with 1 torch thread, and their ratio (goal <= 1.10);
 2. the same for 2 workers with 1 thread each, and the speed-up over 1 worker.
@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def _cfg(args):
     from ebm.config import Config
-    from pipelines.cli import resolve_config
+    from pipelines.configs import resolve_config
     return Config.from_toml(resolve_config(args.config), [
         f"task.n_train={args.n_train}", "task.n_val=64", "task.n_test=64", f"optim.epochs={args.epochs}",
         f"sampler.M_train={args.m_train}", f"eval.every={args.epochs}", "eval.grid_nll=false"] + args.set)
@@ -33,12 +33,12 @@ def _cfg(args):
 def plain(cfg) -> tuple[float, float]:
     import torch
 
-    from ebm.train import fit
+    from ebm.loop import fit
     from pipelines.worker.runtime import tune_malloc
     tune_malloc()           # as train_local and every Ray worker do
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = fit(cfg, log=None)
+    res = fit(cfg)
     return res.history[-1]["examples_per_s"], time.perf_counter() - t0
 
 

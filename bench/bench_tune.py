@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--storage", default="")
     ap.add_argument("--schedulers", default="fifo,asha", help="which sweeps to run")
     args = ap.parse_args(argv)
-    from pipelines.cli import resolve_config
+    from pipelines.configs import resolve_config
     from pipelines.driver.tune import check_space, run_sweep
     cfg = Config.from_toml(resolve_config(args.config), [f"optim.epochs={args.epochs}", "eval.every=1",
                                                          "sampler.refine_steps=0"])

@@ -47,8 +47,9 @@ class Runtime:
     rank: int = 0
     world: int = 1
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", quiet: bool = False):
         self.device = torch.device(device)
+        self.quiet = quiet
 
     def wrap(self, step: torch.nn.Module, find_unused_parameters: bool) -> Callable:
         return step
@@ -66,7 +67,7 @@ class Runtime:
         rank 0 only."""
 
     def log(self, line: str) -> None:
-        if self.rank == 0:
+        if self.rank == 0 and not self.quiet:
             print(line, flush=True)
 
 
@@ -256,3 +257,10 @@ def format_epoch(row: dict[str, float], epochs: int) -> str:
                 parts.append(f"{k} {row[k]:.4f}")
     parts.append(f"{row.get('examples_per_s', 0):.0f} ex/s")
     return " | ".join(parts)
+
+
+def fit(cfg: Config, data: LoopData | None = None, quiet: bool = True, device: str = "cpu") -> LoopResult:
+    """:func:`train` in this process with nothing written (no checkpoints, no tracking): for notebooks,
+    benchmarks and tests. ``data`` defaults to the generated task's splits in memory."""
+    from .data import in_memory, load_data
+    return train(cfg, data or in_memory(*load_data(cfg), cfg), Runtime(device, quiet=quiet))

@@ -69,7 +69,7 @@ def worker_with_faults(faults: dict):
 def trial_with_faults(faults: dict, trial_suffix: str):
     """A Tune trainable: the production trial, whose Train workers get ``faults`` when the trial id
     ends with ``trial_suffix``."""
-    def trial(config: dict, job: dict) -> None:
+    def train_trial(config: dict, job: dict) -> None:      # Tune's restore matches trainables by name
         import ray.tune
 
         import pipelines.worker.loop as loop
@@ -78,4 +78,4 @@ def trial_with_faults(faults: dict, trial_suffix: str):
             loop.worker_loop = worker_with_faults(faults)
         original = getattr(tune.train_trial, "original", tune.train_trial)
         original(config, job)
-    return trial
+    return train_trial

@@ -69,8 +69,20 @@ def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = F
     from pipelines.worker.data import for_rank, prepare_dataset
     from pipelines.worker.runtime import tune_malloc
     tune_malloc()
-    if threads:
-        torch.set_num_threads(threads)
+    threads_before = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        return _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, tracking_uri, experiment,
+                            group, command, out)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, tracking_uri, experiment, group,
+                 command, out) -> list[dict]:
+    from pipelines import tracking
+    from pipelines.worker.data import for_rank, prepare_dataset
     cfg, task, fingerprint = prepare_dataset(cfg)       # a bad data_dir or config fails before anything runs
     storage = runs.storage_root(storage)
     group = group or task.name

@@ -81,28 +81,14 @@ def server(tmp_path_factory):
 
 
 def _train_and_log(uri: str, name: str, overrides: list[str]) -> str:
-    """A finished training run with a checkpoint artifact, as ebm train would leave it."""
-    from ebm.train import fit, load_data
-    from pipelines import tracking
-    from pipelines.worker.loop import save_checkpoint_dir
-    import torch
+    """A finished training run with its checkpoint artifact: ``ebm train --local`` against the server
+    (a local run is registrable like a Ray one: one checkpoint format)."""
+    from pipelines.driver.local import train_local
     cfg = Config.from_toml(os.path.join(ROOT, "pipelines/configs/debug.toml"), overrides)
-    task, splits = load_data(cfg)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)        # tiny matmuls: a second thread costs more than it gives on a busy box
-    try:
-        res = fit(cfg, log=None, data=(task, {"train": splits["train"]}))   # no evaluation: only the weights matter
-    finally:
-        torch.set_num_threads(threads)
-    run_id = tracking.start_run(uri, "registry-test", name, cfg.to_flat(), {"task": cfg.task.name}, cfg.to_toml())
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint_dir(d, {"model": res.model.state_dict(), "optimizer": {}, "epoch": cfg.optim.epochs - 1,
-                                "config": cfg.to_dict(), "rng": {}, "task": res.task.name,
-                                "x_shape": tuple(res.task.x_shape), "metrics": res.test})
-        tracking.log_artifacts(uri, run_id, d, "checkpoint")
-    tracking.log_metrics(uri, run_id, {f"test_{k}": v for k, v in res.test.items()}, step=cfg.optim.epochs)
-    tracking.end_run(uri, run_id, "FINISHED")
-    return run_id
+    # tiny matmuls: a second thread costs more than it gives on a busy box
+    (res,) = train_local(cfg, name=name, tracking_uri=uri, experiment="registry-test", threads=1,
+                         storage=tempfile.mkdtemp(prefix="ebm-reg-"))
+    return res["mlflow_run_id"]
 
 
 @pytest.fixture(scope="module")

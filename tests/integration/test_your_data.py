@@ -1,0 +1,156 @@
+"""A user's own images under a new task name, end to end: a folder of PNGs + a CSV manifest with a
+2-D target (an angle in degrees, circular, and a size in pixels, linear) -> ``ebm data ingest
+folder_csv`` -> ``ebm train`` on 2 Ray workers and ``--local`` -> ``ebm tune`` (2 trials) ->
+``ebm register`` -> ``ebm predict`` -> ``mlflow models serve`` over HTTP. Nothing in it knows the
+task by name: the dataset defines it."""
+import base64
+import csv
+import io
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = os.path.dirname(sys.executable)
+EBM = os.path.join(BIN, "ebm")
+SIDE = 16
+# a slim image model small enough for a CI box; 2 targets, so a 2-D evaluation grid
+MODEL = ['features.kind="resnet_slim"', "features.width=4", "energy.y_embed=[8, 16]", "energy.hidden=32",
+         "energy.residual_blocks=0", "proposal.K=2", "sampler.M_train=32", "sampler.M_eval=128",
+         "sampler.refine_steps=0", "optim.batch_size=16", "optim.lr=3e-3", "eval.every=1", "eval.batch_size=64",
+         'eval.select="best_val"']
+
+
+def render(angle_deg: float, size: float, rng) -> np.ndarray:
+    """A grey SIDE×SIDE image whose labels can be read from the pixels: a centred disc of radius
+    ``size`` px and a bright dot at ``angle_deg`` (counter-clockwise from the x axis) on a ring."""
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE] + 0.5 - SIDE / 2
+    img = np.clip(1.2 * (size - np.hypot(xx, yy)), 0, 1) * 120
+    a = math.radians(angle_deg)
+    cx, cy = 6.0 * math.cos(a), -6.0 * math.sin(a)
+    img = np.maximum(img, 255 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 1.5))
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+def make_folder(root, n=320, seed=0):
+    """root/img_XXXX.png + root/labels.csv (file, angle [degrees, 0..360), size [px])."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    root.mkdir()
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "angle", "size"])
+        for i in range(n):
+            angle, size = rng.uniform(0, 360), rng.uniform(1.5, 4.5)
+            Image.fromarray(render(angle, size, rng), "L").save(root / f"img_{i:04d}.png")
+            w.writerow([f"img_{i:04d}.png", f"{angle:.3f}", f"{size:.3f}"])
+
+
+def _ebm(*args, cwd, timeout=600, env=None):
+    r = subprocess.run([EBM, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
+    assert r.returncode == 0, f"ebm {' '.join(args)} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_new_task_with_a_circular_and_a_linear_target_trains_tunes_registers_predicts_and_serves(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from ebm.tasks import TWO_PI
+    make_folder(tmp_path / "photos")
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    env = {"MLFLOW_TRACKING_URI": uri, "EBM_STORAGE_PATH": str(tmp_path / "runs"), "EBM_RAY_TMPDIR": ""}
+    out = _ebm("data", "ingest", "folder_csv", "photos", "--task", "dials", "--targets", "angle,size",
+               "--circular", "angle:360", "--units", "size=px", "--out", "data/dials", "--quiet", cwd=tmp_path)
+    assert "task dials" in out and "target angle: circular" in out and "converted from period 360" in out
+    meta = json.loads((tmp_path / "data/dials/_dataset.json").read_text())
+    assert meta["D"] == 2 and meta["circular"] == [True, False] and meta["target_names"] == ["angle", "size"]
+    assert meta["units"] == ["radians", "px"] and meta["grid"]["hi"][0] == pytest.approx(TWO_PI)
+    sets = ["--set", "task.data_dir=data/dials", *[a for m in MODEL for a in ("--set", m)]]
+
+    # 2 Ray Train workers, then the same config in one process
+    out = _ebm("train", "demo", *sets, "--set", "optim.epochs=6", "--name", "ray2", "--num-workers", "2", cwd=tmp_path,
+               env=env)
+    assert "test nll:" in out
+    out = _ebm("train", "demo", *sets, "--set", "optim.epochs=8", "--local", "--threads", "1", "--name", "loc",
+               cwd=tmp_path, env=env)
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("ebm").experiment_id
+    runs = {r.data.tags["ebm.run_name"]: r for r in c.search_runs([exp])}
+    for name in ("ray2", "loc"):
+        r = runs[name]
+        assert r.info.status == "FINISHED" and r.data.tags["task"] == "dials", name
+        val = [m.value for m in sorted(c.get_metric_history(r.info.run_id, "val_nll"), key=lambda m: m.step)]
+        assert min(val[1:]) < val[0] - 0.3, (name, val)            # it learns
+        m = r.data.metrics
+        assert {"test_nll", "test_grid_nll", "test_mae_mean_angle", "test_mae_mean_size", "test_coverage_angle",
+                "test_coverage_size"} <= set(m)
+        assert math.isfinite(m["test_nll"]) and m["test_mae_mean_angle"] <= math.pi
+    loc = runs["loc"].data.metrics
+    print(f"\n--local test: nll {loc['test_nll']:.3f}, MAE angle {loc['test_mae_mean_angle']:.3f} rad, size "
+          f"{loc['test_mae_mean_size']:.3f} px, coverage (90%) joint {loc['test_coverage']:.3f}, angle "
+          f"{loc['test_coverage_angle']:.3f}, size {loc['test_coverage_size']:.3f}; selected epoch "
+          f"{int(loc['selected_epoch'])}")
+    # a guess of the marginal (uniform angle, uniform size) scores log(2π·3) ≈ 2.94 nats: the model reads the image
+    assert loc["test_nll"] < 1.5 and loc["test_mae_mean_angle"] < 0.5 and loc["test_mae_mean_size"] < 0.6
+
+    (tmp_path / "space.toml").write_text('[space]\n"proposal.K" = {grid = [1, 2]}\n[tune]\nscheduler = "fifo"\n')
+    out = _ebm("tune", "demo", "--space", "space.toml", *sets, "--set", "optim.epochs=2", "--name", "sw",
+               "--num-workers", "1", cwd=tmp_path, env=env)
+    assert "sweep sw" in out
+    trials = c.search_runs([exp], filter_string="tags.`ebm.sweep` = 'sw'")
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+
+    _ebm("register", "--run-name", "loc", "--name", "dials-model", cwd=tmp_path, env=env)
+    out = _ebm("predict", "models:/dials-model@champion", "--input", "photos", "--limit", "4", "--out", "pred.json",
+               cwd=tmp_path, env=env)
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert len(pred) == 4 and all(len(row["mean"]) == 2 and 0 <= row["mean"][0] < TWO_PI for row in pred)
+
+    port = _port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "models", "serve", "-m", "models:/dials-model@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                                 "PATH": BIN + os.pathsep + os.environ.get("PATH", "")})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, open(tmp_path / "serve.log").read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        imgs = [base64.b64encode((tmp_path / "photos" / f"img_{i:04d}.png").read_bytes()).decode() for i in (0, 1)]
+        y = [[math.radians(float(r["angle"])), float(r["size"])] for r in
+             list(csv.DictReader(open(tmp_path / "photos/labels.csv")))[:2]]
+        body = {"dataframe_split": {"columns": ["image", "y"], "data": [[imgs[0], y[0]], [imgs[1], y[1]]]},
+                "params": {"M": 256, "seed": 3}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            rows = json.loads(r.read())["predictions"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+        log.close()
+    assert len(rows) == 2 and all(len(r["mode"]) == 2 and math.isfinite(r["log_p"]) for r in rows)
+    assert rows[0]["mean"] == pytest.approx(pred[0]["mean"], abs=0.3)
