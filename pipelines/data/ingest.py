@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, write_atomic
+from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, check_targets, write_atomic
 
 FORMATS = ("ccgan_h5", "cell200", "biwi", "folder_csv", "fashion_rotation", "synthetic")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist/"
@@ -125,8 +125,9 @@ def declare_targets(name: str, y: np.ndarray, names: list[str], decl: dict) -> t
             y[:, d] = np.mod(y[:, d], period) * (TWO_PI / period)
             periods[n] = period
     y = y.astype(np.float32)
-    y[y >= np.float32(TWO_PI)] = 0.0        # float32 rounding may land a wrapped angle on 2π
     circ = [n in circular for n in names]
+    for d in np.flatnonzero(circ):
+        y[y[:, d] >= np.float32(TWO_PI), d] = 0.0      # float32 rounding may land a wrapped angle on 2π
     n_lin, n_circ = DEFAULT_GRID_N[D]
     lo, hi, num = [], [], []
     for d, n in enumerate(names):
@@ -413,6 +414,7 @@ def _folder_csv(source, o):
         if meta["D"] != y.shape[1]:
             raise DatasetError(f"{manifest}: {y.shape[1]} target columns, task {o['task']} has D = {meta['D']}")
     else:
+        check_targets(y, ids or names, y.shape[1], where=str(manifest))
         fields, y = declare_targets(o["task"] or root.name, y, ycols, decl)
         meta = dict(fields, input=inp, normalisation=_normalisation(inp["channels"]), augment={}, aux={})
     if splits is None:

@@ -100,17 +100,20 @@ def test_relative_sqlite_uri_is_made_absolute_and_env_is_honoured(tmp_path, monk
     assert tracking.resolve_uri("sqlite:///x.db") == f"sqlite:///{tmp_path}/x.db"
 
 
-def test_a_run_name_reopens_its_unfinished_run_and_records_status_and_artifacts(tmp_path):
+def test_a_resumed_run_reopens_its_run_and_records_status_and_artifacts(tmp_path):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     tags = {"seed": "3", **tracking.package_versions()}
     first = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4, "energy.y_embed": [10, 10]}, tags, "seed = 3\n")
     tracking.end_run(uri, first, "KILLED")
-    again = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4}, tags, "seed = 3\n")
+    again = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4}, tags, "seed = 3\n", reopen=True)
     assert again == first                                   # a resumed job continues its run
     tracking.end_run(uri, again, "FINISHED")
+    extended = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4}, tags, "seed = 3\n", reopen=True)
+    assert extended == first                                # a finished run given more epochs continues too
+    tracking.end_run(uri, extended, "FINISHED")
     fresh = tracking.start_run(uri, "ebm", "job", {"proposal.K": 4}, tags, "seed = 3\n")
-    assert fresh != first                                   # a finished run is never reopened
+    assert fresh != first                                   # only a resume reopens (the driver refuses a reused name)
     c = MlflowClient(uri)
     run = c.get_run(first)
     assert run.info.status == "FINISHED" and run.data.params["energy.y_embed"] == "[10, 10]"
