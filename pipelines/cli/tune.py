@@ -42,7 +42,7 @@ def _tune(args) -> int:
 def add_tune_command(subparsers) -> None:
     tu = subparsers.add_parser("tune", help="Ray Tune sweep (ASHA on val NLL) or a multi-seed run, tracked in MLflow")
     tu.add_argument("config", nargs="?", default="", help="TOML config or packaged config name (not with --resume)")
-    tu.add_argument("--space", default="", help="search-space TOML (see pipelines/tune.py)")
+    tu.add_argument("--space", default="", help="search-space TOML (see pipelines/driver/tune.py)")
     tu.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override the base config")
     tu.add_argument("--num-samples", type=int, default=0, help="samples of the space (default: [tune] or 1)")
     tu.add_argument("--scheduler", choices=("asha", "fifo"), default="", help="default: [tune] or asha")

@@ -245,3 +245,17 @@ def test_a_killed_driver_resumes_at_epoch_3_and_sigterm_marks_the_run_killed(tmp
     (run,) = c.search_runs([c.get_experiment_by_name("ebm").experiment_id])
     assert run.info.status == "KILLED"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")][:2] == [0, 1]
+
+
+def test_local_and_a_one_worker_ray_run_give_the_same_test_nll(ray_local, tmp_path):
+    """One loop: the same seed through ``--local`` and through a 1-worker Ray Train job gives the same
+    numbers (one torch thread each, so the reductions run in the same order)."""
+    from pipelines.driver.local import train_local
+    from pipelines.driver.train_job import run_job
+    cfg = _cfg(**{"optim.epochs": 2, "eval.every": 1, "eval.select": '"best_val"'})
+    ray = run_job(cfg, name="one", num_workers=1, storage_path=str(tmp_path / "runs"), threads=1,
+                  tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", cpus_per_worker=1.0)
+    (local,) = train_local(cfg, name="one-local", storage=str(tmp_path / "runs"), threads=1,
+                           tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    assert ray["test_nll"] == local["test_nll"] and ray["test_is_nll"] == local["test_is_nll"]
+    assert ray["selected_epoch"] == local["selected_epoch"]
