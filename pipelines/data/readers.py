@@ -15,7 +15,6 @@ and the shard file; ``"skip"`` drops the row and counts it (``stream.skipped``, 
 """
 from __future__ import annotations
 
-import io
 import os
 import zlib
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .images import decode_image
 from .layout import (ROW_GROUP_ROWS, DatasetError, check_targets, list_to_numpy, read_metadata, shard_paths,
                      validate)
 
@@ -32,16 +32,6 @@ if TYPE_CHECKING:
     import torch
 
 CORRUPT_POLICIES = ("strict", "skip")
-
-
-def decode_image(data: bytes, channels: int, height: int, width: int) -> np.ndarray:
-    """Encoded PNG/JPEG -> uint8 (C, H, W); raises on undecodable bytes or a wrong size."""
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("RGB" if channels == 3 else "L")
-        arr = np.asarray(im)
-    if arr.shape[:2] != (height, width):
-        raise ValueError(f"image is {arr.shape[0]}x{arr.shape[1]}, the dataset is {height}x{width}")
-    return arr.transpose(2, 0, 1) if channels == 3 else arr[None]
 
 
 def normalise(images: np.ndarray, meta: dict) -> np.ndarray:
@@ -116,7 +106,7 @@ def decode_rows(table: pa.Table | pa.RecordBatch, meta: dict, shard: str | list[
     images = np.zeros((len(ids), c, h, w), dtype=np.uint8)
     for i, data in enumerate(table.column("image").to_pylist()):
         try:
-            images[i] = decode_image(data, c, h, w)
+            images[i] = decode_image(data, (c, h, w), shard if isinstance(shard, str) else shard[i])
         except Exception as e:  # Pillow raises many types for damaged bytes
             if on_corrupt == "strict":
                 where = shard if isinstance(shard, str) else shard[i]

@@ -16,7 +16,6 @@ optionally ``log_p`` and ``samples`` (M × D) with ``weights`` (M).
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,10 +31,6 @@ from ebm.tasks import TaskSpec
 
 DEFAULT_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)
 MODEL_FILE = "model.pt"
-# Pillow modes -> channel counts; palette and 1-bit images count as what they decode to.
-_MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "I;16": 1, "F": 1, "LA": 2, "P": 3, "RGB": 3, "YCbCr": 3, "RGBA": 4,
-                  "CMYK": 4}
-
 
 class InputError(ValueError):
     """An input row the model cannot take; the message names the row and what is wrong."""
@@ -88,8 +83,10 @@ def load_file(path: str | Path) -> Predictor:
 
 
 def decode_image(data: Any, shape: tuple[int, int, int], where: str) -> np.ndarray:
-    """Encoded image bytes -> uint8 (C, H, W), strictly: no resizing, no channel conversion."""
-    from PIL import Image, UnidentifiedImageError
+    """A request's image (bytes, or base64 text as JSON carries it) -> uint8 (C, H, W) by the one
+    decoder training uses (:func:`pipelines.data.images.decode_image`): no resizing, no conversion."""
+    from pipelines.data.images import ImageError
+    from pipelines.data.images import decode_image as decode
     if isinstance(data, str):
         import base64
         import binascii
@@ -97,25 +94,10 @@ def decode_image(data: Any, shape: tuple[int, int, int], where: str) -> np.ndarr
             data = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise InputError(f"{where}: image must be bytes (or base64 text), got text that is not base64") from None
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InputError(f"{where}: image must be encoded PNG/JPEG bytes, got {type(data).__name__}")
-    C, H, W = shape
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            im.load()
-            mode, (w, h) = im.mode, im.size
-            got_c = _MODE_CHANNELS.get(mode, len(im.getbands()))
-            if (h, w) != (H, W):
-                raise InputError(f"{where}: image is {w}x{h} pixels (width x height), the model expects {W}x{H}")
-            if got_c != C:
-                want = "grey (1 channel)" if C == 1 else f"{C} channels (RGB)" if C == 3 else f"{C} channels"
-                raise InputError(f"{where}: image has {got_c} channel(s) (mode {mode}), the model expects {want}")
-            arr = np.asarray(im.convert("RGB" if C == 3 else "L"))
-    except InputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{where}: not a readable image ({len(bytes(data))} bytes; PNG or JPEG expected): {e}") from None
-    return arr.transpose(2, 0, 1) if C == 3 else arr[None]
+        return decode(data, shape, where, owner="the model")
+    except ImageError as e:
+        raise InputError(str(e)) from None
 
 
 def _vector(value: Any, d: int, where: str, what: str) -> np.ndarray:
