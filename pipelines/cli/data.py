@@ -53,6 +53,7 @@ def _ingest(args: argparse.Namespace) -> int:
         meta = ingest(args.format, args.source, args.out, task=args.task, seed=args.seed,
                       shard_rows=args.shard_rows, val_frac=args.val_frac, test_frac=args.test_frac,
                       size=args.size, n=n or None, manifest=args.manifest, targets=target_declarations(args),
+                      inputs=[c.strip() for c in args.inputs.split(",") if c.strip()] or None,
                       overwrite=args.overwrite, progress=not args.quiet)
     except DatasetError as e:
         print(f"ebm data ingest: {e}", file=sys.stderr)
@@ -95,7 +96,9 @@ def add_data_commands(subparsers) -> None:
     ing.add_argument("--val-frac", type=float, default=0.1, help="validation fraction when the source has no split")
     ing.add_argument("--test-frac", type=float, default=0.2, help="test fraction when the source has no split")
     ing.add_argument("--manifest", help="folder_csv: the CSV manifest (default: the folder's only .csv)")
-    tg = ing.add_argument_group("folder_csv: declaring a new task's targets (defaults come from the data)")
+    tg = ing.add_argument_group("folder_csv and table: declaring a new task's targets (defaults come from the data)")
+    tg.add_argument("--inputs", default="", metavar="COL,...", help="table: the input columns (default: every "
+                    "numeric column that is not a target, split or id)")
     tg.add_argument("--targets", default="", metavar="NAME,...", help="the manifest's target columns, in order "
                     "(default: y, or y0..y{D-1}, or every non-file column)")
     tg.add_argument("--circular", action="append", default=[], metavar="NAME[:PERIOD]",

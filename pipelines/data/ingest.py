@@ -9,6 +9,8 @@
                       image (N, 64, 64, 3) uint8, pose (N, 3) yaw/pitch/roll degrees
     folder_csv        image folder + CSV manifest: a file column (file|path|image|filename), target
                       columns (y, or y0..y{D-1}, or every other numeric column), optional split, id
+    table             tabular inputs: one CSV or Parquet file, input columns (--inputs, default every
+                      numeric column that is not a target) and target columns, optional split, id
     fashion_rotation  Debian dataset-fashion-mnist gzipped IDX files, rotated by y ~ U[0, 2π)
     synthetic         source = toy1 | toy2 | star (ebm.tasks.make_synthetic)
 
@@ -30,9 +32,9 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, check_targets, write_atomic
+from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, check_finite, check_targets, write_atomic
 
-FORMATS = ("ccgan_h5", "cell200", "biwi", "folder_csv", "fashion_rotation", "synthetic")
+FORMATS = ("ccgan_h5", "cell200", "biwi", "folder_csv", "table", "fashion_rotation", "synthetic")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist/"
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 CHUNK = 256
@@ -43,16 +45,18 @@ Chunk = tuple[list, np.ndarray, object, dict]
 def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *, task: str | None = None,
            seed: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS, val_frac: float = 0.1,
            test_frac: float = 0.2, size: int | None = None, n: dict | None = None,
-           manifest: str | None = None, targets: dict | None = None, overwrite: bool = False,
-           progress: bool = True) -> dict:
+           manifest: str | None = None, targets: dict | None = None, inputs: list[str] | None = None,
+           overwrite: bool = False, progress: bool = True) -> dict:
     """Ingest ``source`` (format ``fmt``) into dataset directory ``out`` -> the dataset metadata.
 
-    ``targets`` (folder_csv only) declares a new task's targets: ``names`` (manifest columns, in
-    order), ``circular`` {name: period | None}, ``units`` {name: unit}, ``grid`` {name: (lo, hi, n)},
-    ``sigmas`` (σ1, σ2); see :func:`declare_targets`."""
-    if targets and fmt != "folder_csv":
+    ``targets`` (folder_csv, table) declares a new task's targets: ``names`` (columns, in order),
+    ``circular`` {name: period | None}, ``units`` {name: unit}, ``grid`` {name: (lo, hi, n)},
+    ``sigmas`` (σ1, σ2); see :func:`declare_targets`. ``inputs`` (table): the input columns."""
+    if inputs and fmt != "table":
+        raise DatasetError(f"--inputs applies to the table format, not {fmt}")
+    if targets and fmt not in ("folder_csv", "table"):
         raise DatasetError(f"target declarations (--targets, --circular, --units, --grid, --sigmas) apply to "
-                           f"folder_csv, not {fmt}")
+                           f"folder_csv and table, not {fmt}")
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
@@ -62,7 +66,7 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
     if n and any(int(m) < 1 for m in n.values()):
         raise DatasetError(f"split sizes must be >= 1, got {n}")
     opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest,
-                targets=dict(targets or {}))
+                targets=dict(targets or {}), inputs=list(inputs or []))
     if fmt == "fashion_rotation":
         source = source or FASHION_DIR
     if source is None:
@@ -428,6 +432,75 @@ def _folder_csv(source, o):
     return meta, len(files), _file_chunks(files, y, ids, index, (channels, h, w))
 
 
+def _table(source, o):
+    """Tabular inputs from one CSV or Parquet file: x = the input columns (float32), y = the targets."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    path = Path(source)
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(path)
+        elif path.suffix.lower() == ".csv":
+            import pyarrow.csv as pacsv
+            table = pacsv.read_csv(path)
+        else:
+            raise DatasetError(f"{path}: the table format reads .csv or .parquet files")
+    except pa.ArrowInvalid as e:
+        raise DatasetError(f"{path}: not a readable table ({e})") from None
+    if table.num_rows == 0:
+        raise DatasetError(f"{path}: the table has no rows")
+    cols = table.column_names
+    decl = o["targets"]
+    names = decl.get("names") or (["y"] if "y" in cols else sorted((c for c in cols if c.startswith("y") and c[1:].isdigit()),
+                                                                    key=lambda c: int(c[1:])))
+    if not names:
+        raise DatasetError(f"{path}: name the target columns with --targets (columns: {cols})")
+    numeric = [c for c in cols if pa.types.is_integer(table.schema.field(c).type) or pa.types.is_floating(table.schema.field(c).type)]
+    inputs = o["inputs"] or [c for c in numeric if c not in names and c not in ("split", "id")]
+    for what, want in (("--targets", names), ("--inputs", inputs)):
+        missing = [c for c in want if c not in cols]
+        if missing:
+            raise DatasetError(f"{path}: {what} names {missing}, which are not columns ({cols})")
+        bad = [c for c in want if c not in numeric]
+        if bad:
+            raise DatasetError(f"{path}: {what} columns {bad} are not numeric")
+    if not inputs:
+        raise DatasetError(f"{path}: no input columns left (columns: {cols}); name them with --inputs")
+    overlap = sorted(set(inputs) & set(names))
+    if overlap:
+        raise DatasetError(f"{path}: columns {overlap} are both inputs and targets")
+
+    def matrix(columns):
+        return np.stack([pc.cast(table.column(c), pa.float64()).to_numpy(zero_copy_only=False) for c in columns], 1)
+    x, y = matrix(inputs).astype(np.float32), matrix(names).astype(np.float32)
+    ids = [str(v) for v in table.column("id").to_pylist()] if "id" in cols else [f"row{i:07d}" for i in range(len(y))]
+    if len(set(ids)) != len(ids):
+        raise DatasetError(f"{path}: the id column has duplicates")
+    check_finite(x, ids, str(path), f"input ({', '.join(inputs)})")
+    check_targets(y, ids, y.shape[1], where=str(path))
+    fields, y = declare_targets(o["task"] or path.stem, y, names, decl)
+    meta = dict(fields, input={"kind": "vector", "column": "x", "dim": len(inputs), "names": inputs},
+                normalisation=None, augment={}, aux={}, source={"format": "table", "file": path.name})
+    if "split" in cols:
+        splits = np.asarray([str(v) for v in table.column("split").to_pylist()])
+        unknown = sorted(set(splits) - set(SPLITS))
+        if unknown:
+            raise DatasetError(f"{path}: unknown split value(s) {unknown}; use {SPLITS}")
+        index = {s: np.flatnonzero(splits == s) for s in SPLITS}
+        meta["split_rule"] = f"split column of {path.name}"
+    else:
+        index = seeded_split(len(y), o["seed"], o["val_frac"], o["test_frac"])
+        meta["split_rule"] = _seeded_rule(o)
+
+    def chunks():
+        for split in SPLITS:
+            for s in range(0, len(index[split]), CHUNK):
+                part = index[split][s:s + CHUNK]
+                yield split, ([ids[i] for i in part], y[part], x[part], {})
+    return meta, len(y), chunks()
+
+
 def _fashion_rotation(source, o):
     from ebm.tasks import make_fashion_rotation, read_idx
     root = Path(source)
@@ -500,6 +573,6 @@ def _synthetic(source, o):
     return meta, sum(len(d[1]) for d in data.values()), chunks()
 
 
-SOURCES = {"ccgan_h5": _ccgan_h5, "cell200": _cell200, "biwi": _biwi, "folder_csv": _folder_csv,
+SOURCES = {"ccgan_h5": _ccgan_h5, "cell200": _cell200, "biwi": _biwi, "folder_csv": _folder_csv, "table": _table,
            "fashion_rotation": _fashion_rotation, "synthetic": _synthetic}
 assert set(SOURCES) == set(FORMATS)

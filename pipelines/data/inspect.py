@@ -50,7 +50,11 @@ def recompute_fingerprint(root: str | os.PathLike, meta: dict) -> str:
 def summary(root: str | os.PathLike, verify: bool = False) -> dict:
     """Validated metadata plus per-split counts and target stats (and a fingerprint check)."""
     meta = validate(root)
-    out = {"task": meta["task"], "D": meta["D"], "units": meta["units"], "input": meta["input"],
+    from ebm.tasks import task_from_metadata
+    task = task_from_metadata(meta)
+    out = {"task": meta["task"], "D": meta["D"], "targets": [
+        f"{n} ({'circular' if c else 'linear'}{', ' + u if u else ''})"
+        for n, c, u in zip(task.target_names, task.circular, task.units)], "input": meta["input"],
            "normalisation": meta["normalisation"], "fingerprint": meta["fingerprint"],
            "splits": {s: target_stats(root, meta, s) for s in SPLITS},
            "schema": pq.read_schema(shard_paths(root, meta, "train")[0]).remove_metadata().to_string()}
@@ -63,7 +67,7 @@ def summary(root: str | os.PathLike, verify: bool = False) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"task {s['task']}  D={s['D']}  units={s['units'] or '-'}  input={s['input']}",
+    lines = [f"task {s['task']}  D={s['D']}  targets: {', '.join(s['targets'])}  input={s['input']}",
              f"normalisation {s['normalisation']}", f"fingerprint {s['fingerprint']}"
              + ("  (verified)" if s.get("fingerprint_verified") else "")]
     for split, st in s["splits"].items():
@@ -112,7 +116,9 @@ def _scatter(root, meta: dict, out_png, split: str) -> Path:
     y = np.concatenate([list_to_numpy(t.column("y"), int(meta["D"]))[:, 0] for t in tables])
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.scatter(x, y, s=2)
-    ax.set(xlabel="x", ylabel=f"y {meta['units']}".strip(), title=f"{meta['task']} {split} ({len(y)} rows)")
+    from ebm.tasks import task_from_metadata
+    task = task_from_metadata(meta)
+    ax.set(xlabel="x", ylabel=f"{task.target_names[0]} {task.units[0]}".strip(), title=f"{meta['task']} {split} ({len(y)} rows)")
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)

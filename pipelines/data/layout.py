@@ -244,10 +244,15 @@ def check_targets(y: np.ndarray, ids, D: int, where: str) -> None:
     """Targets must be finite float32 (B, D); otherwise DatasetError naming the first bad id."""
     if y.ndim != 2 or y.shape[1] != D:
         raise DatasetError(f"{where}: targets have shape {tuple(y.shape)}, expected (N, {D})")
-    bad = ~np.isfinite(y).all(1)
+    check_finite(y, ids, where, "target")
+
+
+def check_finite(values: np.ndarray, ids, where: str, what: str) -> None:
+    """Rows of ``values`` (B, k) must be finite; otherwise DatasetError naming the first bad id."""
+    bad = ~np.isfinite(values).all(1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DatasetError(f"{where}: example {ids[i]!r} has a non-finite target {y[i].tolist()}"
+        raise DatasetError(f"{where}: example {ids[i]!r} has a non-finite {what} {values[i].tolist()}"
                            f" ({int(bad.sum())} such rows)")
 
 

@@ -65,8 +65,6 @@ def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = F
     """Train ``seeds`` seeds (cfg.seed, cfg.seed + 1, ...) one after another in this process; returns
     each seed's last metrics (``test_*`` included) and prints mean ± std. Raises ConfigError /
     TrackingError before any training, TrainingFailed if a seed's run failed."""
-    from pipelines import tracking
-    from pipelines.worker.data import for_rank, prepare_dataset
     from pipelines.worker.runtime import tune_malloc
     tune_malloc()
     threads_before = torch.get_num_threads()
@@ -97,7 +95,7 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
         print(f"MLflow: experiment {experiment!r}, group {group!r} in {uri}", flush=True)
     command = command or shlex.join(["ebm", *sys.argv[1:]])
     data = for_rank(cfg, 0, 1)
-    print(f"task {task.name}: D={task.D} ({', '.join(task.target_names)}), train {_rows(cfg, data)} / val "
+    print(f"task {task.name}: D={task.D} ({', '.join(task.target_names)}), train {_train_rows(cfg)} / val "
           f"{len(data.eval_splits.get('val', []))} / test {len(data.eval_splits.get('test', []))}; method "
           f"{cfg.method.name}, K={cfg.proposal.K}, M={cfg.sampler.M_train}", flush=True)
 
@@ -127,7 +125,7 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
     return results
 
 
-def _rows(cfg: Config, data) -> str:
+def _train_rows(cfg: Config) -> str:
     from pipelines.data import read_metadata
     return str(read_metadata(cfg.task.data_dir)["splits"]["train"]["rows"]) if cfg.task.data_dir else "(generated)"
 
