@@ -182,7 +182,7 @@ def test_a_table_with_vector_inputs_defines_its_task_and_trains_locally(tmp_path
                "level,phase", "--circular", "phase", "--out", "data/gauge", "--quiet", cwd=tmp_path)
     assert "target phase: circular" in out and "target level: linear" in out
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    _ebm("train", "debug", "--local", "--set", "task.data_dir=data/gauge", "--set", "optim.epochs=6",
+    _ebm("train", "debug", "--local", "--set", "task.data_dir=data/gauge", "--set", "optim.epochs=15",
          "--set", "eval.every=1", "--name", "g", "--threads", "1", cwd=tmp_path,
          env={"MLFLOW_TRACKING_URI": uri, "EBM_STORAGE_PATH": str(tmp_path / "runs")})
     c = MlflowClient(uri)
