@@ -57,8 +57,14 @@ def load(d: str | os.PathLike) -> dict:
         path = path / CKPT_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {d} has no {CKPT_FILE} (interrupted write?)")
+    return loads(path, where=path)
+
+
+def loads(f, where) -> dict:
+    """:func:`load` of a path or an open binary file (a checkpoint read from object storage)."""
+    path = where
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:      # torch raises several types for a truncated or foreign file
         raise CheckpointError(f"checkpoint {path} is unreadable (half-written, or not a checkpoint of this "
                               f"project): {str(e).splitlines()[0]}") from None

@@ -198,6 +198,10 @@ class Config:
 
     def __post_init__(self):
         _check(isinstance(self.seed, int), "seed", "must be an integer", self.seed)
+        # an energy-only model has no proposal to estimate log Z with: its NLL needs the grid
+        _check(self.eval.grid_nll or self.method.name not in ("nce_fixed", "nce_plus", "ml_is"), "eval.grid_nll",
+               f"must be true for method.name = {self.method.name!r} (no learned proposal, so no IS NLL)",
+               self.eval.grid_nll)
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

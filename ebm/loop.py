@@ -164,6 +164,22 @@ def _param_spread(model: torch.nn.Module, rt: Runtime) -> float:
     return float((rt.all_reduce(probe.clone(), "max") - rt.all_reduce(probe.clone(), "min")).item())
 
 
+def _restore_sampler(g: torch.Generator, samplers: list, cfg: Config, rt: Runtime, epoch: int) -> None:
+    """Each rank's sampling stream as the checkpoint left it; when the world size or the device type
+    changed since (4 workers resuming a 2-worker run, a GPU run resumed on CPU) the states cannot map
+    onto the ranks, so each rank starts a fresh stream from (seed, rank, epoch) and says so."""
+    if len(samplers) == rt.world:
+        try:
+            g.set_state(samplers[rt.rank])
+            return
+        except RuntimeError:        # a generator state of another device type
+            pass
+    g.manual_seed(cfg.seed * 1000 + rt.rank + 1 + 7919 * epoch)
+    rt.log(f"resuming with {rt.world} rank(s) on {rt.device.type} from a checkpoint of {len(samplers)} rank(s) "
+           f"(or another device): sampling streams restart from (seed, rank, epoch); the run is no longer "
+           f"bit-for-bit the one an uninterrupted run would give")
+
+
 def eval_generator(cfg: Config, device) -> torch.Generator:
     """The generator of one evaluation: the same draws every time for the same seed."""
     return torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 999)
@@ -192,8 +208,7 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
         opt.load_state_dict(resume["optimizer"])
         start = int(resume["epoch"]) + 1
         torch.set_rng_state(resume["rng"]["torch"])
-        samplers = resume["rng"]["samplers"]
-        g.set_state(samplers[rt.rank % len(samplers)])
+        _restore_sampler(g, resume["rng"]["samplers"], cfg, rt, start)
         in_row, best = int(resume.get("nonfinite_in_row", 0)), resume.get("best")
     unused = cfg.schedule.freeze_backbone_epochs > 0 or cfg.schedule.proposal_warmup_epochs > 0
     step = rt.wrap(StepModule(model, cfg, task.circular, proposal_sigmas(task, cfg), g), unused)

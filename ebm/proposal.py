@@ -122,20 +122,25 @@ def sample_von_mises(loc: torch.Tensor, kappa: torch.Tensor,
 
 
 def fixed_gmm_log_prob(eps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Log-density of the hand-designed noise: equal-weight mixture of N(0, σ_k² I) at eps.
+    """Log-density of the hand-designed noise: equal-weight mixture of N(0, diag σ_k²) at eps.
 
-    eps: (..., D); sigmas: (S,) -> (...). Used by the NCE / NCE+ / ML-IS baselines.
+    eps: (..., D); sigmas: (S,) (the same σ in every dim) or (S, D) -> (...). Used by the NCE /
+    NCE+ / ML-IS baselines.
     """
     D = eps.shape[-1]
-    ls2 = 2.0 * torch.log(sigmas)                                               # (S,)
-    sq = (eps.unsqueeze(-2) ** 2).sum(-1)                                        # (..., 1)
-    comp = -0.5 * (sq / torch.exp(ls2) + D * (ls2 + _LOG_2PI))                  # (..., S)
-    return torch.logsumexp(comp, dim=-1) - math.log(sigmas.numel())
+    ls2 = 2.0 * torch.log(_per_dim(sigmas, D))                                  # (S, D)
+    sq = (eps.unsqueeze(-2) ** 2 / torch.exp(ls2)).sum(-1)                      # (..., S)
+    comp = -0.5 * (sq + ls2.sum(-1) + D * _LOG_2PI)                             # (..., S)
+    return torch.logsumexp(comp, dim=-1) - math.log(sigmas.shape[0])
+
+
+def _per_dim(sigmas: torch.Tensor, D: int) -> torch.Tensor:
+    return sigmas.unsqueeze(-1).expand(-1, D) if sigmas.dim() == 1 else sigmas
 
 
 def fixed_gmm_sample(shape: tuple[int, ...], D: int, sigmas: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draws eps ~ equal-weight mixture of N(0, σ_k² I): -> (*shape, D)."""
-    comp = torch.randint(0, sigmas.numel(), shape, generator=generator, device=sigmas.device)
+    """Draws eps ~ equal-weight mixture of N(0, diag σ_k²), sigmas (S,) or (S, D): -> (*shape, D)."""
+    comp = torch.randint(0, sigmas.shape[0], shape, generator=generator, device=sigmas.device)
     eps = torch.randn((*shape, D), generator=generator, device=sigmas.device)
-    return eps * sigmas[comp].unsqueeze(-1)
+    return eps * _per_dim(sigmas, D)[comp]

@@ -45,8 +45,8 @@ class TaskSpec:
     grid_lo: tuple[float, ...]           # evaluation grid per target dim (METHOD.md §4)
     grid_hi: tuple[float, ...]
     grid_n: tuple[int, ...]
-    fixed_sigmas: tuple[float, float]    # hand-designed NCE proposal σ's (METHOD.md §3)
-    ml_is_sigmas: tuple[float, float]    # ML-IS proposal σ's
+    fixed_sigmas: tuple                  # hand-designed NCE proposal σ's (METHOD.md §3): 2 floats, or 2
+    ml_is_sigmas: tuple                  # tuples of D floats (per dim); ML-IS proposal σ's likewise
     units: tuple[str, ...]               # per target dim: "years", "degrees", "radians", "count", ""
     has_true_density: bool
     target_names: tuple[str, ...] = ()   # per target dim; default "y" (D = 1) or "y0".."y{D-1}"
@@ -59,9 +59,11 @@ class TaskSpec:
         names = tuple(self.target_names) or (("y",) if self.D == 1 else tuple(f"y{d}" for d in range(self.D)))
         object.__setattr__(self, "units", units)
         object.__setattr__(self, "target_names", names)
-        for key in ("x_shape", "circular", "grid_lo", "grid_hi", "grid_n", "fixed_sigmas", "ml_is_sigmas",
-                    "norm_mean", "norm_std"):
+        for key in ("x_shape", "circular", "grid_lo", "grid_hi", "grid_n", "norm_mean", "norm_std"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
+        for key in ("fixed_sigmas", "ml_is_sigmas"):
+            object.__setattr__(self, key, tuple(tuple(float(v) for v in s) if isinstance(s, (list, tuple)) else float(s)
+                                                for s in getattr(self, key)))
         if self.is_image and not self.norm_mean:
             mean, std = image_norm(self.x_shape[0])
             object.__setattr__(self, "norm_mean", mean)
@@ -81,8 +83,11 @@ class TaskSpec:
             if self.circular[d] and (self.grid_lo[d] != 0.0 or self.grid_hi[d] != TWO_PI):
                 raise ValueError(f"task {self.name}: circular dim {d} must span [0, 2π)")
         for key in ("fixed_sigmas", "ml_is_sigmas"):
-            if len(getattr(self, key)) != 2 or min(getattr(self, key)) <= 0:
-                raise ValueError(f"task {self.name}: {key} must be two positive σ's")
+            pair = getattr(self, key)
+            flat = [v for s in pair for v in (s if isinstance(s, tuple) else (s,))]
+            shapes = {len(s) if isinstance(s, tuple) else 0 for s in pair}
+            if len(pair) != 2 or min(flat) <= 0 or shapes - {0, self.D} or len(shapes) != 1:
+                raise ValueError(f"task {self.name}: {key} must be two positive σ's, or two lists of D = {self.D}")
 
     @property
     def is_image(self) -> bool:
@@ -188,8 +193,8 @@ def task_from_metadata(meta: dict) -> TaskSpec:
             circular=tuple(bool(c) for c in meta["circular"]),
             grid_lo=tuple(float(v) for v in grid["lo"]), grid_hi=tuple(float(v) for v in grid["hi"]),
             grid_n=tuple(int(v) for v in grid["n"]),
-            fixed_sigmas=tuple(float(v) for v in meta["fixed_sigmas"]),
-            ml_is_sigmas=tuple(float(v) for v in meta.get("ml_is_sigmas") or meta["fixed_sigmas"]),
+            fixed_sigmas=tuple(meta["fixed_sigmas"]),
+            ml_is_sigmas=tuple(meta.get("ml_is_sigmas") or meta["fixed_sigmas"]),
             units=meta.get("units", ""), has_true_density=generated and TASKS[meta["task"]].has_true_density
             if meta["task"] in TASKS else False,
             target_names=tuple(meta.get("target_names") or ()),

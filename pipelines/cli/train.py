@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -28,7 +27,8 @@ def _train(args: argparse.Namespace) -> int:
                         group=args.group or Path(args.config).stem, threads=args.threads, out=args.out)
             return 0
         from pipelines.driver.train_job import print_summary, run_job
-        name = name or f"{cfg.task.name}-{cfg.method.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        from pipelines.driver.runs import default_stamp
+        name = name or f"{cfg.task.name}-{cfg.method.name}-{default_stamp()}"
         metrics = run_job(cfg, name=name, resume=bool(args.resume), allow_config_change=args.allow_config_change,
                           num_workers=args.num_workers, use_gpu=args.use_gpu, address=args.address or None,
                           storage_path=args.storage or None, max_failures=args.max_failures,

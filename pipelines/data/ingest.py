@@ -108,8 +108,8 @@ def declare_targets(name: str, y: np.ndarray, names: list[str], decl: dict) -> t
     decl: ``circular`` {name: period or None (= 2π, radians)}, ``units`` {name: unit}, ``grid``
     {name: (lo, hi, n)}, ``sigmas`` (σ1, σ2). Defaults from the data: a linear dim's grid spans the
     observed range padded by 5 %; circular dims span [0, 2π); 1000 / 1024 points per dim for D = 1,
-    128 for D = 2, 30 for D = 3; σ's 1 % and 20 % of the widest linear range (mirroring METHOD.md
-    §3's pairs), or 0.05 and 0.8 rad when every dim is circular."""
+    128 for D = 2, 30 for D = 3; σ's per dim, 1 % and 20 % of a linear dim's grid width (mirroring
+    METHOD.md §3's pairs) and 0.05 and 0.8 rad for a circular dim (as for the built-in angle tasks)."""
     from ebm.tasks import MAX_D, TWO_PI
     D = y.shape[1]
     if not 1 <= D <= MAX_D:
@@ -123,9 +123,13 @@ def declare_targets(name: str, y: np.ndarray, names: list[str], decl: dict) -> t
     periods = {}
     for d, n in enumerate(names):
         if n in circular:
-            period = float(circular[n] or TWO_PI)
+            period = TWO_PI if circular[n] is None else float(circular[n])
             if not period > 0:
                 raise DatasetError(f"--circular {n}: the period must be > 0, got {period}")
+            lo_v, hi_v = float(y[:, d].min()), float(y[:, d].max())
+            if circular[n] is None and (lo_v < -TWO_PI - 1e-6 or hi_v > TWO_PI + 1e-6):
+                raise DatasetError(f"--circular {n}: without a period the column is taken as radians, but its values "
+                                   f"span [{lo_v:g}, {hi_v:g}]; give the period, e.g. --circular {n}:360 for degrees")
             y[:, d] = np.mod(y[:, d], period) * (TWO_PI / period)
             periods[n] = period
     y = y.astype(np.float32)
@@ -152,14 +156,16 @@ def declare_targets(name: str, y: np.ndarray, names: list[str], decl: dict) -> t
         lo.append(float(g[0]))
         hi.append(float(g[1]))
         num.append(int(g[2]))
-    lin_width = max((hi[d] - lo[d] for d in range(D) if not circ[d]), default=0.0)
-    sigmas = decl.get("sigmas") or ([0.01 * lin_width, 0.2 * lin_width] if lin_width else [0.05, 0.8])
-    if len(sigmas) != 2 or min(sigmas) <= 0:
-        raise DatasetError(f"--sigmas needs two positive values, got {sigmas}")
+    if decl.get("sigmas"):
+        sigmas = [float(v) for v in decl["sigmas"]]
+        if len(sigmas) != 2 or min(sigmas) <= 0:
+            raise DatasetError(f"--sigmas needs two positive values, got {sigmas}")
+    else:
+        per_dim = [(0.05, 0.8) if circ[d] else (0.01 * (hi[d] - lo[d]), 0.2 * (hi[d] - lo[d])) for d in range(D)]
+        sigmas = list(per_dim[0]) if len(set(per_dim)) == 1 else [[p[0] for p in per_dim], [p[1] for p in per_dim]]
     units = [("radians" if circ[d] else (decl.get("units") or {}).get(n, "")) for d, n in enumerate(names)]
     meta = dict(task=name, D=D, units=units, target_names=list(names), circular=circ,
-                grid={"lo": lo, "hi": hi, "n": num}, fixed_sigmas=[float(v) for v in sigmas],
-                ml_is_sigmas=[float(v) for v in sigmas])
+                grid={"lo": lo, "hi": hi, "n": num}, fixed_sigmas=sigmas, ml_is_sigmas=sigmas)
     if periods:
         meta["circular_source_period"] = periods    # circular dims were converted to radians from these
     return meta, y
@@ -171,11 +177,15 @@ def describe_targets(meta: dict) -> str:
     period = meta.get("circular_source_period") or {}
     names = meta.get("target_names") or (["y"] if meta["D"] == 1 else [f"y{d}" for d in range(meta["D"])])
     units = meta["units"] if isinstance(meta["units"], list) else [meta["units"]] * meta["D"]
+    sig = meta["fixed_sigmas"]
+    per_dim = isinstance(sig[0], list)
     for d, n in enumerate(names):
         kind = "circular [0, 2π)" + (f", converted from period {period[n]:g}" if n in period else "") \
             if meta["circular"][d] else f"linear, grid [{meta['grid']['lo'][d]:.4g}, {meta['grid']['hi'][d]:.4g}]"
-        out.append(f"  target {n}: {kind}, {meta['grid']['n'][d]} grid points" + (f", units {units[d]}" if units[d] else ""))
-    out.append(f"  fixed-proposal σ's {meta['fixed_sigmas']}")
+        out.append(f"  target {n}: {kind}, {meta['grid']['n'][d]} grid points" + (f", units {units[d]}" if units[d] else "")
+                   + (f", fixed-proposal σ's {sig[0][d]:.4g}, {sig[1][d]:.4g}" if per_dim else ""))
+    if not per_dim:
+        out.append(f"  fixed-proposal σ's {sig[0]:.4g}, {sig[1]:.4g}")
     return "\n".join(out)
 
 

@@ -11,6 +11,7 @@ Ctrl-C/SIGTERM.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import shlex
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ebm import checkpoint
-from ebm.config import Config
+from ebm.config import Config, ConfigError
 from ebm.loop import Runtime, train
 from pipelines.driver import runs
 
@@ -42,7 +43,8 @@ class LocalRuntime(Runtime):
 
     def report(self, row: dict, state: dict | None, model) -> None:
         from pipelines.worker.loop import PLOTS_DIR, density_plot
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f".{int(time.time() * 1e6) % 1_000_000:06d}"
+        now = datetime.datetime.now(datetime.timezone.utc)       # one clock read, no daylight-saving jumps
+        stamp = now.strftime("%Y-%m-%d_%H-%M-%S.%f")
         d = self.run_dir / f"checkpoint_{stamp}"
         tmp = self.run_dir / f".tmp_{stamp}"
         checkpoint.save(tmp, state)
@@ -84,14 +86,19 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
     cfg, task, fingerprint = prepare_dataset(cfg)       # a bad data_dir or config fails before anything runs
     storage = runs.storage_root(storage)
     group = group or task.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if "://" in storage:
+        raise ConfigError(f"--storage {storage}: --local writes checkpoints to a local path; train on Ray Train "
+                          "for object storage")
+    stamp = runs.default_stamp()
     names = [name or f"{group}-seed{cfg.seed}-{stamp}"] if seeds == 1 else \
         [f"{name or group}-seed{cfg.seed + i}" + ("" if name else f"-{stamp}") for i in range(seeds)]
     cfgs = [cfg.with_overrides([f"seed={cfg.seed + i}"]) for i in range(seeds)]
-    plans = [runs.plan(c, n, storage, resume, allow_config_change) for c, n in zip(cfgs, names)]
     uri = tracking.resolve_uri(tracking_uri) if track else None
     if uri:
         tracking.check_reachable(uri)                   # fail fast, before any training
+    plans = [runs.plan(c, task, n, storage, resume, allow_config_change, runs.finished_in(uri, n))
+             for c, n in zip(cfgs, names)]
+    if uri:
         print(f"MLflow: experiment {experiment!r}, group {group!r} in {uri}", flush=True)
     command = command or shlex.join(["ebm", *sys.argv[1:]])
     data = for_rank(cfg, 0, 1)
@@ -105,15 +112,15 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
     previous = signal.signal(signal.SIGTERM, on_term)
     results = []
     try:
-        for c, run_name, (state, _, changes) in zip(cfgs, names, plans):
+        for c, run_name, plan in zip(cfgs, names, plans):
             run_id = None
             if uri:
                 tags = {"git_sha": tracking.git_sha(), "seed": str(c.seed), "task": task.name, "method": c.method.name,
                         "data_fingerprint": fingerprint, GROUP_TAG: group, COMMAND_TAG: command, "ebm.mode": "local",
                         **tracking.package_versions()}
                 run_id = tracking.start_run(uri, experiment, run_name, c.to_flat(), tags, c.to_toml(), reopen=resume)
-                runs.reopened(uri, run_id, changes)
-            results.append(_one_seed(c, run_name, state, storage, data if c.seed == cfg.seed else for_rank(c, 0, 1),
+                runs.reopened(uri, run_id, plan.changes)
+            results.append(_one_seed(c, run_name, plan, storage, data if c.seed == cfg.seed else for_rank(c, 0, 1),
                                      uri, run_id, prefix=f"[seed {c.seed}] " if seeds > 1 else ""))
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -130,7 +137,7 @@ def _train_rows(cfg: Config) -> str:
     return str(read_metadata(cfg.task.data_dir)["splits"]["train"]["rows"]) if cfg.task.data_dir else "(generated)"
 
 
-def _one_seed(cfg: Config, name: str, state, storage: str, data, uri, run_id, prefix: str) -> dict:
+def _one_seed(cfg: Config, name: str, plan: runs.Plan, storage: str, data, uri, run_id, prefix: str) -> dict:
     from pipelines import tracking
     run_dir = Path(storage) / name          # made by the first checkpoint
     log_epoch = (lambda row, plots: tracking.log_epoch(uri, run_id, row, str(plots))) if uri else None
@@ -138,8 +145,8 @@ def _one_seed(cfg: Config, name: str, state, storage: str, data, uri, run_id, pr
     status = "FAILED"
     try:
         t0, c0 = time.perf_counter(), time.process_time()
-        res = train(cfg, data, rt, state)
-        last = dict(res.last)
+        # a run stopped after its last checkpoint and before it was marked FINISHED is only finalised
+        last = dict(plan.state["metrics"]) if plan.finalize_only else dict(train(cfg, data, rt, plan.state).last)
         # wall time depends on what else the machine runs; CPU time of this process much less so
         last.update(train_time_s=time.perf_counter() - t0, train_cpu_s=time.process_time() - c0)
         final = runs.latest_checkpoint(storage, name)

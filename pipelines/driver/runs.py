@@ -17,34 +17,61 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ebm import checkpoint
 from ebm.config import Config, ConfigError
 from ebm.loop import TrainingFailed
+from ebm.tasks import TaskSpec
 
 STOP_REASON_TAG = "ebm.stop_reason"
 CONFIG_CHANGE_TAG = "ebm.config_change"
 
 
 def storage_root(storage: str | None) -> str:
-    return str(Path(storage or os.environ.get("EBM_STORAGE_PATH") or "runs").resolve())
+    """``--storage``, else ``$EBM_STORAGE_PATH``, else ``./runs``; a local path made absolute (workers
+    run elsewhere), a URI (``s3://…``) kept as it is."""
+    storage = storage or os.environ.get("EBM_STORAGE_PATH") or "runs"
+    return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def checkpoint_dirs(storage: str, name: str) -> list[Path]:
-    """The run's checkpoint directories, oldest first (names sort by time)."""
-    root = Path(storage) / name
-    return sorted(p for p in root.glob("checkpoint_*") if p.is_dir()) if root.is_dir() else []
+def _fs(storage: str):
+    """(pyarrow filesystem, root path) of a storage location, local or a URI."""
+    import pyarrow.fs
+    if "://" not in storage:
+        return pyarrow.fs.LocalFileSystem(), storage
+    return pyarrow.fs.FileSystem.from_uri(storage)
 
 
-def latest_checkpoint(storage: str, name: str) -> tuple[Path, dict] | None:
-    """The newest checkpoint of the run that loads (a half-written newer one is passed over)."""
+def checkpoint_dirs(storage: str, name: str) -> list[str]:
+    """The run's checkpoint directories, oldest first (Ray's and the local runtime's names sort by time)."""
+    import pyarrow.fs
+    fs, root = _fs(storage)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                  and i.base_name.startswith("checkpoint_"))
+
+
+def latest_checkpoint(storage: str, name: str) -> tuple[str, dict] | None:
+    """The newest checkpoint of the run that loads (a half-written newer one is passed over), as
+    (its directory — a local path, or a URI under remote storage —, its state)."""
+    import io
+    fs, _ = _fs(storage)
     for d in reversed(checkpoint_dirs(storage, name)):
         try:
-            return d, checkpoint.load(d)
-        except checkpoint.CheckpointError:
+            with fs.open_input_stream(f"{d}/{checkpoint.CKPT_FILE}") as f:
+                state = checkpoint.loads(io.BytesIO(f.read()), where=d)
+        except (checkpoint.CheckpointError, OSError):
             continue
+        return (d if "://" not in storage else f"{storage.split('://')[0]}://{d}"), state
     return None
+
+
+# Keys a resumed run cannot change, even with --allow-config-change: the weights would not load, or
+# they would be trained on another task.
+FIXED_ON_RESUME = ("task.", "features.", "energy.", "proposal.K", "proposal.hidden", "method.name")
 
 
 def config_changes(old: Config, new: Config) -> dict[str, list]:
@@ -55,28 +82,75 @@ def config_changes(old: Config, new: Config) -> dict[str, list]:
             if k != "optim.epochs" and a.get(k) != b.get(k)}
 
 
-def plan(cfg: Config, name: str, storage: str, resume: bool, allow_config_change: bool = False
-         ) -> tuple[dict | None, Path | None, dict]:
-    """Check ``name`` against what ``storage`` holds -> (checkpoint state to resume from, its
-    directory, config changes). ConfigError says what to do instead."""
-    found = latest_checkpoint(storage, name)
+@dataclass
+class Plan:
+    """What a run name means under its storage: a new run, or a resume from ``state`` (in
+    ``checkpoint_dir``) with ``changes`` to its config; ``finalize_only`` when the run trained all its
+    epochs but was stopped before it was marked FINISHED."""
+    state: dict | None = None
+    checkpoint_dir: str | None = None
+    changes: dict = field(default_factory=dict)
+    finalize_only: bool = False
+
+
+def plan(cfg: Config, task, name: str, storage: str, resume: bool, allow_config_change: bool = False,
+         finished: Callable[[], bool] = lambda: False) -> Plan:
+    """Check ``name`` against what ``storage`` holds. ``task``: the task the data defines now;
+    ``finished()``: whether the run's MLflow run ended FINISHED. ConfigError says what to do instead."""
     if not resume:
-        if found or checkpoint_dirs(storage, name):
+        if checkpoint_dirs(storage, name):
             raise ConfigError(f"run {name!r} already exists under {storage}: continue it with --resume {name}, "
                               f"or give another --name")
-        return None, None, {}
+        return Plan()
+    found = latest_checkpoint(storage, name)
     if found is None:
         raise ConfigError(f"--resume {name}: no checkpoint of a run of that name under {storage}")
     d, state = found
+    if state["task"] != task.to_dict():
+        was = TaskSpec.from_dict(state["task"])
+        raise ConfigError(f"--resume {name}: the run was trained on task {was.name!r} (targets {list(was.target_names)}, "
+                          f"inputs {list(was.x_shape)}), the data now defines {task.name!r} (targets "
+                          f"{list(task.target_names)}, inputs {list(task.x_shape)}) or a different grid or σ's")
     changes = config_changes(Config.from_dict(state["config"]), cfg)
+    fixed = sorted(k for k in changes if k.startswith(FIXED_ON_RESUME) and k != "task.data_dir")
+    if fixed:
+        raise ConfigError(f"--resume {name}: {', '.join(fixed)} cannot change on a resumed run (the model or its "
+                          f"task would change); start a new run")
     if changes and not allow_config_change:
         listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
         raise ConfigError(f"--resume {name}: the config differs from the run's ({listed}); resume with the "
                           f"run's config, or pass --allow-config-change to continue with the new values")
+    if any(k.startswith("eval.") or k == "sampler.M_eval" for k in changes):
+        state = {**state, "best": None}      # validation figures under other settings do not compare
     if state["epoch"] + 1 >= cfg.optim.epochs:
+        if state["epoch"] + 1 == cfg.optim.epochs and not finished():
+            return Plan(state, d, changes, finalize_only=True)
         raise ConfigError(f"--resume {name}: the run finished its {state['epoch'] + 1} epochs; raise optim.epochs "
                           f"(--set optim.epochs=N) to continue it")
-    return state, d, changes
+    return Plan(state, d, changes)
+
+
+def default_stamp() -> str:
+    """The time part of a default run name: to the second, plus a random suffix so that two runs
+    started in the same second never share a name (and each other's checkpoints)."""
+    import secrets
+    import time
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def finished_in(uri: str | None, name: str) -> Callable[[], bool]:
+    """Whether the latest MLflow run named ``name`` ended FINISHED (for :func:`plan`)."""
+    def check() -> bool:
+        if not uri:
+            return False
+        from pipelines import tracking
+        from mlflow.entities import ViewType
+        client = tracking.open_client(uri)
+        exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        found = client.search_runs(exps, filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{name}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1) if exps else []
+        return bool(found) and found[0].info.status == "FINISHED"
+    return check
 
 
 def reopened(uri: str, run_id: str, changes: dict) -> None:
@@ -106,7 +180,14 @@ def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str 
         raise TrainingFailed(str(reason))
     if not uri:
         return last
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and "://" in str(checkpoint_dir):
+        import tempfile
+
+        import pyarrow.fs
+        with tempfile.TemporaryDirectory() as d:          # MLflow logs local files
+            pyarrow.fs.copy_files(str(checkpoint_dir), d)
+            tracking.log_artifacts(uri, run_id, d, "checkpoint")
+    elif checkpoint_dir is not None:
         tracking.log_artifacts(uri, run_id, str(checkpoint_dir), "checkpoint")
     tracking.log_metrics(uri, run_id, {k: v for k, v in last.items() if k.startswith("test_") or k == "selected_epoch"},
                          step=epochs)

@@ -131,12 +131,12 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)                                   # fail fast, before Ray starts
     storage_path = runs.storage_root(storage_path)
-    _, resume_dir, changes = runs.plan(cfg, name, storage_path, resume, allow_config_change)
+    plan = runs.plan(cfg, task, name, storage_path, resume, allow_config_change, runs.finished_in(uri, name))
     import ray
     tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
             "data_fingerprint": fingerprint, "ebm.mode": "ray", **tracking.package_versions()}
     run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
-    runs.reopened(uri, run_id, changes)
+    runs.reopened(uri, run_id, plan.changes)
     status = "FAILED"
     previous = signal.getsignal(signal.SIGTERM)
 
@@ -145,6 +145,10 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
 
     started = False
     try:
+        if plan.finalize_only:       # stopped after its last checkpoint, before it was marked FINISHED
+            metrics = runs.finish(uri, run_id, dict(plan.state["metrics"]), plan.checkpoint_dir, cfg.optim.epochs)
+            status = "FINISHED"
+            return {**metrics, "mlflow_run_id": run_id}
         started = ray_init(address)
         signal.signal(signal.SIGTERM, on_term)      # after ray.init, which installs its own crash handler
         trainer = build_trainer(cfg, name=name, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
@@ -152,7 +156,7 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
                                 threads=threads, max_failures=max_failures, keep=keep,
                                 callbacks=[tracking_callback(uri, run_id)], ray_data=ray_data,
                                 max_nonfinite_in_row=max_nonfinite_in_row,
-                                resume_from=str(resume_dir) if resume_dir else None)
+                                resume_from=plan.checkpoint_dir)
         t0 = time.perf_counter()
         metrics = finish_run(trainer.fit(), cfg, uri, run_id)
         metrics["job_time_s"] = time.perf_counter() - t0

@@ -108,8 +108,7 @@ def train_trial(config: dict, job: dict) -> None:
     tags = {**job["tags"], "mlflow.parentRunId": job["parent_run_id"], "ebm.sweep": job["sweep"],
             "ebm.trial_id": trial_id, "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name}
     # a rerun of an errored trial (a resumed sweep) continues its Train run and reopens its MLflow run
-    again = runs.latest_checkpoint(job["train_storage"], name) is not None
-    run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml(), reopen=again)
+    run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml(), reopen=True)
     runs.reopened(uri, run_id, {})
     status = "FAILED"
     try:

@@ -104,18 +104,34 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     data = for_rank(cfg, ctx.get_world_rank(), ctx.get_world_size(),
                     ray.train.get_dataset_shard("train") if config.get("ray_data") else None)
     rt = runtime_factory(data.eval_splits.get("val"))
-    resume = None
-    ckpt = ray.train.get_checkpoint()      # Ray's own: the latest of this run (a restarted worker group)
+    # Ray's own checkpoint (the latest it registered for this run name: a restarted worker group, or a
+    # rerun), or the one the driver chose for --resume (e.g. of epochs trained --local): the later wins
+    found = []
+    ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
-            resume = checkpoint.load(d)
-    elif config.get("resume_from"):        # --resume of a run Ray has no record of (e.g. one trained --local)
-        resume = checkpoint.load(config["resume_from"])
+            found.append(checkpoint.load(d))
+    if config.get("resume_from"):
+        found.append(_load_uri(config["resume_from"]))
+    resume = max(found, key=lambda s: s["epoch"]) if found else None
     try:
         train(cfg, data, rt, resume, max_nonfinite_in_row=int(config.get("max_nonfinite_in_row") or 20))
     except TrainingFailed as e:     # every rank gets here at the same step: the decision was all-reduced
         rt.log(f"stopping: {e}")
         ray.train.report({FAILURE_KEY: str(e), "val_nll": NOT_VALIDATED})   # Tune checks its metric in every report
+
+
+def _load_uri(where: str) -> dict:
+    """A checkpoint directory given as a local path or a URI (``s3://…``)."""
+    from ebm import checkpoint
+    if "://" not in where:
+        return checkpoint.load(where)
+    import io
+
+    import pyarrow.fs
+    fs, path = pyarrow.fs.FileSystem.from_uri(where)
+    with fs.open_input_stream(f"{path}/{checkpoint.CKPT_FILE}") as f:
+        return checkpoint.loads(io.BytesIO(f.read()), where=where)
 
 
 def worker_loop(config: dict) -> None:

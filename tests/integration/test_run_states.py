@@ -76,3 +76,39 @@ def test_a_typo_in_the_task_is_one_line_before_anything_starts(store, capsys, tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "task.name must name a generated task" in err
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_a_changed_model_or_task_even_when_changes_are_allowed(store, capsys, tmp_path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "t.csv", "w") as f:
+        f.write("x,a,b\n" + "".join(f"{v:.4f},{3 * v:.4f},{v + 1:.4f}\n" for v in rng.uniform(-1, 1, 300)))
+
+    def ingest(*extra):
+        assert main(["data", "ingest", "table", "t.csv", "--task", "tab", "--targets", "a,b", "--out", "d",
+                     "--quiet", "--overwrite", *extra]) == 0
+    ingest()
+    assert main(["train", "debug", "--local", "--name", "m", "--set", "task.data_dir=d", "--set", "optim.epochs=1",
+                 *FAST]) == 0
+    capsys.readouterr()
+    assert main(["train", "debug", "--local", "--resume", "m", "--set", "task.data_dir=d", "--set", "optim.epochs=2",
+                 "--set", "proposal.K=3", "--allow-config-change", *FAST]) == 2
+    assert "proposal.K cannot change on a resumed run" in capsys.readouterr().err
+    ingest("--grid", "a=-4:4:64")             # the same rows, another evaluation grid: another task spec
+    assert main(["train", "debug", "--local", "--resume", "m", "--set", "task.data_dir=d", "--set", "optim.epochs=2",
+                 *FAST]) == 2
+    assert "the data now defines 'tab'" in capsys.readouterr().err
+
+
+def test_a_run_stopped_after_its_last_checkpoint_is_finalised_by_resume(store, capsys):
+    c = store()
+    assert main(["train", "debug", "--local", "--name", "k", "--set", "optim.epochs=2", *FAST]) == 0
+    (run,) = _runs(c, "k")
+    # as if the process had died between the last checkpoint and marking the run FINISHED
+    c.set_terminated(run.info.run_id, "KILLED")
+    assert main(["register", "--run", run.info.run_id, "--name", "k-model"]) == 2
+    assert main(["train", "debug", "--local", "--resume", "k", "--set", "optim.epochs=2", *FAST]) == 0
+    (again,) = _runs(c, "k")
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]    # nothing retrained
+    assert main(["register", "--run", run.info.run_id, "--name", "k-model"]) == 0

@@ -52,3 +52,8 @@ def test_unknown_section_and_bad_file(tmp_path):
     bad.write_text("[optim\nlr = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         Config.from_toml(bad)
+
+
+def test_an_energy_only_method_needs_the_grid_nll():
+    with pytest.raises(ConfigError, match="eval.grid_nll must be true for method.name = 'nce_fixed'"):
+        Config.from_dict({"method": {"name": "nce_fixed"}, "eval": {"grid_nll": False}})

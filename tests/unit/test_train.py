@@ -188,3 +188,19 @@ def test_toy_inputs_are_standardised_by_buffers_that_travel_with_the_weights():
     raw_cfg = _debug(**{"optim.epochs": 1, "features.standardize": "false"})
     raw, _ = _fit(raw_cfg, in_memory(task, splits, raw_cfg))
     assert torch.equal(raw.model.state_dict()["feature_net.x_std"], torch.ones(1))
+
+
+def test_resuming_on_another_number_of_ranks_restarts_the_sampling_streams_and_says_so():
+    cfg = _debug(**{"optim.epochs": 2, "eval.every": 1})
+    _, rt = _fit(cfg.with_overrides(["optim.epochs=1"]))
+    state = copy.deepcopy(rt.states[-1])
+    state["rng"]["samplers"] = state["rng"]["samplers"] * 2          # as written by a 2-rank run
+
+    class Logged(_Recorder):
+        lines = []
+
+        def log(self, line):
+            self.lines.append(line)
+    res, _ = _fit(cfg, resume=state, rt=Logged())
+    assert math.isfinite(res.last["test_nll"])
+    assert any("sampling streams restart" in line for line in Logged.lines)
