@@ -77,7 +77,9 @@ def test_a_new_task_with_a_circular_and_a_linear_target_trains_tunes_registers_p
     from ebm.tasks import TWO_PI
     make_folder(tmp_path / "photos")
     uri = f"sqlite:///{tmp_path}/mlruns.db"
-    env = {"MLFLOW_TRACKING_URI": uri, "EBM_STORAGE_PATH": str(tmp_path / "runs"), "EBM_RAY_TMPDIR": ""}
+    # both URIs: an earlier in-process test's mlflow.set_registry_uri leaves MLFLOW_REGISTRY_URI in os.environ
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "EBM_STORAGE_PATH": str(tmp_path / "runs"),
+           "EBM_RAY_TMPDIR": ""}
     out = _ebm("data", "ingest", "folder_csv", "photos", "--task", "dials", "--targets", "angle,size",
                "--circular", "angle:360", "--units", "size=px", "--out", "data/dials", "--quiet", cwd=tmp_path)
     assert "task dials" in out and "target angle: circular" in out and "converted from period 360" in out
@@ -130,7 +132,7 @@ def test_a_new_task_with_a_circular_and_a_linear_target_trains_tunes_registers_p
     proc = subprocess.Popen([os.path.join(BIN, "mlflow"), "models", "serve", "-m", "models:/dials-model@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri,
                                  "PATH": BIN + os.pathsep + os.environ.get("PATH", "")})
     try:
         deadline = time.monotonic() + 120
@@ -152,8 +154,9 @@ def test_a_new_task_with_a_circular_and_a_linear_target_trains_tunes_registers_p
         with urllib.request.urlopen(req, timeout=60) as r:
             rows = json.loads(r.read())["predictions"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(10)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
         log.close()
     assert len(rows) == 2 and all(len(r["mode"]) == 2 and math.isfinite(r["log_p"]) for r in rows)
     for served, cli in zip(rows, pred):        # one predict path: the same numbers from the CLI and over HTTP
