@@ -1,7 +1,6 @@
 """``ebm register``, ``ebm predict`` and ``ebm evaluate``: registered models from the command line."""
 from __future__ import annotations
 
-import argparse
 import sys
 
 

@@ -5,7 +5,6 @@ folder_csv`` -> ``ebm train`` on 2 Ray workers and ``--local`` -> ``ebm tune`` (
 task by name: the dataset defines it."""
 import base64
 import csv
-import io
 import json
 import math
 import os
