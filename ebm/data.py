@@ -2,7 +2,8 @@
 
 A Parquet dataset reaches the loop through ``pipelines`` (pyarrow stays out of ``ebm``); the
 generated tasks (toy 1, toy 2, star) are made here in memory. Either way the loop gets a
-:class:`LoopData`: the same per-(seed, epoch) order on a rerun, equal step counts on every rank.
+:class:`LoopData`: the same per-(seed, epoch) order on a rerun, equal step counts on every rank. The seed is an
+argument of each epoch's batches, so one LoopData serves every seed of a multi-seed run.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class LoopData:
     task: TaskSpec
     eval_splits: dict[str, Split]          # "val" / "test", whole, in memory
     train_x: torch.Tensor | None           # the whole train split's x, for input standardisation (vector inputs)
-    train_epoch: Callable[[int], Batches]  # this rank's batches of one epoch: x (B, ...), y (B, D)
+    train_epoch: Callable[[int, int], Batches]  # (epoch, seed) -> this rank's batches: x (B, ...), y (B, D)
 
 
 def to_inputs(x: np.ndarray | torch.Tensor, task: TaskSpec | None = None) -> torch.Tensor:
@@ -51,16 +52,23 @@ def to_inputs(x: np.ndarray | torch.Tensor, task: TaskSpec | None = None) -> tor
     return (x.float() / 255.0 - m) / s
 
 
+def generated_task(cfg: Config) -> TaskSpec:
+    """The built-in spec of a generated task (``task.data_dir = ""``; the config has checked the name),
+    with the image size the config asks for."""
+    task = get_task(cfg.task.name)
+    if task.is_image and cfg.task.image_size:
+        task = dataclasses.replace(task, x_shape=(task.x_shape[0], cfg.task.image_size, cfg.task.image_size))
+    return task
+
+
 def load_data(cfg: Config) -> tuple[TaskSpec, dict[str, Split]]:
     """A generated task's splits in memory (``task.data_dir = ""``), with its built-in spec."""
     from .tasks import make_synthetic
-    task = get_task(cfg.task.name)
+    task = generated_task(cfg)
     n = {k: v for k, v in (("train", cfg.task.n_train), ("val", cfg.task.n_val), ("test", cfg.task.n_test)) if v}
     raw = make_synthetic(cfg.task.name, seed=cfg.task.seed, n=n or None, size=cfg.task.image_size or None)
     splits = {name: Split(to_inputs(x, task), torch.as_tensor(y, dtype=torch.float32), dict(aux or {}))
               for name, (x, y, aux) in raw.items()}
-    if task.is_image:
-        task = dataclasses.replace(task, x_shape=tuple(int(s) for s in splits["train"].x.shape[1:]))
     return task, splits
 
 
@@ -76,8 +84,8 @@ def in_memory(task: TaskSpec, splits: dict[str, Split], cfg: Config, rank: int =
     n_per_rank = len(train) // world
     bs = cfg.optim.batch_size
 
-    def epoch_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = epoch_permutation(len(train), cfg.seed, epoch)[rank * n_per_rank:(rank + 1) * n_per_rank]
+    def epoch_batches(epoch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = epoch_permutation(len(train), seed, epoch)[rank * n_per_rank:(rank + 1) * n_per_rank]
         for s in range(0, n_per_rank, bs):
             j = idx[s:s + bs]
             yield train.x[j], train.y[j]

@@ -37,6 +37,11 @@ MAX_NONFINITE_IN_ROW = 20
 NOT_VALIDATED = 1e30    # "no validation yet": reported scores must stay finite (they round-trip through JSON)
 
 
+def usable(value) -> bool:
+    """A figure a model can be judged by: a finite number, not the "not validated yet" stand-in."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and abs(value) < NOT_VALIDATED / 10
+
+
 class TrainingFailed(RuntimeError):
     """The run cannot go on (diverged, or an epoch had no successful step); the message says why."""
 
@@ -148,8 +153,8 @@ def run_epoch(model, opt, data: Iterable, cfg: Config, epoch: int, step: Callabl
 
 
 def _mean_over_ranks(row: dict, rt: Runtime) -> dict:
-    """Every train metric averaged over ranks; examples/s summed. Keys must match on all ranks:
-    a rank whose epoch had no successful step lacks train_* keys, so those default to NaN."""
+    """Every train metric averaged over ranks; examples/s summed. The keys match on all ranks: the
+    skip decision is all-reduced, so every rank ran the same successful steps."""
     keys = sorted(k for k in row)
     vec = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=rt.device)
     vec = rt.all_reduce(vec, "sum")
@@ -222,7 +227,7 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
     t_start = time.perf_counter()
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        row, in_row = run_epoch(model, opt, data.train_epoch(epoch), cfg, epoch, step, all_finite=all_finite,
+        row, in_row = run_epoch(model, opt, data.train_epoch(epoch, cfg.seed), cfg, epoch, step, all_finite=all_finite,
                                 device=device, in_row=in_row, max_in_row=max_nonfinite_in_row)
         if row["steps"] == 0:
             raise TrainingFailed(f"epoch {epoch + 1} had no successful step ({int(row['skipped_steps'])} skipped as "

@@ -124,6 +124,18 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
     return run_id
 
 
+def latest_run(uri: str, run_name: str, status: str | None = None):
+    """The latest MLflow run named ``run_name`` (``ebm train/tune --name``) in any active
+    experiment, of ``status`` if given; None if there is none."""
+    from mlflow.entities import ViewType
+    client = open_client(uri)
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+    where = f"tags.`{RUN_NAME_TAG}` = '{run_name}'" + (f" and attributes.status = '{status}'" if status else "")
+    found = client.search_runs(exps, filter_string=where, order_by=["attributes.start_time DESC"],
+                               max_results=1) if exps else []
+    return found[0] if found else None
+
+
 def _retry(fn, *args, attempts: int = 8, **kw):
     """Call ``fn``, retrying while SQLite reports its file locked by another writer (two jobs, or the
     driver and the Train controller, sharing one ``mlruns.db``)."""

@@ -50,7 +50,7 @@ def install(faults: dict) -> None:
     def for_rank(cfg, rank=0, world=1, dataset_shard=None):
         data = original(cfg, rank, world, dataset_shard)
         inner = data.train_epoch
-        data.train_epoch = lambda epoch: _tampered(inner(epoch), faults, rank, epoch)
+        data.train_epoch = lambda epoch, seed: _tampered(inner(epoch, seed), faults, rank, epoch)
         return data
 
     for_rank.original = original

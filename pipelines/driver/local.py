@@ -40,6 +40,7 @@ class LocalRuntime(Runtime):
     def __init__(self, run_dir: Path, log_epoch=None, val_split=None, keep: int = 2, prefix: str = ""):
         super().__init__("cpu")
         self.run_dir, self.log_epoch, self.val_split, self.keep, self.prefix = run_dir, log_epoch, val_split, keep, prefix
+        self.last_dir: Path | None = None        # the newest checkpoint written (the run's final one at the end)
 
     def report(self, row: dict, state: dict | None, model) -> None:
         from pipelines.worker.loop import PLOTS_DIR, density_plot
@@ -51,6 +52,7 @@ class LocalRuntime(Runtime):
         if row.get("validated"):
             density_plot(model, state, self.val_split, tmp)
         tmp.rename(d)                # a checkpoint directory appears whole or not at all
+        self.last_dir = d
         for old in runs.checkpoint_dirs(str(self.run_dir.parent), self.run_dir.name)[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         if self.log_epoch:
@@ -120,8 +122,8 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
                         **tracking.package_versions()}
                 run_id = tracking.start_run(uri, experiment, run_name, c.to_flat(), tags, c.to_toml(), reopen=resume)
                 runs.reopened(uri, run_id, plan.changes)
-            results.append(_one_seed(c, run_name, plan, storage, data if c.seed == cfg.seed else for_rank(c, 0, 1),
-                                     uri, run_id, prefix=f"[seed {c.seed}] " if seeds > 1 else ""))
+            results.append(_one_seed(c, run_name, plan, storage, data, uri, run_id,     # one data load for all seeds
+                                     prefix=f"[seed {c.seed}] " if seeds > 1 else ""))
     finally:
         signal.signal(signal.SIGTERM, previous)
     _print_summary(results, seeds)
@@ -149,8 +151,8 @@ def _one_seed(cfg: Config, name: str, plan: runs.Plan, storage: str, data, uri, 
         last = dict(plan.state["metrics"]) if plan.finalize_only else dict(train(cfg, data, rt, plan.state).last)
         # wall time depends on what else the machine runs; CPU time of this process much less so
         last.update(train_time_s=time.perf_counter() - t0, train_cpu_s=time.process_time() - c0)
-        final = runs.latest_checkpoint(storage, name)
-        runs.finish(uri, run_id, last, str(final[0]) if final else None, cfg.optim.epochs)
+        final = rt.last_dir or plan.checkpoint_dir      # what this run wrote last, or the one it finalises
+        runs.finish(uri, run_id, last, str(final) if final else None, cfg.optim.epochs)
         if uri:
             tracking.log_metrics(uri, run_id, {"train_time_s": last["train_time_s"],
                                                "train_cpu_s": last["train_cpu_s"]}, step=cfg.optim.epochs)

@@ -15,7 +15,6 @@ runtime writes the same). Rules (issue 11):
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable
 
 from ebm import checkpoint
 from ebm.config import Config, ConfigError
-from ebm.loop import TrainingFailed
+from ebm.loop import TrainingFailed, usable
 from ebm.tasks import TaskSpec
 
 STOP_REASON_TAG = "ebm.stop_reason"
@@ -144,12 +143,8 @@ def finished_in(uri: str | None, name: str) -> Callable[[], bool]:
         if not uri:
             return False
         from pipelines import tracking
-        from mlflow.entities import ViewType
-        client = tracking.open_client(uri)
-        exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-        found = client.search_runs(exps, filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{name}'",
-                                   order_by=["attributes.start_time DESC"], max_results=1) if exps else []
-        return bool(found) and found[0].info.status == "FINISHED"
+        run = tracking.latest_run(uri, name)
+        return run is not None and run.info.status == "FINISHED"
     return check
 
 
@@ -170,7 +165,7 @@ def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str 
     logged. Returns the last metrics."""
     from pipelines import tracking
     reason = last.get("failure")
-    if not reason and "test_nll" in last and not _finite(last["test_nll"]):
+    if not reason and "test_nll" in last and not usable(last["test_nll"]):
         reason = f"test NLL is {last['test_nll']!r}: the model is not usable (diverged?)"
     if not reason and int(last.get("epoch", -1)) != epochs - 1:
         reason = f"training stopped after epoch {int(last.get('epoch', -1)) + 1} of {epochs}"
@@ -193,6 +188,3 @@ def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str 
                          step=epochs)
     return last
 
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v) and abs(v) < 1e29

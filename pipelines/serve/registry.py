@@ -159,27 +159,22 @@ def best_child(uri: str, parent_run_id: str, metric: str = "val_nll") -> str:
 
 def run_by_name(uri: str, run_name: str) -> str:
     """The latest finished run named ``run_name`` (the ``--name`` of ``ebm train`` / ``ebm tune``)."""
-    from mlflow.entities import ViewType
-
-    client = tracking.open_client(uri)
-    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    runs = client.search_runs(exps, filter_string=f"tags.`{tracking.RUN_NAME_TAG}` = '{run_name}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1) if exps else []
-    if not runs:
+    run = tracking.latest_run(uri, run_name, status="FINISHED")
+    if run is None:
         raise RegistryError(f"no finished run named {run_name!r} in {uri}")
-    return runs[0].info.run_id
+    return run.info.run_id
 
 
 def check_registrable(uri: str, run_id: str) -> None:
     """Only a run that trained to the end is a model: FINISHED, with a finite test NLL."""
-    import math
+    from ebm.loop import usable
     run = tracking.open_client(uri).get_run(run_id)
     if run.info.status != "FINISHED":
         reason = run.data.tags.get("ebm.stop_reason")
         raise RegistryError(f"run {run_id} is {run.info.status}, not FINISHED" + (f" ({reason})" if reason else "")
                             + ": only a run that trained to the end can be registered")
     nll = run.data.metrics.get("test_nll")
-    if nll is None or not math.isfinite(nll) or abs(nll) >= 1e29:
+    if not usable(nll):
         raise RegistryError(f"run {run_id} has test_nll {nll!r}: only a run with finite test metrics can be registered")
 
 

@@ -10,15 +10,14 @@ worker function makes that Ray call and passes the iterator in.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from ebm.config import Config, ConfigError
-from ebm.data import LoopData, Split, in_memory, load_data
-from ebm.tasks import GENERATED, TaskSpec, get_task, task_from_metadata
+from ebm.data import LoopData, Split, generated_task, in_memory, load_data
+from ebm.tasks import TaskSpec, task_from_metadata
 
 
 
@@ -41,17 +40,6 @@ def prepare_dataset(cfg: Config) -> tuple[Config, TaskSpec, str]:
         fingerprint = meta["fingerprint"]
     check_model_fits(cfg, task)
     return cfg, task, fingerprint
-
-
-def generated_task(cfg: Config) -> TaskSpec:
-    """The built-in spec of a generated task, with the image size the config asks for."""
-    if cfg.task.name not in GENERATED:
-        raise ConfigError(f"task.name = {cfg.task.name!r} has no generator ({', '.join(GENERATED)} do): ingest "
-                          f"the data with `ebm data ingest` and set task.data_dir")
-    task = get_task(cfg.task.name)
-    if task.is_image and cfg.task.image_size:
-        task = dataclasses.replace(task, x_shape=(task.x_shape[0], cfg.task.image_size, cfg.task.image_size))
-    return task
 
 
 def check_model_fits(cfg: Config, task: TaskSpec) -> None:
@@ -94,12 +82,12 @@ def for_rank(cfg: Config, rank: int = 0, world: int = 1, dataset_shard=None) -> 
     bs = cfg.optim.batch_size
     if dataset_shard is not None:
         stream = RayStream(dataset_shard, bs)
-        return LoopData(task, evals, train_x, lambda epoch: stream)
+        return LoopData(task, evals, train_x, lambda epoch, seed: stream)
     stream = ParquetStream(root, "train", bs, shuffle=True, seed=cfg.seed, rank=rank, world_size=world,
                            augment="default", check=False)
 
-    def epoch_batches(epoch: int) -> ParquetStream:
-        stream.epoch = epoch          # the order is a function of (seed, epoch): a resumed run repeats it
+    def epoch_batches(epoch: int, seed: int) -> ParquetStream:
+        stream.seed, stream.epoch = seed, epoch    # the order is a function of (seed, epoch): a resume repeats it
         return stream
 
     return LoopData(task, evals, train_x, epoch_batches)

@@ -121,7 +121,7 @@ class _NaNAt:
     def __init__(self, split, bad, batch=32):
         self.split, self.bad, self.batch = split, bad, batch
 
-    def epoch(self, e):
+    def epoch(self, e, seed=0):
         for i, s in enumerate(range(0, len(self.split), self.batch)):
             x, y = self.split.x[s:s + self.batch], self.split.y[s:s + self.batch]
             yield x, (torch.full_like(y, float("nan")) if (e, i) in self.bad or ("all", i) in self.bad else y)
@@ -145,7 +145,7 @@ def test_non_finite_steps_are_skipped():
     def step(x, y, e):
         from ebm.steps import train_step
         return train_step(model, (x, y), cfg, epoch=e, circular=task.circular)
-    out, in_row = run_epoch(model, opt, data.train_epoch(0), cfg, 0, step,
+    out, in_row = run_epoch(model, opt, data.train_epoch(0, 0), cfg, 0, step,
                             all_finite=lambda t: bool(torch.isfinite(t).all()), device="cpu")
     assert out["skipped_steps"] == 2 and out["steps"] == 8 and in_row == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
