@@ -6,6 +6,7 @@ import json
 import sys
 
 from pipelines.data.layout import DatasetError
+from pipelines.storage import StorageError
 
 
 def _pairs(items: list[str], flag: str, sep: str) -> dict[str, str | None]:
@@ -55,7 +56,7 @@ def _ingest(args: argparse.Namespace) -> int:
                       size=args.size, n=n or None, manifest=args.manifest, targets=target_declarations(args),
                       inputs=[c.strip() for c in args.inputs.split(",") if c.strip()] or None,
                       overwrite=args.overwrite, progress=not args.quiet)
-    except DatasetError as e:
+    except (DatasetError, StorageError) as e:
         print(f"ebm data ingest: {e}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{s} {v['rows']}" for s, v in meta["splits"].items())
@@ -71,7 +72,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=1) if args.json else format_summary(s))
         if args.sheet:
             print(f"contact sheet: {contact_sheet(args.dir, args.sheet, split=args.split, n=args.n)}")
-    except DatasetError as e:
+    except (DatasetError, StorageError) as e:
         print(f"ebm data inspect: {e}", file=sys.stderr)
         return 2
     return 0
@@ -88,7 +89,8 @@ def add_data_commands(subparsers) -> None:
     ing.add_argument("format", choices=FORMATS, help="source format")
     ing.add_argument("source", nargs="?", help="file or folder (synthetic: toy1|toy2|star; fashion_rotation "
                      "defaults to /usr/share/datasets/fashion-mnist/)")
-    ing.add_argument("--out", required=True, help="dataset directory to create")
+    ing.add_argument("--out", required=True, help="dataset directory to create: a local path or a URI "
+                     "(s3://bucket/prefix; credentials and endpoint from the AWS environment)")
     ing.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per Parquet shard")
     ing.add_argument("--seed", type=int, default=0, help="seed of the split (and of generated data)")
     ing.add_argument("--task", help="task name (ccgan_h5: steering|age if the file name does not say; "

@@ -11,6 +11,8 @@ def _train(args: argparse.Namespace) -> int:
     from ebm.loop import TrainingFailed
     from pipelines import tracking
     from pipelines.configs import resolve_config
+    from pipelines.data import DatasetError
+    from pipelines.storage import StorageError
     try:       # the whole config (and the dataset, below) is checked before Ray or MLflow is touched
         cfg = Config.from_toml(resolve_config(args.config), args.set)
         _check_flags(args)
@@ -24,7 +26,8 @@ def _train(args: argparse.Namespace) -> int:
             train_local(cfg, name=name, seeds=args.seeds, resume=bool(args.resume),
                         allow_config_change=args.allow_config_change, storage=args.storage or None,
                         track=not args.no_track, tracking_uri=args.tracking_uri or None, experiment=args.experiment,
-                        group=args.group or Path(args.config).stem, threads=args.threads, out=args.out)
+                        group=args.group or Path(args.config).stem, threads=args.threads, out=args.out,
+                        verify_data=args.verify_data)
             return 0
         from pipelines.driver.train_job import print_summary, run_job
         from pipelines.driver.runs import default_stamp
@@ -33,8 +36,9 @@ def _train(args: argparse.Namespace) -> int:
                           num_workers=args.num_workers, use_gpu=args.use_gpu, address=args.address or None,
                           storage_path=args.storage or None, max_failures=args.max_failures,
                           tracking_uri=args.tracking_uri or None, experiment=args.experiment,
-                          threads=args.threads or 1, ray_data=args.ray_data)
-    except (tracking.TrackingError, ConfigError) as e:
+                          threads=args.threads or 1, ray_data=args.ray_data, verify_data=args.verify_data,
+                          placement=args.placement)
+    except (tracking.TrackingError, ConfigError, DatasetError, StorageError) as e:
         print(f"ebm: {e}", file=sys.stderr)
         return 2
     except TrainingFailed as e:
@@ -61,7 +65,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     else:
         given = [f for f, v in (("--num-workers", args.num_workers != 2), ("--use-gpu", args.use_gpu),
                                 ("--ray-data", args.ray_data), ("--address", args.address),
-                                ("--max-failures", args.max_failures != 1)) if v]
+                                ("--max-failures", args.max_failures != 1), ("--placement", args.placement != "PACK"))
+                 if v]
         if given:
             raise ConfigError(f"{', '.join(given)} apply to Ray Train runs only, not --local")
     if args.seeds < 1:
@@ -85,7 +90,10 @@ def add_train_command(sub) -> None:
                     help="continue the named run from its latest checkpoint (a finished run: raise optim.epochs)")
     tr.add_argument("--allow-config-change", action="store_true",
                     help="with --resume: continue although --set values differ from the run's (tagged on the run)")
-    tr.add_argument("--storage", default="", help="checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
+    tr.add_argument("--storage", default="", help="checkpoint storage, a local path or a URI such as s3://bucket/runs "
+                    "(default $EBM_STORAGE_PATH or ./runs)")
+    tr.add_argument("--verify-data", action="store_true", help="re-hash every row of task.data_dir against its "
+                    "fingerprint before training (default: check metadata and shard footers only)")
     tr.add_argument("--threads", type=int, default=0, help="torch threads per process (default: 1 per Ray "
                     "worker; torch's default with --local)")
     tr.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
@@ -97,6 +105,8 @@ def add_train_command(sub) -> None:
     ray.add_argument("--ray-data", action="store_true", help="with task.data_dir: stream the train split "
                      "through Ray Data (get_dataset_shard) instead of per-rank pyarrow readers")
     ray.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the latest checkpoint")
+    ray.add_argument("--placement", default="PACK", choices=("PACK", "SPREAD", "STRICT_SPREAD"),
+                     help="Ray placement of the workers: STRICT_SPREAD puts each on its own node")
     local = tr.add_argument_group("--local runs (one process, no Ray)")
     local.add_argument("--local", action="store_true", help="train in this process without Ray")
     local.add_argument("--seeds", type=int, default=1, help="train this many seeds (seed, seed+1, ...), one run "

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from .layout import SPLITS, DatasetError, Fingerprint, list_to_numpy, shard_paths, validate
+from .layout import (SPLITS, DatasetError, Fingerprint, list_to_numpy, open_parquet, schema_for, shard_paths,
+                     validate)
 
 
 def target_stats(root: str | os.PathLike, meta: dict, split: str) -> dict:
@@ -22,12 +22,13 @@ def target_stats(root: str | os.PathLike, meta: dict, split: str) -> dict:
     n, s1, s2 = 0, np.zeros(D), np.zeros(D)
     lo, hi = np.full(D, np.inf), np.full(D, -np.inf)
     for path in shard_paths(root, meta, split):
-        for batch in pq.ParquetFile(path).iter_batches(columns=["y"]):
-            y = list_to_numpy(batch.column(0), D).astype(np.float64)
-            n += len(y)
-            s1 += y.sum(0)
-            s2 += (y ** 2).sum(0)
-            lo, hi = np.minimum(lo, y.min(0)), np.maximum(hi, y.max(0))
+        with open_parquet(path) as pf:
+            for batch in pf.iter_batches(columns=["y"]):
+                y = list_to_numpy(batch.column(0), D).astype(np.float64)
+                n += len(y)
+                s1 += y.sum(0)
+                s2 += (y ** 2).sum(0)
+                lo, hi = np.minimum(lo, y.min(0)), np.maximum(hi, y.max(0))
     mean = s1 / max(n, 1)
     std = np.sqrt(np.maximum(s2 / max(n, 1) - mean ** 2, 0.0))
     return {"count": n, "min": lo.tolist(), "max": hi.tolist(), "mean": mean.tolist(), "std": std.tolist()}
@@ -39,11 +40,12 @@ def recompute_fingerprint(root: str | os.PathLike, meta: dict) -> str:
     col = meta["input"]["column"]
     for split in SPLITS:
         for path in shard_paths(root, meta, split):
-            for batch in pq.ParquetFile(path).iter_batches(columns=["id", col, "y"]):
-                y = list_to_numpy(batch.column(2), int(meta["D"]))
-                payload = (batch.column(1).to_pylist() if col == "image"
-                           else list_to_numpy(batch.column(1), int(meta["input"]["dim"])))
-                fp.update(batch.column(0).to_pylist(), split, y, payload)
+            with open_parquet(path) as pf:
+                for batch in pf.iter_batches(columns=["id", col, "y"]):
+                    y = list_to_numpy(batch.column(2), int(meta["D"]))
+                    payload = (batch.column(1).to_pylist() if col == "image"
+                               else list_to_numpy(batch.column(1), int(meta["input"]["dim"])))
+                    fp.update(batch.column(0).to_pylist(), split, y, payload)
     return fp.hexdigest()
 
 
@@ -57,7 +59,7 @@ def summary(root: str | os.PathLike, verify: bool = False) -> dict:
         for n, c, u in zip(task.target_names, task.circular, task.units)], "input": meta["input"],
            "normalisation": meta["normalisation"], "fingerprint": meta["fingerprint"],
            "splits": {s: target_stats(root, meta, s) for s in SPLITS},
-           "schema": pq.read_schema(shard_paths(root, meta, "train")[0]).remove_metadata().to_string()}
+           "schema": schema_for(meta, with_metadata=False).to_string()}
     if verify:
         got = recompute_fingerprint(root, meta)
         if got != meta["fingerprint"]:
@@ -85,7 +87,8 @@ def contact_sheet(root: str | os.PathLike, out_png: str | os.PathLike, split: st
     meta = validate(root)
     if meta["input"]["kind"] == "vector":
         return _scatter(root, meta, out_png, split)
-    first = pq.ParquetFile(shard_paths(root, meta, split)[0]).read_row_group(0, columns=["id", "image", "y"])
+    with open_parquet(shard_paths(root, meta, split)[0]) as pf:
+        first = pf.read_row_group(0, columns=["id", "image", "y"])
     rows = first.slice(0, n)
     y = list_to_numpy(rows.column("y"), int(meta["D"]))
     h, w = meta["input"]["height"], meta["input"]["width"]
@@ -111,7 +114,10 @@ def _scatter(root, meta: dict, out_png, split: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tables = [pq.read_table(p, columns=["x", "y"]) for p in shard_paths(root, meta, split)]
+    tables = []
+    for p in shard_paths(root, meta, split):
+        with open_parquet(p) as pf:
+            tables.append(pf.read(columns=["x", "y"]))
     x = np.concatenate([list_to_numpy(t.column("x"), int(meta["input"]["dim"]))[:, 0] for t in tables])
     y = np.concatenate([list_to_numpy(t.column("y"), int(meta["D"]))[:, 0] for t in tables])
     fig, ax = plt.subplots(figsize=(5, 4))

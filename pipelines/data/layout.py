@@ -65,6 +65,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import storage
+
 FORMAT_VERSION = 1
 METADATA_KEY = b"ebm.dataset"
 METADATA_FILE = "_dataset.json"
@@ -259,39 +261,90 @@ def check_finite(values: np.ndarray, ids, where: str, what: str) -> None:
 def write_atomic(out, meta: dict, chunks: Iterator[tuple[str, tuple]], total: int,
                  shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False, progress: bool = True) -> dict:
     """Write (split, (ids, y, payload, aux)) pairs (see ShardWriter.write) into a temporary
-    directory beside ``out``, validate it, then rename it into place: an ingest that fails or is
-    killed midway leaves at most a hidden ``.NAME.tmp-*`` directory without ``_dataset.json``."""
-    out = Path(out).absolute()
-    if out.exists():
-        if not overwrite:
-            raise DatasetError(f"{out} exists; pass --overwrite to replace it")
-        if any(out.iterdir()) and not (out / "_dataset.json").is_file():
-            raise DatasetError(f"{out} exists and is not a dataset; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    directory, validate it, then publish it at ``out`` (a local path or a URI). Locally the temporary
+    directory sits beside ``out`` and is renamed into place: an ingest that fails or is killed midway
+    leaves at most a hidden ``.NAME.tmp-*`` directory without ``_dataset.json``. On object storage see
+    :func:`_publish`."""
+    out = storage.absolute(out)
+    check_out(out, overwrite)
+    remote = storage.is_uri(out)
+    if not remote:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    # object storage: staged on local disk first (the shards are rewritten once their metadata is known)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{storage.name(out)}.tmp-", dir=None if remote else Path(out).parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset gets the usual permissions
     try:
         writer = ShardWriter(tmp, meta, shard_rows)
-        bar = Progress(total, f"ingest {out.name}", enabled=progress)
+        bar = Progress(total, f"ingest {storage.name(out)}", enabled=progress)
         for split, (ids, y, payload, aux) in chunks:
             writer.write(split, ids, y, payload, aux)
             bar.update(len(ids))
         bar.close()
         meta = writer.finish()
         validate(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        if remote:
+            _publish(tmp, out, meta)
+        elif Path(out).exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.old-", dir=Path(out).parent))
             os.rename(out, old / "d")
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
+
+
+def check_out(out: str, overwrite: bool) -> None:
+    """``out`` must be free, or (with overwrite) a complete dataset: never replace anything else."""
+    if storage.is_uri(out):
+        if not storage.is_dir(out):
+            if storage.exists(out):
+                raise DatasetError(f"{out} is a file, not a dataset location")
+            return
+    else:
+        p = Path(out)
+        if not p.exists():
+            return
+        if not p.is_dir():
+            raise DatasetError(f"{out} is a file, not a dataset location")
+        if not any(p.iterdir()):
+            return
+    if not overwrite:
+        raise DatasetError(f"{out} exists; pass --overwrite to replace it")
+    if not storage.is_file(storage.join(out, METADATA_FILE)):
+        raise DatasetError(f"{out} exists and is not a dataset; refusing to replace it")
+
+
+def _publish(local: Path, out: str, meta: dict) -> None:
+    """Object storage has no rename. The validated dataset is uploaded to a hidden staging prefix
+    beside ``out`` (``.NAME.tmp-*``) and validated there (every footer read back); then ``out``'s old
+    ``_dataset.json`` is deleted first (readers see no dataset, never a mix), the old objects removed,
+    the staged objects copied server-side, and ``_dataset.json`` written last. If publishing fails
+    after the old dataset was removed, the staging prefix is kept and the error names it."""
+    staging = storage.join(storage.parent(out), f".{storage.name(out)}.tmp-{os.urandom(4).hex()}")
+    try:
+        storage.upload_dir(local, staging)
+        validate(staging)
+    except BaseException:
+        storage.delete_dir(staging)
+        raise
+    fs, dst = storage.resolve(out)
+    _, src = storage.resolve(staging)
+    try:
+        storage.delete_file(storage.join(out, METADATA_FILE))
+        storage.delete_dir(out)
+        for split in SPLITS:
+            for rel in meta["splits"][split]["shards"]:
+                fs.copy_file(f"{src}/{rel}", f"{dst}/{rel}")
+        fs.copy_file(f"{src}/{METADATA_FILE}", f"{dst}/{METADATA_FILE}")
+    except BaseException as e:
+        raise DatasetError(f"{out}: publishing the ingested dataset failed ({e}); the complete, validated "
+                           f"dataset is kept at {staging}") from None
+    storage.delete_dir(staging)
 
 
 class Progress:
@@ -320,33 +373,46 @@ class Progress:
 
 
 def read_metadata(root: str | os.PathLike) -> dict:
-    """The metadata of a complete dataset, DatasetError if DIR is not one."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such dataset directory")
-    path = root / METADATA_FILE
-    if not path.is_file():
-        raise DatasetError(f"{root}: missing {METADATA_FILE}, so this is not a complete dataset "
-                           "(an interrupted ingest, or not made by `ebm data ingest`)")
+    """The metadata of a complete dataset (a local directory or a URI), DatasetError if it is not one."""
+    root = str(root)
+    path = storage.join(root, METADATA_FILE)
     try:
-        meta = json.loads(path.read_text())
+        text = storage.read_bytes(path)
+    except FileNotFoundError:
+        if not storage.is_dir(root):
+            raise DatasetError(f"{root}: no such dataset directory") from None
+        raise DatasetError(f"{root}: missing {METADATA_FILE}, so this is not a complete dataset "
+                           "(an interrupted ingest, or not made by `ebm data ingest`)") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: a directory, not the dataset's metadata file") from None
+    except storage.StorageError as e:
+        raise DatasetError(str(e)) from None
+    try:
+        meta = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
-    version = meta.get("format_version")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise DatasetError(f"{path}: format version {version!r}, this code reads version {FORMAT_VERSION}")
     return meta
 
 
-def shard_paths(root: str | os.PathLike, meta: dict, split: str) -> list[Path]:
+def shard_paths(root: str | os.PathLike, meta: dict, split: str) -> list[str]:
+    """The split's shard locations (local paths or URIs, like ``root``)."""
     if split not in meta["splits"]:
         raise DatasetError(f"{root}: no split {split!r}; splits are {sorted(meta['splits'])}")
-    return [Path(root) / rel for rel in meta["splits"][split]["shards"]]
+    return [storage.join(str(root), rel) for rel in meta["splits"][split]["shards"]]
+
+
+def open_parquet(location: str) -> pq.ParquetFile:
+    """A shard opened for streaming reads (footer first, then only the row groups asked for)."""
+    fs, path = storage.resolve(location)
+    return pq.ParquetFile(path, filesystem=fs)
 
 
 def validate(root: str | os.PathLike) -> dict:
     """Check every shard's presence, schema and metadata (footers only) -> the metadata."""
-    root = Path(root)
+    root = str(root)
     meta = read_metadata(root)
     expected = schema_for(meta, with_metadata=False)
     listed = set()
@@ -355,25 +421,68 @@ def validate(root: str | os.PathLike) -> dict:
         if not info or info["rows"] == 0 or not info["shards"]:
             raise DatasetError(f"{root}: split {split!r} is empty")
         rows = 0
-        for path in shard_paths(root, meta, split):
-            listed.add(path.resolve())
-            if not path.is_file():
-                raise DatasetError(f"{path}: shard listed in {METADATA_FILE} is missing")
+        for rel, path in zip(info["shards"], shard_paths(root, meta, split)):
+            listed.add(rel)
             try:
-                pf = pq.ParquetFile(path)
+                pf = open_parquet(path)
+            except FileNotFoundError:
+                raise DatasetError(f"{path}: shard listed in {METADATA_FILE} is missing") from None
             except Exception as e:  # pyarrow raises several types for a damaged footer
                 raise DatasetError(f"{path}: not a readable Parquet file ({e})") from None
-            _check_schema(path, pf.schema_arrow, expected, meta)
-            rows += pf.metadata.num_rows
+            with pf:
+                _check_schema(path, pf.schema_arrow, expected, meta)
+                rows += pf.metadata.num_rows
         if rows != info["rows"]:
             raise DatasetError(f"{root}/{split}: shards hold {rows} rows, {METADATA_FILE} says {info['rows']}")
-    extra = sorted(p for p in root.glob("*/*.parquet") if p.resolve() not in listed)
+    _, base = storage.resolve(root)
+    extra = sorted(rel for rel in (i.path[len(base) + 1:] for i in storage.list_dir(root, recursive=True)
+                                   if i.path.endswith(".parquet"))
+                   if rel.count("/") == 1 and rel not in listed)
     if extra:
-        raise DatasetError(f"{extra[0]}: shard not listed in {METADATA_FILE} ({len(extra)} unlisted)")
+        raise DatasetError(f"{storage.join(root, extra[0])}: shard not listed in {METADATA_FILE} "
+                           f"({len(extra)} unlisted)")
     return meta
 
 
-def _check_schema(path: Path, got: pa.Schema, expected: pa.Schema, meta: dict) -> None:
+class DatasetChanged(DatasetError):
+    """The dataset a run fixed at its start is not the one found now (replaced, edited or deleted
+    underneath the run). Not retried: a restarted worker would read the changed data again."""
+
+
+def check_unchanged(root: str, expected: dict) -> dict:
+    """The dataset at ``root`` must still be the one whose metadata the run fixed at its start
+    (``expected``): same content fingerprint, same shards, same metadata. -> the metadata."""
+    try:
+        got = read_metadata(root)
+    except DatasetError as e:
+        raise DatasetChanged(f"{root}: the dataset this run started with is gone ({e})") from None
+    if got != expected:
+        raise DatasetChanged(describe_change(root, expected, got))
+    return got
+
+
+def describe_change(root: str, expected: dict, got: dict) -> str:
+    if got.get("fingerprint") != expected.get("fingerprint"):
+        what = (f"its content fingerprint was {expected.get('fingerprint')} when the run started and is "
+                f"{got.get('fingerprint')} now")
+    elif got.get("splits") != expected.get("splits"):
+        what = "its shard list changed"
+    else:
+        what = "its metadata changed (" + ", ".join(sorted(k for k in set(got) | set(expected)
+                                                            if got.get(k) != expected.get(k))) + ")"
+    return (f"dataset {root} changed during the run: {what} (replaced by another ingest --overwrite, or edited). "
+            "A run trains on one dataset: start a new run on the new data")
+
+
+def check_shard(path: str, pf: pq.ParquetFile, meta: dict) -> None:
+    """A shard opened mid-run must carry the run's dataset metadata (its footer holds the fingerprint)."""
+    stored = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
+    got = json.loads(stored) if stored else {}
+    if got != meta:
+        raise DatasetChanged(describe_change(path.rsplit("/", 2)[0], meta, got))
+
+
+def _check_schema(path: str, got: pa.Schema, expected: pa.Schema, meta: dict) -> None:
     names = {f.name for f in got}
     for field in expected:
         if field.name not in names:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .images import decode_image
-from .layout import (ROW_GROUP_ROWS, DatasetError, check_targets, list_to_numpy, read_metadata, shard_paths,
-                     validate)
+from .layout import (ROW_GROUP_ROWS, DatasetChanged, DatasetError, check_shard, check_targets, list_to_numpy,
+                     open_parquet, read_metadata, shard_paths, validate)
 
 if TYPE_CHECKING:
     import torch
@@ -139,9 +138,10 @@ class ParquetStream:
     def __init__(self, root: str | os.PathLike, split: str, batch_size: int = 32, *, shuffle: bool = False,
                  seed: int = 0, augment: str | None = None, on_corrupt: str = "strict", drop_last: bool = False,
                  rank: int = 0, world_size: int = 1, normalise: bool = True, with_ids: bool = False,
-                 check: bool = True):
+                 check: bool = True, meta: dict | None = None):
         _check_policy(on_corrupt)
-        self.meta = validate(root) if check else read_metadata(root)
+        # meta: the metadata the caller already holds (every shard opened is checked against it)
+        self.meta = meta if meta is not None else validate(root) if check else read_metadata(root)
         self.files = shard_paths(root, self.meta, split)
         self.augment = resolve_augment(self.meta, split, augment)
         self.split, self.batch_size, self.shuffle, self.seed = split, batch_size, shuffle, seed
@@ -162,7 +162,7 @@ class ParquetStream:
         pending: list[dict] = []
         n_pending = 0
         for path in files:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=ROW_GROUP_ROWS, columns=_columns(self.meta)):
+            for batch in self._batches(path):
                 order = rng.permutation(batch.num_rows) if self.shuffle else np.arange(batch.num_rows)
                 mine = order[(pos + np.arange(batch.num_rows)) % self.world_size == self.rank]
                 pos += batch.num_rows
@@ -180,6 +180,16 @@ class ParquetStream:
                     yield self._emit(out)
         if n_pending and not self.drop_last:
             yield self._emit(_take(pending, n_pending)[0])
+
+    def _batches(self, path: str) -> Iterator[pa.RecordBatch]:
+        """The shard's row groups, after checking it is still the dataset this stream started on."""
+        try:
+            pf = open_parquet(path)
+        except FileNotFoundError:
+            raise DatasetChanged(f"{path}: shard missing: the dataset changed or was deleted during the run") from None
+        with pf:
+            check_shard(path, pf, self.meta)
+            yield from pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=_columns(self.meta))
 
     def _count_bad(self, rows: dict) -> None:
         bad = ~rows["ok"]
@@ -225,7 +235,7 @@ def ray_dataset(root: str | os.PathLike, split: str | Sequence[str], *, on_corru
     _check_policy(on_corrupt)
     meta = validate(root)
     splits = (split,) if isinstance(split, str) else tuple(split)
-    files = [str(p) for s in splits for p in shard_paths(root, meta, s)]
+    files = [p for s in splits for p in shard_paths(root, meta, s)]
     names = {s: resolve_augment(meta, s, augment) for s in splits}
     if len(set(names.values())) > 1:
         raise DatasetError(f"splits {splits} have different augmentations; read them separately")
@@ -269,5 +279,8 @@ def load_aux(root: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
     names = sorted(meta.get("aux", {}))
     if not names:
         return {}
-    tables = [pq.read_table(p, columns=[f"aux_{n}" for n in names]) for p in shard_paths(root, meta, split)]
+    tables = []
+    for p in shard_paths(root, meta, split):
+        with open_parquet(p) as pf:
+            tables.append(pf.read(columns=[f"aux_{n}" for n in names]))
     return {n: np.concatenate([t.column(f"aux_{n}").to_numpy() for t in tables]) for n in names}

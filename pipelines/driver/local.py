@@ -15,17 +15,17 @@ import datetime
 import json
 import math
 import shlex
-import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from ebm import checkpoint
-from ebm.config import Config, ConfigError
+from ebm.config import Config
 from ebm.loop import Runtime, train
 from pipelines.driver import runs
 
@@ -34,27 +34,44 @@ COMMAND_TAG = "ebm.command"
 
 
 class LocalRuntime(Runtime):
-    """Rank 0 of 1 in this process: checkpoints to the run's storage directory (the last ``keep``
-    kept), per-epoch metrics and plots to MLflow."""
+    """Rank 0 of 1 in this process: checkpoints to the run's storage location (a local directory or a
+    URI; the last ``keep`` kept), per-epoch metrics and plots to MLflow."""
 
-    def __init__(self, run_dir: Path, log_epoch=None, val_split=None, keep: int = 2, prefix: str = ""):
+    def __init__(self, run_dir: str, log_epoch=None, val_split=None, keep: int = 2, prefix: str = ""):
         super().__init__("cpu")
-        self.run_dir, self.log_epoch, self.val_split, self.keep, self.prefix = run_dir, log_epoch, val_split, keep, prefix
-        self.last_dir: Path | None = None        # the newest checkpoint written (the run's final one at the end)
+        self.run_dir, self.log_epoch, self.val_split, self.keep, self.prefix = str(run_dir), log_epoch, val_split, keep, prefix
+        self.last_dir: str | None = None        # the newest checkpoint written (the run's final one at the end)
 
     def report(self, row: dict, state: dict | None, model) -> None:
-        from pipelines.worker.loop import PLOTS_DIR, density_plot
+        from pipelines import storage
         now = datetime.datetime.now(datetime.timezone.utc)       # one clock read, no daylight-saving jumps
         stamp = now.strftime("%Y-%m-%d_%H-%M-%S.%f")
-        d = self.run_dir / f"checkpoint_{stamp}"
-        tmp = self.run_dir / f".tmp_{stamp}"
-        checkpoint.save(tmp, state)
-        if row.get("validated"):
-            density_plot(model, state, self.val_split, tmp)
-        tmp.rename(d)                # a checkpoint directory appears whole or not at all
+        d = storage.join(self.run_dir, f"checkpoint_{stamp}")
+        if storage.is_uri(self.run_dir):
+            # written to a temporary directory, uploaded, and the local copy removed; an object appears
+            # whole, and a directory whose checkpoint.pt is not there yet is passed over by resume
+            with tempfile.TemporaryDirectory(prefix="ebm-ckpt-") as tmp:
+                self._write(Path(tmp), row, state, model)
+                storage.upload_dir(tmp, d)
+                self._log(row, Path(tmp))
+        else:
+            tmp = Path(self.run_dir) / f".tmp_{stamp}"
+            self._write(tmp, row, state, model)
+            tmp.rename(d)                # a checkpoint directory appears whole or not at all
+            self._log(row, Path(d))
         self.last_dir = d
-        for old in runs.checkpoint_dirs(str(self.run_dir.parent), self.run_dir.name)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        root, name = storage.parent(self.run_dir), storage.name(self.run_dir)
+        for old in runs.checkpoint_dirs(root, name)[:-self.keep]:
+            storage.delete_dir(old)
+
+    def _write(self, d: Path, row: dict, state: dict, model) -> None:
+        from pipelines.worker.loop import density_plot
+        checkpoint.save(d, state)
+        if row.get("validated"):
+            density_plot(model, state, self.val_split, d)
+
+    def _log(self, row: dict, d: Path) -> None:
+        from pipelines.worker.loop import PLOTS_DIR
         if self.log_epoch:
             self.log_epoch(row, d / PLOTS_DIR)
 
@@ -65,7 +82,7 @@ class LocalRuntime(Runtime):
 def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = False, allow_config_change: bool = False,
                 storage: str | None = None, track: bool = True, tracking_uri: str | None = None,
                 experiment: str = "ebm", group: str = "", command: str = "", threads: int = 0,
-                out: str = "") -> list[dict]:
+                out: str = "", verify_data: bool = False) -> list[dict]:
     """Train ``seeds`` seeds (cfg.seed, cfg.seed + 1, ...) one after another in this process; returns
     each seed's last metrics (``test_*`` included) and prints mean ± std. Raises ConfigError /
     TrackingError before any training, TrainingFailed if a seed's run failed."""
@@ -76,21 +93,18 @@ def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = F
         if threads:
             torch.set_num_threads(threads)
         return _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, tracking_uri, experiment,
-                            group, command, out)
+                            group, command, out, verify_data)
     finally:
         torch.set_num_threads(threads_before)
 
 
 def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, tracking_uri, experiment, group,
-                 command, out) -> list[dict]:
+                 command, out, verify_data) -> list[dict]:
     from pipelines import tracking
     from pipelines.worker.data import for_rank, prepare_dataset
-    cfg, task, fingerprint = prepare_dataset(cfg)       # a bad data_dir or config fails before anything runs
+    cfg, task, identity = prepare_dataset(cfg, verify_data)     # a bad data_dir or config fails before anything runs
     storage = runs.storage_root(storage)
     group = group or task.name
-    if "://" in storage:
-        raise ConfigError(f"--storage {storage}: --local writes checkpoints to a local path; train on Ray Train "
-                          "for object storage")
     stamp = runs.default_stamp()
     names = [name or f"{group}-seed{cfg.seed}-{stamp}"] if seeds == 1 else \
         [f"{name or group}-seed{cfg.seed + i}" + ("" if name else f"-{stamp}") for i in range(seeds)]
@@ -103,7 +117,7 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
     if uri:
         print(f"MLflow: experiment {experiment!r}, group {group!r} in {uri}", flush=True)
     command = command or shlex.join(["ebm", *sys.argv[1:]])
-    data = for_rank(cfg, 0, 1)
+    data = for_rank(cfg, 0, 1, expected=identity.meta)
     print(f"task {task.name}: D={task.D} ({', '.join(task.target_names)}), train {_train_rows(cfg)} / val "
           f"{len(data.eval_splits.get('val', []))} / test {len(data.eval_splits.get('test', []))}; method "
           f"{cfg.method.name}, K={cfg.proposal.K}, M={cfg.sampler.M_train}", flush=True)
@@ -118,7 +132,7 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
             run_id = None
             if uri:
                 tags = {"git_sha": tracking.git_sha(), "seed": str(c.seed), "task": task.name, "method": c.method.name,
-                        "data_fingerprint": fingerprint, GROUP_TAG: group, COMMAND_TAG: command, "ebm.mode": "local",
+                        **identity.tags(), GROUP_TAG: group, COMMAND_TAG: command, "ebm.mode": "local",
                         **tracking.package_versions()}
                 run_id = tracking.start_run(uri, experiment, run_name, c.to_flat(), tags, c.to_toml(), reopen=resume)
                 runs.reopened(uri, run_id, plan.changes)
@@ -141,7 +155,8 @@ def _train_rows(cfg: Config) -> str:
 
 def _one_seed(cfg: Config, name: str, plan: runs.Plan, storage: str, data, uri, run_id, prefix: str) -> dict:
     from pipelines import tracking
-    run_dir = Path(storage) / name          # made by the first checkpoint
+    from pipelines import storage as fs
+    run_dir = fs.join(storage, name)        # made by the first checkpoint
     log_epoch = (lambda row, plots: tracking.log_epoch(uri, run_id, row, str(plots))) if uri else None
     rt = LocalRuntime(run_dir, log_epoch, data.eval_splits.get("val"), prefix=prefix)
     status = "FAILED"

@@ -36,20 +36,13 @@ def storage_root(storage: str | None) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def _fs(storage: str):
-    """(pyarrow filesystem, root path) of a storage location, local or a URI."""
-    import pyarrow.fs
-    if "://" not in storage:
-        return pyarrow.fs.LocalFileSystem(), storage
-    return pyarrow.fs.FileSystem.from_uri(storage)
-
-
 def checkpoint_dirs(storage: str, name: str) -> list[str]:
-    """The run's checkpoint directories, oldest first (Ray's and the local runtime's names sort by time)."""
+    """The run's checkpoint directories (local paths, or URIs under remote storage), oldest first (Ray's
+    and the local runtime's names sort by time)."""
     import pyarrow.fs
-    fs, root = _fs(storage)
-    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+    from pipelines import storage as fs
+    infos = fs.list_dir(fs.join(storage, name))
+    return sorted(fs.uri_of(storage, i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory
                   and i.base_name.startswith("checkpoint_"))
 
 
@@ -57,14 +50,13 @@ def latest_checkpoint(storage: str, name: str) -> tuple[str, dict] | None:
     """The newest checkpoint of the run that loads (a half-written newer one is passed over), as
     (its directory — a local path, or a URI under remote storage —, its state)."""
     import io
-    fs, _ = _fs(storage)
+    from pipelines import storage as fs
     for d in reversed(checkpoint_dirs(storage, name)):
         try:
-            with fs.open_input_stream(f"{d}/{checkpoint.CKPT_FILE}") as f:
-                state = checkpoint.loads(io.BytesIO(f.read()), where=d)
-        except (checkpoint.CheckpointError, OSError):
+            state = checkpoint.loads(io.BytesIO(fs.read_bytes(fs.join(d, checkpoint.CKPT_FILE))), where=d)
+        except (checkpoint.CheckpointError, OSError, ValueError):
             continue
-        return (d if "://" not in storage else f"{storage.split('://')[0]}://{d}"), state
+        return d, state
     return None
 
 
@@ -178,9 +170,9 @@ def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str 
     if checkpoint_dir is not None and "://" in str(checkpoint_dir):
         import tempfile
 
-        import pyarrow.fs
-        with tempfile.TemporaryDirectory() as d:          # MLflow logs local files
-            pyarrow.fs.copy_files(str(checkpoint_dir), d)
+        from pipelines import storage as fs
+        with tempfile.TemporaryDirectory(prefix="ebm-ckpt-") as d:     # MLflow logs local files; removed after
+            fs.download_dir(str(checkpoint_dir), d)
             tracking.log_artifacts(uri, run_id, d, "checkpoint")
     elif checkpoint_dir is not None:
         tracking.log_artifacts(uri, run_id, str(checkpoint_dir), "checkpoint")

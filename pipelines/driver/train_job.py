@@ -52,9 +52,12 @@ def default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
 
 def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int, use_gpu: bool, cpus: float,
                   threads: int, max_failures: int, keep: int, callbacks: list, ray_data: bool = False,
-                  max_nonfinite_in_row: int = 20, resume_from: str | None = None):
+                  max_nonfinite_in_row: int = 20, resume_from: str | None = None, data_meta: dict | None = None,
+                  placement: str = "PACK"):
     """The job's ``TorchTrainer`` over :func:`pipelines.worker.loop.worker_loop` (``ebm train`` and
-    each ``ebm tune`` trial build it here)."""
+    each ``ebm tune`` trial build it here). ``data_meta``: the dataset metadata the driver fixed, which
+    every worker checks what it reads against; ``placement``: Ray's placement strategy for the workers
+    (``STRICT_SPREAD``: one worker per node)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -66,9 +69,11 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
     return TorchTrainer(
         loop.worker_loop,
         train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "ray_data": datasets is not None,
-                           "max_nonfinite_in_row": max_nonfinite_in_row, "resume_from": resume_from},
+                           "max_nonfinite_in_row": max_nonfinite_in_row, "resume_from": resume_from,
+                           "data_meta": data_meta},
         datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus},
+                                     placement_strategy=placement),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
                              # without Train's print patch each progress line reaches the driver once
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
@@ -122,19 +127,20 @@ def tracking_callback(uri: str, run_id: str):
 def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change: bool = False, num_workers: int = 2,
             use_gpu: bool = False, address: str | None = None, storage_path: str | None = None, max_failures: int = 0,
             keep: int = 2, tracking_uri: str | None = None, experiment: str = "ebm", cpus_per_worker: float = 0.0,
-            threads: int = 1, ray_data: bool = False, max_nonfinite_in_row: int = 20) -> dict:
+            threads: int = 1, ray_data: bool = False, max_nonfinite_in_row: int = 20, verify_data: bool = False,
+            placement: str = "PACK") -> dict:
     """Run the job; returns the last reported metrics (test metrics included). Raises on failure,
     after marking the MLflow run FAILED (or KILLED on Ctrl-C / SIGTERM)."""
     from pipelines import tracking
     from pipelines.worker.data import prepare_dataset
-    cfg, task, fingerprint = prepare_dataset(cfg)                   # a bad data_dir fails before Ray starts
+    cfg, task, identity = prepare_dataset(cfg, verify_data)         # a bad data_dir fails before Ray starts
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)                                   # fail fast, before Ray starts
     storage_path = runs.storage_root(storage_path)
     plan = runs.plan(cfg, task, name, storage_path, resume, allow_config_change, runs.finished_in(uri, name))
     import ray
     tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
-            "data_fingerprint": fingerprint, "ebm.mode": "ray", **tracking.package_versions()}
+            **identity.tags(), "ebm.mode": "ray", **tracking.package_versions()}
     run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
     runs.reopened(uri, run_id, plan.changes)
     status = "FAILED"
@@ -156,7 +162,7 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
                                 threads=threads, max_failures=max_failures, keep=keep,
                                 callbacks=[tracking_callback(uri, run_id)], ray_data=ray_data,
                                 max_nonfinite_in_row=max_nonfinite_in_row,
-                                resume_from=plan.checkpoint_dir)
+                                resume_from=plan.checkpoint_dir, data_meta=identity.meta, placement=placement)
         t0 = time.perf_counter()
         metrics = finish_run(trainer.fit(), cfg, uri, run_id)
         metrics["job_time_s"] = time.perf_counter() - t0

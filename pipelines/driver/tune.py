@@ -114,7 +114,7 @@ def train_trial(config: dict, job: dict) -> None:
     try:
         trainer = build_trainer(cfg, name=name, storage_path=job["train_storage"], num_workers=job["num_workers"],
                                 use_gpu=job["use_gpu"], cpus=job["cpus_per_worker"], threads=job["threads"],
-                                max_failures=job["max_failures"], keep=2,
+                                max_failures=job["max_failures"], keep=2, data_meta=job.get("data_meta"),
                                 callbacks=[tracking_callback(uri, run_id), TuneReportCallback()])
         finish_run(trainer.fit(), cfg, uri, run_id)
         status = "FINISHED"
@@ -141,18 +141,23 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
     from pipelines.driver import tune_report
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
-    storage = Path(storage_path or os.environ.get("EBM_STORAGE_PATH") or "runs").resolve()
-    spec_path = storage / name / SPEC_FILE
+    from pipelines import storage as fs
+    from pipelines.driver import runs
+    storage = runs.storage_root(storage_path)
+    spec_path = fs.join(storage, name, SPEC_FILE)
     if resume:
-        if not spec_path.is_file():
+        if not fs.is_file(spec_path):
             raise ConfigError(f"no sweep {name!r} to resume under {storage} ({spec_path} missing)")
-        spec = json.loads(spec_path.read_text())
+        spec = json.loads(fs.read_bytes(spec_path))
     else:
-        if spec_path.exists():
+        if fs.exists(spec_path):
             raise ConfigError(f"sweep {name!r} already exists under {storage}; resume it with --resume {name}")
         spec = {**_make_spec(cfg, space or {}, opts or {}, seeds), "name": name}
     from pipelines.worker.data import prepare_dataset
-    base, task, fingerprint = prepare_dataset(Config.from_flat(spec["cfg"]))    # a bad data_dir fails before Ray
+    base, task, identity = prepare_dataset(Config.from_flat(spec["cfg"]))    # a bad data_dir fails before Ray
+    if spec.setdefault("data_fingerprint", identity.fingerprint) != identity.fingerprint:
+        raise ConfigError(f"sweep {name!r} started on data {spec['data_fingerprint']}, {base.task.data_dir or base.task.name} "
+                          f"is now {identity.fingerprint}: the dataset changed; start a new sweep")
     spec["cfg"] = base.to_flat()
     cpus = cpus_per_worker or (1.0 if use_gpu else 0.5)
     params = {"scheduler": spec["scheduler"], "metric": spec["metric"], "mode": spec["mode"],
@@ -169,8 +174,8 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
                                      **tracking.package_versions()}, base.to_toml())
         spec["parent_run_id"] = parent
     job = {"cfg": spec["cfg"], "sweep": name, "uri": uri, "experiment": experiment, "parent_run_id": parent,
-           "tags": {"git_sha": tracking.git_sha(), "data_fingerprint": fingerprint, **tracking.package_versions()},
-           "train_storage": str(storage / f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
+           "tags": {"git_sha": tracking.git_sha(), **identity.tags(), **tracking.package_versions()},
+           "data_meta": identity.meta, "train_storage": fs.join(storage, f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
            "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures}
     status, started = "FAILED", False
     try:
@@ -181,19 +186,18 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         started = ray_init(address, resources={"TRAIN_DRIVER": 4})
         trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), _driver_resources())
         if resume:
-            tuner = tune.Tuner.restore(str(storage / name), trainable, resume_unfinished=True, resume_errored=True)
+            tuner = tune.Tuner.restore(fs.join(storage, name), trainable, resume_unfinished=True, resume_errored=True)
         else:
-            spec_path.parent.mkdir(parents=True, exist_ok=True)
-            spec_path.write_text(json.dumps(spec, indent=1))
+            fs.write_bytes(spec_path, json.dumps(spec, indent=1).encode())
             tuner = tune.Tuner(trainable, param_space=param_space(spec["space"]),
                                tune_config=tune.TuneConfig(metric=spec["metric"], mode=spec["mode"],
                                                            scheduler=_scheduler(spec, base),
                                                            num_samples=spec["num_samples"],
                                                            max_concurrent_trials=max_concurrent),
-                               run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+                               run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
         t0 = time.perf_counter()
         grid = tuner.fit()
-        summary = tune_report.finish(uri, parent, grid, spec, base, storage / f"{name}-train",
+        summary = tune_report.finish(uri, parent, grid, spec, base, fs.join(storage, f"{name}-train"),
                                      time.perf_counter() - t0, out=out)
         if register_name and summary.get("best_run_id") and not summary["errors"]:
             from pipelines.serve import registry

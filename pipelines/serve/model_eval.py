@@ -20,42 +20,55 @@ CALIBRATION_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.9
 
 def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[list[str], list, list | None]:
     """(ids, input values, y values or None) from an image folder, a Parquet file or a dataset
-    directory (the layout of :mod:`pipelines.data`, split ``split``)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
-    if path.is_dir() and not (path / "_dataset.json").is_file():
-        files = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
-        imgs = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not imgs:
-            raise InputError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no _dataset.json; "
-                             f"give an image folder, a Parquet file or a dataset directory")
-        if not p.is_image:
-            raise InputError(f"{path}: an image folder, but the model takes vector inputs x of size {p.task.x_shape[0]}")
-        return [f.name for f in imgs], [f.read_bytes() for f in imgs], None
-    import pyarrow.parquet as pq
-    if path.is_dir():
-        from pipelines.data import read_metadata
-        from pipelines.data.layout import shard_paths
-        meta = read_metadata(path)
-        files = shard_paths(path, meta, split)
-        if not files:
-            raise InputError(f"{path}: the dataset has no {split!r} split")
+    directory (the layout of :mod:`pipelines.data`, split ``split``) — each a local path or a URI."""
+    from pipelines import storage
+    from pipelines.data.layout import METADATA_FILE, DatasetError, open_parquet, read_metadata, shard_paths
+    loc = str(path)
+    try:
+        if storage.is_dir(loc):
+            if not storage.is_file(storage.join(loc, METADATA_FILE)):
+                return _image_folder(loc, p)
+            meta = read_metadata(loc)
+            files = shard_paths(loc, meta, split)
+            if not files:
+                raise InputError(f"{loc}: the dataset has no {split!r} split")
+        elif storage.is_file(loc):
+            files = [loc]
+        else:
+            raise InputError(f"{loc}: no such file or directory")
         import pyarrow as pa
-        table = pa.concat_tables([pq.read_table(f) for f in files])
-    else:
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise InputError(f"{path}: not a readable Parquet file: {e}") from None
+        tables = []
+        for f in files:
+            try:
+                with open_parquet(f) as pf:
+                    tables.append(pf.read())
+            except Exception as e:
+                raise InputError(f"{f}: not a readable Parquet file: {e}") from None
+        table = pa.concat_tables(tables)
+    except (storage.StorageError, DatasetError) as e:
+        raise InputError(str(e)) from None
     col = p.input_column
     if col not in table.column_names:
-        raise InputError(f"{path}: no column {col!r} (columns: {table.column_names}); the model takes "
+        raise InputError(f"{loc}: no column {col!r} (columns: {table.column_names}); the model takes "
                          f"{'encoded images' if p.is_image else 'vector inputs x'}")
     n = table.num_rows
     ids = [str(v) for v in table.column("id").to_pylist()] if "id" in table.column_names else [f"row {i}" for i in range(n)]
     y = table.column("y").to_pylist() if "y" in table.column_names else None
     return ids, table.column(col).to_pylist(), y
+
+
+def _image_folder(loc: str, p: Predictor) -> tuple[list[str], list, None]:
+    from pipelines import storage
+    import pyarrow.fs as pafs
+    files = sorted((i for i in storage.list_dir(loc) if i.type == pafs.FileType.File
+                    and not i.base_name.startswith(".")), key=lambda i: i.base_name)
+    imgs = [i for i in files if Path(i.base_name).suffix.lower() in IMAGE_SUFFIXES]
+    if not imgs:
+        raise InputError(f"{loc}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no _dataset.json; "
+                         f"give an image folder, a Parquet file or a dataset directory")
+    if not p.is_image:
+        raise InputError(f"{loc}: an image folder, but the model takes vector inputs x of size {p.task.x_shape[0]}")
+    return ([i.base_name for i in imgs], [storage.read_bytes(storage.join(loc, i.base_name)) for i in imgs], None)
 
 
 def write_table(out: dict[str, list], path: str | Path) -> Path:

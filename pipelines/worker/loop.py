@@ -90,6 +90,7 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     from ebm import checkpoint
     from ebm.config import Config
     from ebm.loop import NOT_VALIDATED, TrainingFailed, train
+    from pipelines.data.layout import DatasetChanged
     from pipelines.worker.data import for_rank
     from pipelines.worker.runtime import tune_malloc
 
@@ -102,7 +103,7 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     cfg = Config.from_flat(config["cfg"])
     ctx = ray.train.get_context()
     data = for_rank(cfg, ctx.get_world_rank(), ctx.get_world_size(),
-                    ray.train.get_dataset_shard("train") if config.get("ray_data") else None)
+                    ray.train.get_dataset_shard("train") if config.get("ray_data") else None, config.get("data_meta"))
     rt = runtime_factory(data.eval_splits.get("val"))
     # Ray's own checkpoint (the latest it registered for this run name: a restarted worker group, or a
     # rerun), or the one the driver chose for --resume (e.g. of epochs trained --local): the later wins
@@ -116,22 +117,20 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     resume = max(found, key=lambda s: s["epoch"]) if found else None
     try:
         train(cfg, data, rt, resume, max_nonfinite_in_row=int(config.get("max_nonfinite_in_row") or 20))
-    except TrainingFailed as e:     # every rank gets here at the same step: the decision was all-reduced
+    except (TrainingFailed, DatasetChanged) as e:
+        # TrainingFailed: every rank gets here at the same step (the decision was all-reduced);
+        # DatasetChanged: a retry would read the changed data again
         rt.log(f"stopping: {e}")
         ray.train.report({FAILURE_KEY: str(e), "val_nll": NOT_VALIDATED})   # Tune checks its metric in every report
 
 
 def _load_uri(where: str) -> dict:
     """A checkpoint directory given as a local path or a URI (``s3://…``)."""
-    from ebm import checkpoint
-    if "://" not in where:
-        return checkpoint.load(where)
     import io
 
-    import pyarrow.fs
-    fs, path = pyarrow.fs.FileSystem.from_uri(where)
-    with fs.open_input_stream(f"{path}/{checkpoint.CKPT_FILE}") as f:
-        return checkpoint.loads(io.BytesIO(f.read()), where=where)
+    from ebm import checkpoint
+    from pipelines import storage
+    return checkpoint.loads(io.BytesIO(storage.read_bytes(storage.join(where, checkpoint.CKPT_FILE))), where=where)
 
 
 def worker_loop(config: dict) -> None:
