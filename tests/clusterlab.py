@@ -41,11 +41,11 @@ def _spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen, group: bool = True, timeout: float = 60) -> None:
-    """SIGTERM to the process group `proc` leads (only to `proc` itself if not `group`), then
-    SIGKILL to whatever is left of the group once `proc` has exited or `timeout` s have passed."""
+def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM to the process group `proc` leads; SIGKILL to what is left of it once `proc` has
+    exited or `timeout` s have passed."""
     try:
-        (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=timeout)
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
@@ -111,7 +111,7 @@ def s3_keys(s3: dict, prefix: str = "") -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def _alive_nodes(dashboard: str) -> list[dict]:
+def _alive_nodes(dashboard: str) -> list:
     from ray.util.state import list_nodes
 
     return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
@@ -119,43 +119,60 @@ def _alive_nodes(dashboard: str) -> list[dict]:
 
 @contextmanager
 def ray_nodes(tmp: Path, env: dict) -> Iterator[dict]:
-    """A Ray head and a second Ray node on 127.0.0.1, both `ray start --block` children of ours.
+    """A Ray head and a second Ray node on this machine, both `ray start --block` children of ours.
 
-    ``env`` is added to this process's environment for both nodes (e.g. the S3 env), with token
-    auth disabled for this loopback-only cluster. Each node has 2 CPUs; the head carries the
-    custom resource ``head_slot`` and the other node ``worker_slot`` (1 each), so work can be
-    pinned to either. Each node has its own short temp dir under /tmp (Ray's AF_UNIX socket
-    paths there must fit in 107 bytes); logs go to ``tmp/head.log`` and ``tmp/worker.log``.
+    ``env`` is added to this process's environment for both nodes (e.g. the S3 env; processes
+    Ray starts on a node inherit it), with token auth disabled for this loopback-only cluster.
+    Each node has 2 CPUs, a 200 MB object store and its own short temp dir under /tmp (Ray's
+    AF_UNIX socket paths there must fit in 107 bytes); the head carries the custom resource
+    ``head_slot``, the other node ``worker_slot`` (1 each), so work can be pinned to either.
+    Every port is a free one (none of Ray's defaults, which another cluster may hold).
+
+    Node IPs: Ray rewrites ``--node-ip-address=127.0.0.1`` to the host's primary IP, so the head
+    advertises that; the second node advertises 127.0.0.2 (loopback), so Ray -- and Ray Train's
+    node_rank/local_rank, which group workers by node IP -- sees two hosts. Ray's own servers
+    (GCS, raylets, agents) listen on all interfaces whatever the flags; the dashboard and the
+    job API listen on 127.0.0.1 only.
 
     Yields ``{"address": "127.0.0.1:GCS_PORT", "dashboard": "http://127.0.0.1:PORT",
     "head_node_id": hex, "worker_node_id": hex, "env": the nodes' environment,
-    "temp_dirs": (head, worker)}``, once both nodes are ALIVE in the dashboard's state API.
+    "temp_dirs": (head's, worker's)}`` once both nodes are ALIVE in the dashboard's state API.
+    Logs: ``tmp/head.log``, ``tmp/worker.log``, and each node's ``TEMP_DIR/session_latest/logs``.
+    Stopped worker node first; each `ray start` gets SIGTERM alone, so it drains its node while
+    the GCS is still up (SIGTERM to the head's whole group costs a 30 s drain timeout).
     """
     tmp = Path(tmp)
-    env = dict(os.environ, **env, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     port, dash = free_port(), free_port()
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    env = dict(os.environ, **env, RAY_ADDRESS=address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     head_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")
     worker_tmp = tempfile.mkdtemp(prefix="ebmw", dir="/tmp")
-    common = [os.path.join(BIN, "ray"), "start", "--block", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-              "--object-store-memory=200000000", "--disable-usage-stats"]
-    head = _spawn(common + ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                            "--include-dashboard=true", f"--temp-dir={head_tmp}",
-                            "--resources=" + json.dumps({"head_slot": 1})], env, tmp / "head.log")
+    for d in (head_tmp, worker_tmp):
+        os.mkdir(os.path.join(d, "tmp"))
+
+    def start(*args: str) -> list[str]:
+        return [os.path.join(BIN, "ray"), "start", "--block", "--num-cpus=2", "--object-store-memory=200000000",
+                "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}", *args]
+
+    head = _spawn(start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                        f"--ray-client-server-port={free_port()}", f"--temp-dir={head_tmp}",
+                        "--resources=" + json.dumps({"head_slot": 1})), dict(env, TMPDIR=f"{head_tmp}/tmp"), tmp / "head.log")
     worker = None
     try:
         _wait(lambda: bool(_get(f"{dashboard}/api/version")), head, tmp / "head.log", "ray head", 120)
-        worker = _spawn(common + [f"--address={address}", f"--temp-dir={worker_tmp}",
-                                  "--resources=" + json.dumps({"worker_slot": 1})], env, tmp / "worker.log")
+        worker = _spawn(start(f"--address={address}", "--node-ip-address=127.0.0.2", f"--temp-dir={worker_tmp}",
+                              "--resources=" + json.dumps({"worker_slot": 1})),
+                        dict(env, TMPDIR=f"{worker_tmp}/tmp"), tmp / "worker.log")
         _wait(lambda: len(_alive_nodes(dashboard)) == 2, worker, tmp / "worker.log", "second ray node", 120)
         nodes = {("head" if n.is_head_node else "worker"): n.node_id for n in _alive_nodes(dashboard)}
         yield {"address": address, "dashboard": dashboard, "head_node_id": nodes["head"],
-               "worker_node_id": nodes["worker"], "env": env, "temp_dirs": (head_tmp, worker_tmp), "pgids": (head.pid, worker.pid)}
+               "worker_node_id": nodes["worker"], "env": env, "temp_dirs": (head_tmp, worker_tmp)}
     finally:
         if worker is not None:
-            _stop(worker, group=False)
-        _stop(head, group=False)
+            _stop(worker)
+        _stop(head)
         shutil.rmtree(head_tmp, ignore_errors=True)
         shutil.rmtree(worker_tmp, ignore_errors=True)
 
@@ -177,7 +194,8 @@ def mlflow_server(tmp: Path, s3: dict) -> Iterator[dict]:
     proc = _spawn([os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
                    "--artifacts-destination", artifacts],
-                  dict(os.environ, **s3["env"], PATH=BIN + os.pathsep + os.environ.get("PATH", "")), log)
+                  dict(os.environ, **s3["env"], MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                       PATH=BIN + os.pathsep + os.environ.get("PATH", "")), log)
     try:
         _wait(lambda: _get(f"{uri}/health") == b"OK", proc, log, "mlflow server", 180)
         yield {"tracking_uri": uri, "artifacts": artifacts}

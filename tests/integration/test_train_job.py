@@ -156,6 +156,83 @@ def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_loc
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
 
 
+def _checkpoint_files_outside(roots_allowed: list[str], since: float) -> list[str]:
+    """checkpoint.pt files (and ebm-ckpt-* temporaries) written since ``since`` anywhere under the
+    temp dir, the Ray session dirs and ~/ray_results, except under ``roots_allowed``."""
+    import tempfile
+    found = []
+    for top in {tempfile.gettempdir(), "/tmp", os.path.expanduser("~/ray_results")}:
+        for dirpath, dirnames, filenames in os.walk(top):
+            if any(dirpath.startswith(r) for r in roots_allowed):
+                dirnames[:] = []
+                continue
+            for n in filenames + dirnames:
+                p = os.path.join(dirpath, n)
+                try:
+                    recent = os.lstat(p).st_mtime >= since
+                except OSError:
+                    continue
+                if recent and (n == "checkpoint.pt" or n.startswith("ebm-ckpt-")):
+                    found.append(p)
+    return found
+
+
+def test_a_ten_epoch_image_run_leaves_no_checkpoint_copy_outside_its_storage(ray_local, tmp_path):
+    """Every epoch's checkpoint is written to a temporary directory that Ray copies to --storage and
+    that is then removed; the driver's final checkpoint goes to MLflow's artifact store. Nothing else."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.data.ingest import ingest
+    ingest("synthetic", "star", tmp_path / "star16", size=16, n={"train": 128, "val": 32, "test": 32}, progress=False)
+    cfg = Config.from_toml(os.path.join(ROOT, "pipelines/configs/demo.toml"),
+                           [f"task.data_dir=\"{tmp_path / 'star16'}\"", "optim.epochs=10", "sampler.M_train=16",
+                            "sampler.M_eval=32", "eval.grid_nll=false", "eval.every=5"])
+    t0 = time.time() - 1
+    metrics = _run(tmp_path, "img10", cfg=cfg)
+    assert metrics["epoch"] == 9
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_run(metrics["mlflow_run_id"])
+    artifacts = run.info.artifact_uri.removeprefix("file://")
+    stored = sorted((tmp_path / "runs" / "img10").glob("checkpoint_*/checkpoint.pt"))
+    assert len(stored) == 2                                     # num_to_keep
+    assert _checkpoint_files_outside([str(tmp_path / "runs"), artifacts], t0) == []
+
+
+def test_replacing_the_dataset_during_a_run_fails_it_naming_the_change(ray_local, tmp_path):
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from ebm.loop import TrainingFailed
+    from pipelines.data.ingest import ingest
+    from pipelines.driver import runs
+    root = tmp_path / "toy1"
+    first = ingest("synthetic", "toy1", root, n={"train": 512, "val": 64, "test": 64}, progress=False)
+    cfg = _cfg(**{"optim.epochs": 300, "task.data_dir": f'"{root}"', "eval.every": 300})
+    replaced = {}
+
+    def replace_after_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while not runs.checkpoint_dirs(str(tmp_path / "runs"), "swap") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        replaced["meta"] = ingest("synthetic", "toy1", root, seed=7, n={"train": 512, "val": 64, "test": 64},
+                                  overwrite=True, progress=False)
+
+    t = threading.Thread(target=replace_after_first_checkpoint)
+    t.start()
+    try:
+        with pytest.raises(TrainingFailed, match="changed during the run") as e:
+            _run(tmp_path, "swap", cfg=cfg, max_failures=1)
+    finally:
+        t.join()
+    assert first["fingerprint"] in str(e.value) and replaced["meta"]["fingerprint"] in str(e.value)
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (run,) = c.search_runs([c.get_experiment_by_name("ebm").experiment_id])
+    assert run.info.status == "FAILED" and "changed during the run" in run.data.tags[runs.STOP_REASON_TAG]
+    assert run.data.tags["data_fingerprint"] == first["fingerprint"]
+    assert run.data.tags["ebm.data_verified"] == "footers"
+    assert len(c.get_metric_history(run.info.run_id, "train_loss")) < 300
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
