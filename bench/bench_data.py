@@ -10,6 +10,11 @@ Prints, in one run:
    over ~0.1 GB and ~2 GB of Parquet (``--quick``: ~10 MB and ~100 MB), and their ratio (goal:
    within 1.2).
 
+With ``--s3``, instead: a real S3 API (moto's server on 127.0.0.1, as in the tests) holding copies
+of the datasets; rows/s of the plain stream reading the same Parquet from the bucket vs from local
+disk, and the peak RSS of a full pass over ~0.1 GB vs ~1 GB in the bucket (``--quick``: ~10 MB vs
+~100 MB) — flat memory means the reader streams row groups, never downloads the dataset.
+
 Datasets are generated once into --dir (default /tmp/ebm-bench-data) and reused. Images are
 PNG-encoded random 64x64 RGB drawn from a pool (distinct ids and labels per row), ~12 KB a row.
 """
@@ -142,16 +147,17 @@ def _peak_rss_mib() -> float:
 
 def _rss_pass(path: str) -> None:
     """Child process: one full pass over every split; prints rows, bytes, peak RSS and maxrss (MiB)."""
+    from pipelines import storage
     from pipelines.data.readers import ParquetStream
     rows = 0
     for split in ("train", "val", "test"):
         for x, y in ParquetStream(path, split, 32):
             rows += len(y)
-    size = sum(p.stat().st_size for p in Path(path).glob("*/*.parquet"))
+    size = sum(i.size for i in storage.list_dir(path, recursive=True) if i.path.endswith(".parquet"))
     print(rows, size, _peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def measure_pass_rss(path: Path) -> tuple[int, int, float, float, float]:
+def measure_pass_rss(path: Path | str) -> tuple[int, int, float, float, float]:
     """(rows, parquet bytes, peak RSS MiB, ru_maxrss MiB, seconds) of a full streaming pass in a
     fresh process."""
     t = time.perf_counter()
@@ -164,12 +170,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small datasets (~10 MB vs ~100 MB, fewer batches)")
     ap.add_argument("--dir", default="/tmp/ebm-bench-data", help="where generated datasets are kept")
+    ap.add_argument("--s3", action="store_true", help="stream from a local S3 endpoint vs local disk (see above)")
     ap.add_argument("--rss-pass", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_pass:
         _rss_pass(args.rss_pass)
         return 0
     root = Path(args.dir)
+    if args.s3:
+        return bench_s3(root, args.quick)
     small_b, large_b = (10e6, 100e6) if args.quick else (0.1e9, 2e9)
     n_batches = 250 if args.quick else 1000
     small = make_dataset(root / f"rgb64-{small_b / 1e6:g}MB", small_b)
@@ -196,6 +205,42 @@ def main(argv=None) -> int:
         print(f"rss full pass {name:5s} {size / 1e9:7.3f} GB  {rows:8d} rows  peak RSS (VmHWM) {rss:7.1f} MiB  "
               f"[ru_maxrss {maxrss:.0f} MiB, includes the parent's]  ({sec:.1f} s, {rows / sec:.0f} rows/s incl. start-up)")
     print(f"rss ratio large/small {res['large'] / res['small']:.3f}  (goal <= 1.2)")
+    return 0
+
+
+def _rss_row(label: str, path) -> float:
+    rows, size, rss, maxrss, sec = measure_pass_rss(path)
+    print(f"rss full pass {label:8s} {size / 1e9:7.3f} GB  {rows:8d} rows  peak RSS (VmHWM) {rss:7.1f} MiB  "
+          f"({sec:.1f} s, {rows / sec:.0f} rows/s incl. start-up)")
+    return rss
+
+
+def bench_s3(root: Path, quick: bool) -> int:
+    """The object-storage rows: the same Parquet streamed from moto's S3 server and from local disk."""
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import clusterlab
+    from pipelines import storage
+    small_b, large_b = (10e6, 100e6) if quick else (0.1e9, 1e9)
+    local = {name: make_dataset(root / f"rgb64-{b / 1e6:g}MB", b) for name, b in (("small", small_b), ("large", large_b))}
+    with tempfile.TemporaryDirectory() as tmp, clusterlab.s3_server(Path(tmp)) as s3:
+        os.environ.update(s3["env"])            # the rss child processes inherit the endpoint
+        remote = {}
+        for name, path in local.items():
+            t = time.perf_counter()
+            remote[name] = f"s3://{s3['bucket']}/{path.name}"
+            storage.upload_dir(path, remote[name])
+            print(f"# uploaded {path.name} to {remote[name]} in {time.perf_counter() - t:.1f} s")
+        print(f"# bench_data --s3 ({'quick' if quick else 'full'}): 64x64 RGB PNG, batch 32, plain pyarrow stream, "
+              f"S3 API = moto server on 127.0.0.1")
+        n_batches = 250 if quick else 1000
+        rate_disk = measure_stream_rate(local["large"], 32, n_batches, "pyarrow")
+        rate_s3 = measure_stream_rate(remote["large"], 32, n_batches, "pyarrow")
+        print(f"stream local disk {rate_disk:10.0f} rows/s")
+        print(f"stream s3         {rate_s3:10.0f} rows/s")
+        print(f"ratio s3/disk {rate_s3 / rate_disk:.2f}")
+        rss = {name: _rss_row(f"s3 {name}", remote[name]) for name in ("small", "large")}
+        print(f"rss ratio s3 large/small {rss['large'] / rss['small']:.3f}  (goal: flat, <= 1.2)")
     return 0
 
 
