@@ -195,5 +195,5 @@ def epoch_metrics(row: dict) -> dict:
 def log_epoch(uri: str, run_id: str, row: dict, plots_dir: str | None = None) -> None:
     """One epoch of a training run: its metrics at step = epoch, and its density plots if any."""
     log_metrics(uri, run_id, epoch_metrics(row), step=int(row["epoch"]))
-    if plots_dir and Path(plots_dir).is_dir():
+    if plots_dir and Path(plots_dir).is_dir() and any(Path(plots_dir).iterdir()):
         log_artifacts(uri, run_id, str(plots_dir), "plots")

@@ -1,12 +1,14 @@
-"""Real services on 127.0.0.1 for a multi-node rehearsal on one machine.
+"""Real services on this machine for a multi-node rehearsal: context managers a conftest wraps
+into fixtures, plus two probes.
 
-Context managers a conftest wraps into fixtures; each starts its component as our own child
-process in a new session and stops it by that pid's process group (never `ray stop` or a
-kill by name: other clusters may share this machine).
+    s3_server(tmp)           moto in server mode on 127.0.0.1, holding the bucket ``BUCKET``
+    ray_nodes(tmp, env)      a Ray head and a second Ray node, each with its own temp dir
+    mlflow_server(tmp, s3)   an MLflow tracking server on 127.0.0.1, artifacts in that bucket
+    s3_client(s3), s3_keys   a boto3 client for that moto; the keys in its bucket
+    train_workers(cluster)   the live Ray Train workers: actor id, node id, pid
 
-    s3_server(tmp)           moto in server mode holding one bucket
-    ray_nodes(tmp, env)      a Ray head plus a second Ray node on the same machine
-    mlflow_server(tmp, s3)   an MLflow tracking server whose artifacts live in that bucket
+Each service is our own child, the leader of a new session, and is stopped by signalling that
+process group -- never `ray stop` or a kill by name: other clusters may share this machine.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Callable, Iterator
 
 BIN = os.path.dirname(sys.executable)
 BUCKET = "ebm-rehearsal"        # moto refuses bucket names shorter than 3 characters
+_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def free_port() -> int:
@@ -35,8 +38,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _env(**extra: str) -> dict:
+    """This process's environment plus ``extra``, with this interpreter's bin dir first on PATH."""
+    return dict(os.environ, **extra, PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+
+
 def _spawn(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    """`cmd` as the leader of its own session, stdout and stderr into `log`."""
+    """`cmd` as the leader of a new session, stdout and stderr into `log`."""
     with open(log, "w") as out:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -79,35 +87,37 @@ def _get(url: str) -> bytes:
 def s3_server(tmp: Path) -> Iterator[dict]:
     """moto's S3 on 127.0.0.1 with the bucket ``BUCKET`` created; log in ``tmp/moto.log``.
 
-    Yields ``{"endpoint": "http://127.0.0.1:PORT", "bucket": BUCKET, "env": {...}}`` where env holds
-    what a client process needs: fake credentials, AWS_DEFAULT_REGION=us-east-1, AWS_ENDPOINT_URL
-    (boto3 and pyarrow.fs.S3FileSystem) and MLFLOW_S3_ENDPOINT_URL (MLflow's S3 artifact store).
+    Yields ``{"endpoint": "http://127.0.0.1:PORT", "bucket": BUCKET, "env": {...}}``; env is what a
+    client process needs: fake credentials, AWS_DEFAULT_REGION=us-east-1, AWS_ENDPOINT_URL (read
+    by boto3 and by pyarrow's S3FileSystem, hence by Ray Train's ``s3://`` storage) and
+    MLFLOW_S3_ENDPOINT_URL (MLflow's S3 artifact store).
     """
-    import boto3
-
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     log = Path(tmp) / "moto.log"
-    proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), log)
+    proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], _env(), log)
     try:
         _wait(lambda: bool(_get(f"{endpoint}/moto-api/data.json")), proc, log, "moto", 60)
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-               "MLFLOW_S3_ENDPOINT_URL": endpoint}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                     aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
-        yield {"endpoint": endpoint, "bucket": BUCKET, "env": env}
+        s3 = {"endpoint": endpoint, "bucket": BUCKET,
+              "env": {**_CREDENTIALS, "AWS_ENDPOINT_URL": endpoint, "MLFLOW_S3_ENDPOINT_URL": endpoint}}
+        s3_client(s3).create_bucket(Bucket=BUCKET)
+        yield s3
     finally:
         _stop(proc)
 
 
-def s3_keys(s3: dict, prefix: str = "") -> list[str]:
-    """Every key in the bucket of ``s3`` (as yielded by :func:`s3_server`) under ``prefix``."""
+def s3_client(s3: dict):
+    """A boto3 S3 client for the moto of ``s3`` (as yielded by :func:`s3_server`)."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=s3["endpoint"], region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix=prefix)
+    return boto3.client("s3", endpoint_url=s3["endpoint"], region_name=_CREDENTIALS["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+
+
+def s3_keys(s3: dict, prefix: str = "") -> list[str]:
+    """Every key in the bucket of ``s3`` (as yielded by :func:`s3_server`) under ``prefix``."""
+    pages = s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
@@ -121,54 +131,57 @@ def _alive_nodes(dashboard: str) -> list:
 def ray_nodes(tmp: Path, env: dict) -> Iterator[dict]:
     """A Ray head and a second Ray node on this machine, both `ray start --block` children of ours.
 
-    ``env`` is added to this process's environment for both nodes (e.g. the S3 env; processes
-    Ray starts on a node inherit it), with token auth disabled for this loopback-only cluster.
-    Each node has 2 CPUs, a 200 MB object store and its own short temp dir under /tmp (Ray's
-    AF_UNIX socket paths there must fit in 107 bytes); the head carries the custom resource
-    ``head_slot``, the other node ``worker_slot`` (1 each), so work can be pinned to either.
-    Every port is a free one (none of Ray's defaults, which another cluster may hold).
+    Both nodes run with this process's environment plus ``env`` (e.g. the S3 env: every process
+    Ray starts on a node, job entrypoints included, inherits it), plus RAY_ADDRESS (so Ray's own
+    address auto-detection inside the cluster never picks another cluster on this machine), token
+    auth disabled, and no drain on SIGTERM. Each node has 2 CPUs, a 200 MB object store and its
+    own short temp dir under /tmp (AF_UNIX socket paths in it must fit in 107 bytes), with a
+    ``tmp`` dir inside as the node's TMPDIR: files a node's processes put in tempfile's dir stay
+    on that node, as on separate machines, and go when the cluster stops. The head carries the
+    custom resource ``head_slot``, the other node ``worker_slot`` (1 each), to pin work to either.
+    Every port is a free one, none of Ray's defaults (another cluster may hold those).
 
-    Node IPs: Ray rewrites ``--node-ip-address=127.0.0.1`` to the host's primary IP, so the head
-    advertises that; the second node advertises 127.0.0.2 (loopback), so Ray -- and Ray Train's
-    node_rank/local_rank, which group workers by node IP -- sees two hosts. Ray's own servers
-    (GCS, raylets, agents) listen on all interfaces whatever the flags; the dashboard and the
-    job API listen on 127.0.0.1 only.
+    Node IPs: Ray turns ``--node-ip-address=127.0.0.1`` into the host's primary IP, which the
+    head then advertises; the second node advertises 127.0.0.2 (loopback), so Ray -- and Ray
+    Train's node_rank and local_rank, which group workers by node IP -- sees two hosts. GCS,
+    raylets and agents listen on all interfaces whatever the flags; the dashboard (with the job
+    and state APIs) listens on 127.0.0.1 only.
 
     Yields ``{"address": "127.0.0.1:GCS_PORT", "dashboard": "http://127.0.0.1:PORT",
-    "head_node_id": hex, "worker_node_id": hex, "env": the nodes' environment,
-    "temp_dirs": (head's, worker's)}`` once both nodes are ALIVE in the dashboard's state API.
-    Logs: ``tmp/head.log``, ``tmp/worker.log``, and each node's ``TEMP_DIR/session_latest/logs``.
-    Stopped worker node first; each `ray start` gets SIGTERM alone, so it drains its node while
-    the GCS is still up (SIGTERM to the head's whole group costs a 30 s drain timeout).
+    "head_node_id": hex, "worker_node_id": hex, "env": the nodes' environment (without TMPDIR),
+    "temp_dirs": (head's, worker's)}`` once both nodes are ALIVE. Logs: ``tmp/head.log``,
+    ``tmp/worker.log`` and each node's ``TEMP_DIR/session_latest/logs``. The worker node is
+    stopped first; the temp dirs are removed.
     """
-    tmp = Path(tmp)
     port, dash = free_port(), free_port()
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
-    env = dict(os.environ, **env, RAY_ADDRESS=address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    # no drain: a head that still hosts Ray Train's detached actors would wait out the 30 s default
+    env = _env(**env, RAY_ADDRESS=address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     head_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")
     worker_tmp = tempfile.mkdtemp(prefix="ebmw", dir="/tmp")
-    for d in (head_tmp, worker_tmp):
-        os.mkdir(os.path.join(d, "tmp"))
+    for temp_dir in (head_tmp, worker_tmp):
+        os.mkdir(os.path.join(temp_dir, "tmp"))
 
-    def start(*args: str) -> list[str]:
+    def start(temp_dir: str, *args: str) -> list[str]:
         return [os.path.join(BIN, "ray"), "start", "--block", "--num-cpus=2", "--object-store-memory=200000000",
-                "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}", *args]
+                "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}",
+                *args]
 
-    head = _spawn(start("--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                        f"--ray-client-server-port={free_port()}", f"--temp-dir={head_tmp}",
-                        "--resources=" + json.dumps({"head_slot": 1})), dict(env, TMPDIR=f"{head_tmp}/tmp"), tmp / "head.log")
+    head = _spawn(start(head_tmp, "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                        f"--ray-client-server-port={free_port()}", "--resources=" + json.dumps({"head_slot": 1})),
+                  dict(env, TMPDIR=os.path.join(head_tmp, "tmp")), Path(tmp) / "head.log")
     worker = None
     try:
-        _wait(lambda: bool(_get(f"{dashboard}/api/version")), head, tmp / "head.log", "ray head", 120)
-        worker = _spawn(start(f"--address={address}", "--node-ip-address=127.0.0.2", f"--temp-dir={worker_tmp}",
+        _wait(lambda: bool(_get(f"{dashboard}/api/version")), head, Path(tmp) / "head.log", "ray head", 120)
+        worker = _spawn(start(worker_tmp, f"--address={address}", "--node-ip-address=127.0.0.2",
                               "--resources=" + json.dumps({"worker_slot": 1})),
-                        dict(env, TMPDIR=f"{worker_tmp}/tmp"), tmp / "worker.log")
-        _wait(lambda: len(_alive_nodes(dashboard)) == 2, worker, tmp / "worker.log", "second ray node", 120)
-        nodes = {("head" if n.is_head_node else "worker"): n.node_id for n in _alive_nodes(dashboard)}
-        yield {"address": address, "dashboard": dashboard, "head_node_id": nodes["head"],
-               "worker_node_id": nodes["worker"], "env": env, "temp_dirs": (head_tmp, worker_tmp)}
+                        dict(env, TMPDIR=os.path.join(worker_tmp, "tmp")), Path(tmp) / "worker.log")
+        _wait(lambda: len(_alive_nodes(dashboard)) == 2, worker, Path(tmp) / "worker.log", "second ray node", 120)
+        ids = {n.is_head_node: n.node_id for n in _alive_nodes(dashboard)}
+        yield {"address": address, "dashboard": dashboard, "head_node_id": ids[True], "worker_node_id": ids[False],
+               "env": env, "temp_dirs": (head_tmp, worker_tmp)}
     finally:
         if worker is not None:
             _stop(worker)
@@ -177,25 +190,38 @@ def ray_nodes(tmp: Path, env: dict) -> Iterator[dict]:
         shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
+def train_workers(cluster: dict, node_id: str | None = None) -> list:
+    """The ALIVE Ray Train worker actors (class ``RayTrainWorker``) of ``cluster`` (as yielded by
+    :func:`ray_nodes`), on ``node_id`` if given: ``ray.util.state`` ActorState records, each
+    with ``actor_id``, ``node_id`` and ``pid`` (the process to kill to fail that worker)."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    if node_id is not None:
+        filters.append(("node_id", "=", node_id))
+    return list_actors(address=cluster["dashboard"], filters=filters, raise_on_missing_output=False)
+
+
 @contextmanager
 def mlflow_server(tmp: Path, s3: dict) -> Iterator[dict]:
     """An MLflow tracking server on 127.0.0.1: runs in ``tmp/mlflow.db`` (SQLite), artifacts
-    proxied by the server (``mlflow-artifacts:`` URIs) into ``s3://BUCKET/mlflow`` on the moto
-    of ``s3`` (as yielded by :func:`s3_server`); log in ``tmp/mlflow.log``.
+    proxied by the server (``mlflow-artifacts:`` URIs) into ``s3://BUCKET/mlflow`` on the moto of
+    ``s3`` (as yielded by :func:`s3_server`); one uvicorn worker and no job runner (MLflow 3.17
+    would start 4 workers and 7 huey consumers); log in ``tmp/mlflow.log``.
 
     Yields ``{"tracking_uri": "http://127.0.0.1:PORT", "artifacts": "s3://BUCKET/mlflow"}``.
-    Clients need only the tracking URI, no S3 credentials.
+    Clients need only the tracking URI: uploads go through the server. Downloads of artifacts do
+    not: this server hands clients presigned URLs of the S3 endpoint, unless the client sets
+    MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false.
     """
-    tmp = Path(tmp)
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     artifacts = f"s3://{s3['bucket']}/mlflow"
-    log = tmp / "mlflow.log"
+    log = Path(tmp) / "mlflow.log"
     proc = _spawn([os.path.join(BIN, "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                    "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
                    "--artifacts-destination", artifacts],
-                  dict(os.environ, **s3["env"], MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
-                       PATH=BIN + os.pathsep + os.environ.get("PATH", "")), log)
+                  _env(**s3["env"], MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), log)
     try:
         _wait(lambda: _get(f"{uri}/health") == b"OK", proc, log, "mlflow server", 180)
         yield {"tracking_uri": uri, "artifacts": artifacts}

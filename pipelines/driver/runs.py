@@ -46,6 +46,14 @@ def checkpoint_dirs(storage: str, name: str) -> list[str]:
                   and i.base_name.startswith("checkpoint_"))
 
 
+def prune(storage: str, name: str, keep: int) -> None:
+    """Keep the run's newest ``keep`` checkpoints. Ray Train prunes only the checkpoints it registered;
+    one a worker uploaded just before it was killed is never registered, and would stay forever."""
+    from pipelines import storage as fs
+    for d in checkpoint_dirs(storage, name)[:-keep]:
+        fs.delete_dir(d)
+
+
 def latest_checkpoint(storage: str, name: str) -> tuple[str, dict] | None:
     """The newest checkpoint of the run that loads (a half-written newer one is passed over), as
     (its directory — a local path, or a URI under remote storage —, its state)."""

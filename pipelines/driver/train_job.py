@@ -5,7 +5,6 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from ebm.config import Config
 from pipelines.driver import runs
@@ -102,6 +101,9 @@ def tracking_callback(uri: str, run_id: str):
     """A Ray Train callback that logs each epoch's metrics and density plot to MLflow. It runs in the
     Train controller, on the driver's node, so a ``sqlite:///`` store there is the one the driver opened
     and workers never talk to MLflow (STYLE.md §10)."""
+    import tempfile
+
+    import pyarrow.fs
     from ray.train import UserCallback
 
     from pipelines import tracking
@@ -118,8 +120,13 @@ def tracking_callback(uri: str, run_id: str):
             if checkpoint is None:
                 tracking.log_epoch(uri, run_id, row)
                 return
-            with checkpoint.as_directory() as d:
-                tracking.log_epoch(uri, run_id, row, str(Path(d) / PLOTS_DIR))
+            # only the plots are fetched (not the weights) when the checkpoint is in object storage
+            with tempfile.TemporaryDirectory(prefix="ebm-plots-") as d:
+                try:
+                    pyarrow.fs.copy_files(f"{checkpoint.path}/{PLOTS_DIR}", d, source_filesystem=checkpoint.filesystem)
+                except FileNotFoundError:       # an epoch without validation has no plot
+                    pass
+                tracking.log_epoch(uri, run_id, row, d)
 
     return EpochLogger()
 
@@ -165,6 +172,7 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
                                 resume_from=plan.checkpoint_dir, data_meta=identity.meta, placement=placement)
         t0 = time.perf_counter()
         metrics = finish_run(trainer.fit(), cfg, uri, run_id)
+        runs.prune(storage_path, name, keep)
         metrics["job_time_s"] = time.perf_counter() - t0
         status = "FINISHED"
         metrics["mlflow_run_id"] = run_id

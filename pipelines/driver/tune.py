@@ -117,6 +117,7 @@ def train_trial(config: dict, job: dict) -> None:
                                 max_failures=job["max_failures"], keep=2, data_meta=job.get("data_meta"),
                                 callbacks=[tracking_callback(uri, run_id), TuneReportCallback()])
         finish_run(trainer.fit(), cfg, uri, run_id)
+        runs.prune(job["train_storage"], name, 2)
         status = "FINISHED"
     except Exception as e:
         tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])

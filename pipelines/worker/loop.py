@@ -8,6 +8,7 @@ last report carrying ``failure`` — not an exception, since a retry would only 
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 PLOTS_DIR = "plots"
 FAILURE_KEY = "failure"
+CKPT_PREFIX = "ebm-ckpt-"       # + "<pid>-": a report's temporary checkpoint directory
 
 
 class RayRuntime:
@@ -55,7 +57,8 @@ class RayRuntime:
         if state is None:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="ebm-ckpt-") as d:   # Ray copies it to storage (sync upload)
+        # Ray copies it to storage (sync upload); removed after, or by the next worker if this one is killed
+        with tempfile.TemporaryDirectory(prefix=f"{CKPT_PREFIX}{os.getpid()}-") as d:
             checkpoint.save(d, state)
             if row.get("validated"):
                 density_plot(model, state, self.val_split, Path(d))
@@ -64,6 +67,27 @@ class RayRuntime:
     def log(self, line: str) -> None:
         if self.rank == 0:
             print(line, flush=True)
+
+
+def remove_orphaned_checkpoints() -> int:
+    """Remove the temporary checkpoint directories of workers that were killed while reporting (Ray
+    kills the surviving workers of a group it restarts): those whose process is gone. -> how many."""
+    import shutil
+    n = 0
+    for d in Path(tempfile.gettempdir()).glob(f"{CKPT_PREFIX}*-*"):
+        pid = d.name[len(CKPT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                    # alive (another run's worker on this node)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue                    # alive, another user's
+        shutil.rmtree(d, ignore_errors=True)
+        n += 1
+    return n
 
 
 def density_plot(model, state: dict, val, d: Path) -> None:
@@ -95,6 +119,7 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     from pipelines.worker.runtime import tune_malloc
 
     tune_malloc()
+    remove_orphaned_checkpoints()
     # Ray Train logs every checkpoint at INFO, which drowns the one progress line per epoch
     for name in ("ray.train", "ray.train.v2._internal.execution.storage"):
         logging.getLogger(name).setLevel(logging.WARNING)
