@@ -12,6 +12,7 @@ Locations keep the user's spelling in messages; local paths are made absolute (w
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -50,11 +51,24 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     bucket cannot be opened (unknown scheme, no credentials, unreachable endpoint)."""
     if not is_uri(location):
         return pafs.LocalFileSystem(), str(Path(location).resolve())
+    location = str(location)
+    scheme, rest = location.split("://", 1)
     try:
-        fs, path = pafs.FileSystem.from_uri(str(location))
+        if scheme in _BUCKET_SCHEMES and "?" not in rest:
+            # one filesystem per bucket: opening one may ask the store for the bucket's region
+            return _bucket_fs(f"{scheme}://{rest.split('/', 1)[0]}"), rest.rstrip("/")
+        fs, path = pafs.FileSystem.from_uri(location)
     except Exception as e:      # ArrowInvalid for an unknown scheme, OSError for credentials/endpoint
         raise StorageError(f"{location}: cannot open this location ({e})") from None
     return fs, path.rstrip("/")
+
+
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")     # URIs whose filesystem path is "bucket/key"
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_fs(bucket_uri: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(bucket_uri)[0]
 
 
 def uri_of(location: str, path: str) -> str:

@@ -19,7 +19,9 @@ manifest's split column); otherwise a seeded permutation puts round(test_frac·N
 round(val_frac·N) in val and the rest in train (val is drawn from the source's train part when it
 has one). Within a split rows keep source order. Array sources are stored as lossless PNG; image
 files are stored byte for byte. The dataset is written into a temporary directory beside ``out``
-and renamed into place only after it validates, so a failed ingest leaves no dataset behind.
+and renamed into place only after it validates, so a failed ingest leaves no dataset behind;
+``out`` may be a URI (``s3://…``), published through a validated staging prefix
+(:func:`pipelines.data.layout.write_atomic`).
 """
 from __future__ import annotations
 
