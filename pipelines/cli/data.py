@@ -48,17 +48,30 @@ def target_declarations(args: argparse.Namespace) -> dict:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    import signal
+
     from pipelines.data.ingest import describe_targets, ingest
     n = {k: v for k, v in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test)) if v}
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_term)     # SIGTERM cleans up like Ctrl-C
     try:
         meta = ingest(args.format, args.source, args.out, task=args.task, seed=args.seed,
                       shard_rows=args.shard_rows, val_frac=args.val_frac, test_frac=args.test_frac,
                       size=args.size, n=n or None, manifest=args.manifest, targets=target_declarations(args),
                       inputs=[c.strip() for c in args.inputs.split(",") if c.strip()] or None,
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      overwrite=args.overwrite, progress=not args.quiet, dedupe=args.dedupe,
+                      allow_outside=args.allow_outside)
     except (DatasetError, StorageError) as e:
         print(f"ebm data ingest: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ebm data ingest: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     counts = ", ".join(f"{s} {v['rows']}" for s, v in meta["splits"].items())
     print(f"{args.out}: task {meta['task']}, {counts}; {meta['fingerprint']}")
     print(describe_targets(meta))
@@ -116,6 +129,10 @@ def add_data_commands(subparsers) -> None:
     ing.add_argument("--n-val", type=int, default=0)
     ing.add_argument("--n-test", type=int, default=0)
     ing.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    ing.add_argument("--dedupe", action="store_true", help="image folders: keep the first of rows that repeat a "
+                     "file, an id or the same image bytes (default: refuse them; they would leak across splits)")
+    ing.add_argument("--allow-outside", action="store_true", help="folder_csv: accept manifest paths outside the "
+                     "source folder (absolute, or through '..')")
     ing.add_argument("--quiet", action="store_true", help="no progress on stderr")
     ing.set_defaults(func=_ingest)
 

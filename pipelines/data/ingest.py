@@ -28,13 +28,17 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, check_finite, check_targets, write_atomic
+from pipelines import storage
+
+from .images import ImageError, decode_image, image_channels
+from .layout import DEFAULT_SHARD_ROWS, SPLITS, DatasetError, check_finite, check_out, check_targets, write_atomic
 
 FORMATS = ("ccgan_h5", "cell200", "biwi", "folder_csv", "table", "fashion_rotation", "synthetic")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist/"
@@ -48,8 +52,14 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
            seed: int = 0, shard_rows: int = DEFAULT_SHARD_ROWS, val_frac: float = 0.1,
            test_frac: float = 0.2, size: int | None = None, n: dict | None = None,
            manifest: str | None = None, targets: dict | None = None, inputs: list[str] | None = None,
-           overwrite: bool = False, progress: bool = True) -> dict:
+           overwrite: bool = False, progress: bool = True, dedupe: bool = False,
+           allow_outside: bool = False) -> dict:
     """Ingest ``source`` (format ``fmt``) into dataset directory ``out`` -> the dataset metadata.
+
+    Image folders (folder_csv, cell200) refuse duplicates — the same file or id listed twice, or the
+    same image bytes under two names — since they would land in two splits; ``dedupe`` keeps the first
+    of each and reports how many were dropped. A manifest's paths must stay inside the source folder
+    unless ``allow_outside``.
 
     ``targets`` (folder_csv, table) declares a new task's targets: ``names`` (columns, in order),
     ``circular`` {name: period | None}, ``units`` {name: unit}, ``grid`` {name: (lo, hi, n)},
@@ -61,6 +71,9 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
                            f"folder_csv and table, not {fmt}")
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r}; formats: {', '.join(FORMATS)}")
+    if (dedupe or allow_outside) and fmt not in ("folder_csv", "cell200"):
+        raise DatasetError(f"--dedupe and --allow-outside apply to image folders (folder_csv, cell200), not {fmt}")
+    check_out(storage.absolute(out), overwrite)            # before any work: never replace anything by accident
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise DatasetError(f"split fractions val={val_frac}, test={test_frac} must be in [0, 1) and sum below 1")
     if n and fmt not in ("synthetic", "fashion_rotation"):
@@ -68,7 +81,7 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
     if n and any(int(m) < 1 for m in n.values()):
         raise DatasetError(f"split sizes must be >= 1, got {n}")
     opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest,
-                targets=dict(targets or {}), inputs=list(inputs or []))
+                targets=dict(targets or {}), inputs=list(inputs or []), dedupe=dedupe, allow_outside=allow_outside)
     if fmt == "fashion_rotation":
         source = source or FASHION_DIR
     if source is None:
@@ -210,15 +223,19 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def probe_image(data: bytes, where: str) -> tuple[str, int, int, str]:
-    """(mode, height, width, encoding) of encoded image bytes; DatasetError if not a valid image."""
+def probe_image(data: bytes, where: str) -> tuple[int, int, int, str]:
+    """(channels, height, width, encoding) of encoded image bytes from the header, under the one image
+    rule (:mod:`.images`); DatasetError if not a readable image of a mode this project reads."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            mode, (w, h), fmt = im.mode, im.size, (im.format or "").lower()
+            (w, h), fmt = im.size, (im.format or "").lower()
+            channels = image_channels(im, where)
             im.verify()
+    except ImageError as e:
+        raise DatasetError(str(e)) from None
     except Exception as e:  # Pillow raises many types for bad files
         raise DatasetError(f"{where}: not a readable image ({e})") from None
-    return mode, h, w, fmt
+    return channels, h, w, fmt
 
 
 def image_input(channels: int, h: int, w: int, encoding: str) -> dict:
@@ -291,31 +308,81 @@ def _image_files(root: Path) -> list[Path]:
 
 def _file_chunks(files: list[Path], y: np.ndarray, ids: list[str], index: dict, shape: tuple
                  ) -> Iterator[tuple[str, Chunk]]:
-    """Image files stored byte for byte after a header check against shape (mode, h, w)."""
+    """Image files stored byte for byte, each decoded once under the one image rule (the dataset's
+    (C, H, W), 8-bit grey or RGB, exactly): training and serving then read every stored image alike."""
+    first = files[0].name
     for split in SPLITS:
         idx = index[split]
         for s in range(0, len(idx), CHUNK):
             part = idx[s:s + CHUNK]
             data = []
             for i in part:
-                path = files[i]
-                b = path.read_bytes()
-                _, h, w, _ = probe_image(b, str(path))
-                if (h, w) != shape[1:]:
-                    raise DatasetError(f"{path}: image is {h}x{w}, the dataset's first image is {shape[1]}x{shape[2]}")
+                b = files[i].read_bytes()
+                try:
+                    decode_image(b, shape, str(files[i]), owner=f"the dataset (its first image, {first})")
+                except ImageError as e:
+                    raise DatasetError(str(e)) from None
                 data.append(b)
             yield split, ([ids[i] for i in part], y[part], data, {})
 
 
 def _first_image(files: list[Path]) -> tuple[int, int, int, str]:
-    mode, h, w, _ = probe_image(files[0].read_bytes(), str(files[0]))
+    bad = sorted({p.suffix for p in files if p.suffix.lower() not in IMAGE_SUFFIXES})
+    if bad:
+        example = next(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
+        raise DatasetError(f"{example}: unsupported image type {bad[0]!r} ({len(bad)} such suffixes: {bad}); "
+                           f"supported: {', '.join(IMAGE_SUFFIXES)}")
+    channels, h, w, _ = probe_image(files[0].read_bytes(), str(files[0]))
     encs = {IMAGE_SUFFIXES[p.suffix.lower()] for p in files}
-    return (3 if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1), h, w, "/".join(sorted(encs))
+    return channels, h, w, "/".join(sorted(encs))
+
+
+def _duplicates(files: list[Path], ids: list[str], where: str, dedupe: bool) -> np.ndarray:
+    """Indices of the rows to keep. Rows that repeat an earlier row's file, id or image bytes are
+    leakage (the same example in two splits): DatasetError naming the first such pair, or with
+    ``dedupe`` dropped (the first of each kept) and reported on stderr."""
+    import hashlib
+    seen: dict[tuple[str, str], int] = {}
+    dropped: dict[str, int] = {}
+    first_example = None
+    keep = []
+    for i, (path, ex_id) in enumerate(zip(files, ids)):
+        keys = (("file", os.path.normpath(str(path))), ("id", ex_id),
+                ("image bytes", hashlib.sha256(path.read_bytes()).hexdigest()))
+        hit = next(((what, seen[(what, k)]) for what, k in keys if (what, k) in seen), None)
+        if hit is None:
+            for key in keys:
+                seen[key] = i
+            keep.append(i)
+            continue
+        what, j = hit
+        dropped[what] = dropped.get(what, 0) + 1
+        first_example = first_example or f"{files[i]} (id {ex_id!r}) repeats {files[j]} (id {ids[j]!r}): same {what}"
+    n = sum(dropped.values())
+    if n and not dedupe:
+        counts = ", ".join(f"{k} {v}" for k, v in dropped.items())
+        raise DatasetError(f"{where}: {n} duplicate row(s) ({counts}), e.g. {first_example}. The same example "
+                           f"would land in two splits; remove them, or pass --dedupe to keep the first of each")
+    if n:
+        print(f"ingest: --dedupe dropped {n} duplicate row(s) (" + ", ".join(f"same {k}: {v}" for k, v in dropped.items())
+              + f"), e.g. {first_example}", file=sys.stderr)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _inside(root: Path, name: str, where: str, allow_outside: bool) -> Path:
+    """A manifest path, which must stay inside the source folder unless allow_outside."""
+    norm = os.path.normpath(name)
+    if not allow_outside and (os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep)):
+        raise DatasetError(f"{where}: {name!r} is outside the source folder {root} (absolute, or through '..'); "
+                           "pass --allow-outside if that is intended")
+    return root / name
 
 
 def _cell200(source, o):
     root = Path(source)
     files = _image_files(root)
+    keep = _duplicates(files, [p.relative_to(root).as_posix() for p in files], str(root), o["dedupe"])
+    files = [files[i] for i in keep]
     y = np.array([[cell_count(p.name)] for p in files], dtype=np.float32)
     _, h, w, enc = _first_image(files)
     split = seeded_split(len(files), o["seed"], o["val_frac"], o["test_frac"])
@@ -415,11 +482,16 @@ def _folder_csv(source, o):
         manifest = found[0]
     decl = o["targets"]
     names, y, ycols, splits, ids = _read_manifest(manifest, decl.get("names"))
-    files = [root / n for n in names]
+    files = [_inside(root, n, f"{manifest}: row {r + 2}", o["allow_outside"]) for r, n in enumerate(names)]
     missing = [p for p in files if not p.is_file()]
     if missing:
         raise DatasetError(f"{missing[0]}: image listed in {manifest.name} is missing ({len(missing)} missing)")
     channels, h, w, enc = _first_image(files)
+    keep = _duplicates(files, ids or names, str(manifest), o["dedupe"])
+    if len(keep) < len(files):
+        files, names, y = [files[i] for i in keep], [names[i] for i in keep], y[keep]
+        ids = [ids[i] for i in keep] if ids else None
+        splits = [splits[i] for i in keep] if splits else None
     inp = image_input(channels, h, w, enc)
     from ebm.tasks import TASKS
     if o["task"] in TASKS:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .layout import (SPLITS, DatasetError, Fingerprint, list_to_numpy, open_parquet, schema_for, shard_paths,
-                     validate)
+from .layout import (SPLITS, DatasetError, Fingerprint, check_targets, list_to_numpy, open_parquet, schema_for,
+                     shard_paths, validate)
 
 
 def target_stats(root: str | os.PathLike, meta: dict, split: str) -> dict:
@@ -23,8 +23,11 @@ def target_stats(root: str | os.PathLike, meta: dict, split: str) -> dict:
     lo, hi = np.full(D, np.inf), np.full(D, -np.inf)
     for path in shard_paths(root, meta, split):
         with open_parquet(path) as pf:
-            for batch in pf.iter_batches(columns=["y"]):
-                y = list_to_numpy(batch.column(0), D).astype(np.float64)
+            for batch in pf.iter_batches(columns=["id", "y"]):
+                y = list_to_numpy(batch.column(1), D)
+                check_targets(y, batch.column(0).to_pylist(), D,
+                              where=f"{path} (labels edited after ingest? `--verify` re-hashes the rows)")
+                y = y.astype(np.float64)
                 n += len(y)
                 s1 += y.sum(0)
                 s2 += (y ** 2).sum(0)
@@ -50,7 +53,16 @@ def recompute_fingerprint(root: str | os.PathLike, meta: dict) -> str:
 
 
 def summary(root: str | os.PathLike, verify: bool = False) -> dict:
-    """Validated metadata plus per-split counts and target stats (and a fingerprint check)."""
+    """Validated metadata plus per-split counts and target stats (and a fingerprint check).
+    DatasetError if the dataset is damaged, or replaced while it is read."""
+    try:
+        return _summary(root, verify)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{root}: a file vanished while it was read ({e}): the dataset was replaced or deleted "
+                           "meanwhile (another ingest --overwrite?); run inspect again") from None
+
+
+def _summary(root: str | os.PathLike, verify: bool) -> dict:
     meta = validate(root)
     from ebm.tasks import task_from_metadata
     task = task_from_metadata(meta)
@@ -62,6 +74,9 @@ def summary(root: str | os.PathLike, verify: bool = False) -> dict:
            "schema": schema_for(meta, with_metadata=False).to_string()}
     if verify:
         got = recompute_fingerprint(root, meta)
+        from .layout import read_metadata
+        if read_metadata(root) != meta:
+            raise FileNotFoundError("its metadata changed")
         if got != meta["fingerprint"]:
             raise DatasetError(f"{root}: content fingerprint {got} differs from the stored {meta['fingerprint']}")
         out["fingerprint_verified"] = True
