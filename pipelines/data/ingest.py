@@ -438,11 +438,20 @@ def _read_manifest(path: Path, names: list[str] | None = None) -> tuple[list[str
                                                                       list | None]:
     """(files, y float32 (N, D), target column names, splits or None, ids or None) from a CSV manifest;
     ``names``: the target columns in order (default: y, or y0..y{D-1}, or every other column)."""
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
+    with open(path, newline="", encoding="utf-8-sig") as fh:     # utf-8-sig: a spreadsheet's byte-order mark
+        table = list(csv.reader(fh))
+    if len(table) < 2:
         raise DatasetError(f"{path}: manifest has no rows")
-    cols = list(rows[0].keys())
+    cols = [c.strip() for c in table[0]]
+    dup = sorted({c for c in cols if cols.count(c) > 1})
+    if dup:
+        raise DatasetError(f"{path}: the header names column(s) {dup} more than once")
+    # a row with more fields than the header would lose some silently (a short one fails below, naming the value)
+    ragged = [(line, len(row)) for line, row in enumerate(table[1:], start=2) if len(row) > len(cols)]
+    if ragged:
+        raise DatasetError(f"{path}: row {ragged[0][0]} has {ragged[0][1]} fields, the header has {len(cols)} "
+                           f"({len(ragged)} such rows)")
+    rows = [dict(zip(cols, row + [None] * (len(cols) - len(row)))) for row in table[1:] if any(row)]
     file_col = next((c for c in ("file", "path", "image", "filename") if c in cols), None)
     if file_col is None:
         raise DatasetError(f"{path}: manifest needs a file column (file, path, image or filename); has {cols}")
@@ -468,6 +477,9 @@ def _read_manifest(path: Path, names: list[str] | None = None) -> tuple[list[str
     bad = sorted({s for s in splits or [] if s not in SPLITS})
     if bad:
         raise DatasetError(f"{path}: unknown split value(s) {bad}; use {SPLITS}")
+    empty = [r + 2 for r, row in enumerate(rows) if not (row[file_col] or "").strip()]
+    if empty:
+        raise DatasetError(f"{path}: row {empty[0]} has an empty {file_col} ({len(empty)} such rows)")
     return [row[file_col] for row in rows], y, ycols, splits, ([row["id"] for row in rows] if "id" in cols else None)
 
 

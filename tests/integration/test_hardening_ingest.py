@@ -4,6 +4,7 @@ dataset. Real files, real images, the real command in subprocesses where exit co
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,3 +202,22 @@ def test_inspect_verify_of_a_dataset_replaced_meanwhile_is_one_clear_error(tmp_p
     monkeypatch.setattr(insp, "recompute_fingerprint", replaced_midway)
     with pytest.raises(DatasetError, match="replaced or deleted meanwhile"):
         insp.summary(root, verify=True)
+
+
+@pytest.mark.parametrize("manifest,says", [
+    ("file,y,y\nim00.png,1,2\n", "the header names column(s) ['y'] more than once"),       # was: last y taken
+    ("file,y\nim00.png,1\nim01.png,2,7\n", "row 3 has 3 fields, the header has 2"),          # was: 7 dropped
+    ("file,y\nim00.png,1\n,2\n", "row 3 has an empty file"),
+])
+def test_malformed_manifests_are_refused_not_read_partly(tmp_path, manifest, says):
+    src = _folder(tmp_path)
+    (src / "labels.csv").write_text(manifest)
+    with pytest.raises(DatasetError, match=re.escape(says)):
+        ingest("folder_csv", src, tmp_path / "o", task="mine", progress=False)
+
+
+def test_a_spreadsheets_byte_order_mark_is_read(tmp_path):
+    src = _folder(tmp_path)
+    (src / "labels.csv").write_bytes(b"\xef\xbb\xbf" + (src / "labels.csv").read_bytes())   # was: "no file column"
+    meta = ingest("folder_csv", src, tmp_path / "o", task="mine", progress=False)
+    assert sum(v["rows"] for v in meta["splits"].values()) == 12
