@@ -47,8 +47,8 @@ def install(faults: dict) -> None:
     import pipelines.worker.data as wd
     original = getattr(wd.for_rank, "original", wd.for_rank)
 
-    def for_rank(cfg, rank=0, world=1, dataset_shard=None):
-        data = original(cfg, rank, world, dataset_shard)
+    def for_rank(cfg, rank=0, world=1, dataset_shard=None, expected=None):
+        data = original(cfg, rank, world, dataset_shard, expected)
         inner = data.train_epoch
         data.train_epoch = lambda epoch, seed: _tampered(inner(epoch, seed), faults, rank, epoch)
         return data

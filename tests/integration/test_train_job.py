@@ -156,10 +156,24 @@ def test_failed_run_is_marked_and_resumes_past_a_half_written_checkpoint(ray_loc
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
 
 
-def _checkpoint_files_outside(roots_allowed: list[str], since: float) -> list[str]:
-    """checkpoint.pt files (and ebm-ckpt-* temporaries) written since ``since`` anywhere under the
-    temp dir, the Ray session dirs and ~/ray_results, except under ``roots_allowed``."""
+def _checkpoint_files_outside(roots_allowed: list[str], since: float, data_dir: str) -> list[str]:
+    """This run's checkpoints (checkpoint.pt of a run on ``data_dir``, or an ebm-ckpt-* temporary
+    holding one) written since ``since`` anywhere under the temp dir and ~/ray_results, except under
+    ``roots_allowed``. (Other processes on the machine may write checkpoints of their own meanwhile.)"""
     import tempfile
+
+    from ebm import checkpoint
+
+    def ours(path: str) -> bool:
+        files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+                                                        if f == "checkpoint.pt"]
+        for f in files:
+            try:
+                if checkpoint.load(f)["config"]["task"]["data_dir"] == data_dir:
+                    return True
+            except Exception:        # half-written, or not a checkpoint of this project
+                continue
+        return os.path.isdir(path) and not files       # an empty temporary checkpoint directory
     found = []
     for top in {tempfile.gettempdir(), "/tmp", os.path.expanduser("~/ray_results")}:
         for dirpath, dirnames, filenames in os.walk(top):
@@ -172,7 +186,7 @@ def _checkpoint_files_outside(roots_allowed: list[str], since: float) -> list[st
                     recent = os.lstat(p).st_mtime >= since
                 except OSError:
                     continue
-                if recent and (n == "checkpoint.pt" or n.startswith("ebm-ckpt-")):
+                if recent and (n == "checkpoint.pt" or n.startswith("ebm-ckpt-")) and ours(p):
                     found.append(p)
     return found
 
@@ -194,7 +208,7 @@ def test_a_ten_epoch_image_run_leaves_no_checkpoint_copy_outside_its_storage(ray
     artifacts = run.info.artifact_uri.removeprefix("file://")
     stored = sorted((tmp_path / "runs" / "img10").glob("checkpoint_*/checkpoint.pt"))
     assert len(stored) == 2                                     # num_to_keep
-    assert _checkpoint_files_outside([str(tmp_path / "runs"), artifacts], t0) == []
+    assert _checkpoint_files_outside([str(tmp_path / "runs"), artifacts], t0, str(tmp_path / "star16")) == []
 
 
 def test_replacing_the_dataset_during_a_run_fails_it_naming_the_change(ray_local, tmp_path):
