@@ -221,3 +221,22 @@ def test_a_spreadsheets_byte_order_mark_is_read(tmp_path):
     (src / "labels.csv").write_bytes(b"\xef\xbb\xbf" + (src / "labels.csv").read_bytes())   # was: "no file column"
     meta = ingest("folder_csv", src, tmp_path / "o", task="mine", progress=False)
     assert sum(v["rows"] for v in meta["splits"].values()) == 12
+
+
+def test_verify_data_rehashes_the_rows_and_the_run_is_tagged_with_what_was_verified(tmp_path):
+    from mlflow.tracking import MlflowClient
+    root = tmp_path / "toy"
+    ingest("synthetic", "toy1", root, n={"train": 128, "val": 32, "test": 32}, progress=False)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    train = ["train", "debug", "--local", "--set", f"task.data_dir={root}", "--set", "optim.epochs=1",
+             "--tracking-uri", uri, "--storage", str(tmp_path / "runs")]
+    _ebm([*train, "--name", "plain"], 0)
+    _ebm([*train, "--name", "verified", "--verify-data"], 0)
+    c = MlflowClient(uri)
+    tags = {r.info.run_name: r.data.tags for r in c.search_runs([c.get_experiment_by_name("ebm").experiment_id])}
+    assert tags["plain"]["ebm.data_verified"] == "footers" and tags["verified"]["ebm.data_verified"] == "content"
+    assert tags["plain"]["data_fingerprint"] == tags["verified"]["data_fingerprint"]
+    _rewrite_shard_y(root / "train" / "part-00000.parquet", lambda v: v + 0.5)   # labels edited after ingest
+    r = _ebm([*train, "--name", "edited", "--verify-data"], 2)
+    assert "its shards were edited after ingest" in r.stderr
+    assert "edited" not in {r.info.run_name for r in c.search_runs([c.get_experiment_by_name("ebm").experiment_id])}
