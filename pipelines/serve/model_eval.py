@@ -146,6 +146,9 @@ def evaluate_dataset(p: Predictor, root: str | Path, split: str = "test", out_di
                      M_samples: int | None = None, seed: int = 0) -> dict:
     """Test NLL (grid and IS), MAE, CRPS, coverage of the model on a dataset split; with ``out_dir``
     writes metrics.json and calibration.png there."""
+    from pipelines.serve.serving import check_M
+    if M_samples is not None:           # the serving bound on M (an integer in [1, EBM_SERVE_MAX_M]) holds here too
+        check_M(p, M_samples)
     data = read_split(root, split, p)
     cfg = p.cfg if M_samples is None else p.cfg.with_overrides([f"sampler.M_eval={int(M_samples)}"])
     g = torch.Generator().manual_seed(seed)

@@ -43,9 +43,14 @@ class BadInput(serving.InputError, mlflow.exceptions.MlflowException):
 
 
 class EBMPyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: DataFrame in (``image`` bytes or ``x``; optional ``y``), DataFrame out."""
+    """pyfunc wrapper: DataFrame in (``image`` bytes or ``x``; optional ``y``), DataFrame out.
+
+    Limits (:class:`pipelines.serve.serving.Limits`) are read from the ``EBM_SERVE_*`` environment
+    variables when the model is loaded; a request over them is refused before any decoding or sampling.
+    """
 
     def load_context(self, context):
+        self.limits = serving.Limits.from_env()         # a malformed EBM_SERVE_* fails the load, naming it
         self.predictor = serving.load_file(context.artifacts["model"])
         torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
 
@@ -57,18 +62,34 @@ class EBMPyfunc(mlflow.pyfunc.PythonModel):
 
     def _predict(self, model_input, params: dict):
         p = self.predictor
+        lim = getattr(self, "limits", None) or serving.Limits.from_env()
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         col = p.input_column
         if col not in df.columns:
             what = "encoded PNG/JPEG bytes" if p.is_image else f"x values ({p.task.x_shape[0]} per row)"
             raise serving.InputError(f"the input needs a column {col!r} of {what}; got columns {list(df.columns)}")
-        x = serving.inputs_tensor(p, list(df[col]))
-        y = list(df["y"]) if "y" in df.columns and not df["y"].isna().any() else None
-        out = serving.predict_rows(p, x, y, M=params.get("M"), quantiles=params.get("quantiles") or serving.DEFAULT_LEVELS,
+        # every bound is checked before any image is decoded or any sample drawn
+        n = len(df)
+        if n > lim.max_rows:
+            raise serving.InputError(f"{n} rows in one request, over the serving limit of {lim.max_rows} "
+                                     f"({serving.Limits.ENV['max_rows']}): send them in smaller requests")
+        prm = serving.check_params(p, M=params.get("M"), quantiles=params.get("quantiles"),
                                    interval_level=params.get("interval_level"), refine_steps=params.get("refine_steps"),
-                                   return_samples=bool(params.get("return_samples", False)),
-                                   seed=int(params.get("seed", 0)))
-        return pd.DataFrame(out)
+                                   return_samples=params.get("return_samples", False), seed=params.get("seed", 0),
+                                   limits=lim)
+        y = list(df["y"]) if "y" in df.columns else None      # per row: a null y gives a null log_p
+        passes = 2 if y is not None and not all(serving.is_missing(v) for v in y) else 1   # log_p: M more each
+        if n * prm.M * passes > lim.max_samples:
+            raise serving.InputError(f"{n} rows x M = {prm.M}{' x 2 (log_p)' if passes == 2 else ''} is "
+                                     f"{n * prm.M * passes} proposal samples in one request, over the serving limit "
+                                     f"of {lim.max_samples} ({serving.Limits.ENV['max_samples']}): lower M or send "
+                                     f"fewer rows per request")
+        x = serving.inputs_tensor(p, list(df[col]))
+        out = serving.predict_rows(p, x, y, **prm.as_kwargs(), limits=lim)
+        frame = pd.DataFrame(out)
+        if "log_p" in out and any(v is None for v in out["log_p"]):
+            frame["log_p"] = pd.Series(out["log_p"], dtype=object)   # None, so JSON carries null (not NaN)
+        return frame
 
 
 def input_example(p: serving.Predictor) -> pd.DataFrame:
@@ -114,14 +135,27 @@ def _code_copy(dst: Path) -> list[str]:
     return out
 
 
-def _requirements() -> list[str]:
+def _requirements(image: bool = True) -> list[str]:
+    """The registered model's pip requirements, each resolvable from the public package index: the
+    installed version's public part, so a local label is dropped (``torch 2.13.0+cpu`` ->
+    ``torch==2.13.0``, which PEP 440 lets the CPU build from the PyTorch index and PyPI's CUDA build
+    both satisfy, so a GPU host gets a GPU torch); a pre- or dev release (not on the public index) as a
+    lower bound. Pillow only for image models (vector models never decode an image)."""
     from importlib import metadata
+
+    from packaging.version import InvalidVersion, Version
     reqs = []
     for pkg in ("torch", "numpy", "pandas", "pillow", "mlflow"):
+        if pkg == "pillow" and not image:
+            continue
         try:
-            reqs.append(f"{pkg}=={metadata.version(pkg)}")
+            v = Version(metadata.version(pkg))
         except metadata.PackageNotFoundError:
-            pass
+            continue
+        except InvalidVersion:          # not PEP 440: leave the pin to the environment
+            reqs.append(pkg)
+            continue
+        reqs.append(f"{pkg}>={v.public}" if v.is_prerelease or v.is_devrelease else f"{pkg}=={v.public}")
     return reqs
 
 
@@ -200,7 +234,7 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=EBMPyfunc(), artifacts={"model": str(model_path), "config": str(cfg_path)},
                 code_paths=_code_copy(Path(d) / "code"), signature=signature(p, example), input_example=example,
-                pip_requirements=_requirements(), registered_model_name=name,
+                pip_requirements=_requirements(p.is_image), registered_model_name=name,
                 metadata={"task": p.task.name, "x_shape": list(p.task.x_shape), "target_names": list(p.task.target_names),
                           "source_run_id": run_id})
     version = str(info.registered_model_version)
