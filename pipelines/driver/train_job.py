@@ -22,6 +22,12 @@ def ray_init(address: str | None, num_cpus: int | None = None, resources: dict |
     if address:
         ray.init(address=address, log_to_driver=True)
         return False
+    # Ray 2.60 turns _node_ip_address="127.0.0.1" into the host's IP (services.resolve_ip_for_localhost)
+    # and then binds GCS, raylets, workers and agents on all interfaces; with ENABLE_RAY_CLUSTER off it
+    # keeps 127.0.0.1 and every server binds 127.0.0.1 (a single-node Ray: no other node can join it).
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"     # the processes ray.init starts
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False                  # this process: ray is already imported
     ray.init(num_cpus=num_cpus or os.cpu_count(), resources=resources, _node_ip_address="127.0.0.1",
              _temp_dir=os.environ.get("EBM_RAY_TMPDIR") or None, object_store_memory=256 * 1024 * 1024,
              log_to_driver=True, configure_logging=True, logging_level="WARNING", **state_api_pinned())

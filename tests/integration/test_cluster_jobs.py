@@ -25,17 +25,22 @@ def _free_port():
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head --block` as our own child, stopped by its pid (never `ray stop`, which would
-    end every Ray on the machine). Token auth is disabled for this loopback-only test head."""
+    end every Ray on the machine). Token auth is disabled for this loopback-only test head:
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from replacing 127.0.0.1 with the host's IP, so
+    every one of its servers binds 127.0.0.1 (test_hardening_submit.py checks the sockets). The
+    agent and Ray Client ports are free ones: another Ray on the machine may hold the defaults
+    (52365, 10001), and a head whose agent cannot bind refuses every job ("No available agent")."""
     tmp = tmp_path_factory.mktemp("rayhead")
     # short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes
     ray_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")
     port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
     log = open(tmp / "head.log", "w")
     proc = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
          "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats",
          f"--temp-dir={ray_tmp}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
