@@ -19,9 +19,17 @@ def ray_init(address: str | None, num_cpus: int | None = None, resources: dict |
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    # Ray's and Ray Train's INFO lines (resource requests, worker-group start, every report) are for
+    # debugging Ray; the console keeps WARNING and above unless EBM_LOG_LEVEL says otherwise (-v)
+    logging_config = ray.LoggingConfig(encoding="TEXT", log_level=log_level())
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return False
+    # A local, single-node Ray is never drained or preempted: no preemption watcher (its actor logs an
+    # error line at every start). Token auth stays on as Ray 2.60 sets it up, without its warning.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    import logging
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray 2.60 turns _node_ip_address="127.0.0.1" into the host's IP (services.resolve_ip_for_localhost)
     # and then binds GCS, raylets, workers and agents on all interfaces; with ENABLE_RAY_CLUSTER off it
     # keeps 127.0.0.1 and every server binds 127.0.0.1 (a single-node Ray: no other node can join it).
@@ -30,8 +38,14 @@ def ray_init(address: str | None, num_cpus: int | None = None, resources: dict |
     ray_constants.ENABLE_RAY_CLUSTER = False                  # this process: ray is already imported
     ray.init(num_cpus=num_cpus or os.cpu_count(), resources=resources, _node_ip_address="127.0.0.1",
              _temp_dir=os.environ.get("EBM_RAY_TMPDIR") or None, object_store_memory=256 * 1024 * 1024,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING", **state_api_pinned())
+             log_to_driver=True, configure_logging=True, logging_level=log_level(), logging_config=logging_config,
+             **state_api_pinned())
     return True
+
+
+def log_level() -> str:
+    """The console's level for Ray's own logs: ``$EBM_LOG_LEVEL``, else WARNING."""
+    return os.environ.get("EBM_LOG_LEVEL", "WARNING").upper()
 
 
 def state_api_pinned() -> dict:
@@ -63,7 +77,7 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
     each ``ebm tune`` trial build it here). ``data_meta``: the dataset metadata the driver fixed, which
     every worker checks what it reads against; ``placement``: Ray's placement strategy for the workers
     (``STRICT_SPREAD``: one worker per node)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.worker import loop
@@ -75,7 +89,7 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
         loop.worker_loop,
         train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "ray_data": datasets is not None,
                            "max_nonfinite_in_row": max_nonfinite_in_row, "resume_from": resume_from,
-                           "data_meta": data_meta},
+                           "data_meta": data_meta, "log_level": log_level()},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus},
                                      placement_strategy=placement),
@@ -83,6 +97,7 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
                              # without Train's print patch each progress line reaches the driver once
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
                              failure_config=FailureConfig(max_failures=max_failures),
+                             logging_config=LoggingConfig(log_level=log_level()),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep)))
 
 

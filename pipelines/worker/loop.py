@@ -120,9 +120,12 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
 
     tune_malloc()
     remove_orphaned_checkpoints()
-    # Ray Train logs every checkpoint at INFO, which drowns the one progress line per epoch
-    for name in ("ray.train", "ray.train.v2._internal.execution.storage"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Train logs every report at INFO, which drowns the one progress line per epoch; its report
+    # logger is named by its file's path, so Train's own log-level filter (ray.train.*) misses it
+    from ray.train.v2._internal.execution import context as train_context
+    level = getattr(logging, str(config.get("log_level") or "WARNING").upper(), logging.WARNING)
+    for name in ("ray.train", "ray.train.v2._internal.execution.storage", train_context.__file__):
+        logging.getLogger(name).setLevel(level)
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     cfg = Config.from_flat(config["cfg"])
