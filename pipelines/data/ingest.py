@@ -254,7 +254,10 @@ def _array_chunks(index: dict, images: Callable, labels: np.ndarray, make_id: Ca
 
 
 def _ccgan_h5(source, o):
-    import h5py
+    try:
+        import h5py
+    except ImportError:
+        raise DatasetError("the ccgan_h5 format needs h5py: pip install 'ebm-proposals[h5]'") from None
     name = o["task"] or ("steering" if "steering" in Path(source).name.lower()
                          else "age" if "utkface" in Path(source).name.lower() else None)
     if name is None:
