@@ -7,6 +7,7 @@ protocol (METHOD.md §2): Adam 1e-3, 75 epochs, batch 32, M = 1024, K = 4.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,12 +17,18 @@ from typing import Any, get_type_hints
 def read_toml(path: str | Path, what: str = "file") -> dict:
     """A TOML file as a dict; a missing file or bad TOML is a ConfigError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a TOML file")
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror or e}") from None
 
 
 class ConfigError(ValueError):
@@ -35,6 +42,22 @@ FEATURE_NETS = ("toy_mlp", "resnet18", "resnet_slim")
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
     if not cond:
         raise ConfigError(f"{key} {msg}, got {value!r}")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_finite(section: Any, name: str) -> None:
+    """Every float field of ``section`` is a finite number: ``inf`` passes bounds such as ``lr > 0`` and
+    diverges a run at its first step, and ``nan`` deserves a clearer message than "must be > 0"."""
+    for f in fields(section):
+        v = getattr(section, f.name)
+        if f.type in ("float", float):
+            _check(_finite(v), f"{name}.{f.name}", "must be a finite number", v)
+        elif f.type in ("list[float]", list[float]):
+            _check(isinstance(v, (list, tuple)) and all(_finite(x) for x in v), f"{name}.{f.name}",
+                   "must be a list of finite numbers", v)
 
 
 @dataclass
@@ -101,6 +124,7 @@ class ProposalConfig:
     log_sigma2_max: float = 18.0
 
     def __post_init__(self):
+        _check_finite(self, "proposal")
         _check(isinstance(self.K, int) and self.K >= 1, "proposal.K", "must be an integer >= 1", self.K)
         _check(isinstance(self.hidden, int) and self.hidden >= 0, "proposal.hidden", "must be >= 0", self.hidden)
         _check(self.log_sigma2_min < self.log_sigma2_max, "proposal.log_sigma2_min",
@@ -116,6 +140,7 @@ class MethodConfig:
     fixed_sigmas: list[float] = field(default_factory=list)   # [] = the task's (METHOD.md §3)
 
     def __post_init__(self):
+        _check_finite(self, "method")
         _check(self.name in METHODS, "method.name", f"must be one of {METHODS}", self.name)
         _check(self.kl_weight >= 0, "method.kl_weight", "must be >= 0", self.kl_weight)
         _check(0 <= self.teacher_nll_weight <= 1, "method.teacher_nll_weight", "must be in [0, 1]",
@@ -148,7 +173,8 @@ class OptimConfig:
     grad_clip: float = 0.0          # 0 = off (the paper uses none)
 
     def __post_init__(self):
-        _check(isinstance(self.lr, (int, float)) and self.lr > 0, "optim.lr", "must be > 0", self.lr)
+        _check_finite(self, "optim")
+        _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "optim.batch_size", "must be >= 1",
                self.batch_size)
@@ -176,6 +202,7 @@ class EvalConfig:
     interval_level: float = 0.9
 
     def __post_init__(self):
+        _check_finite(self, "eval")
         _check(self.select in ("last", "best_val"), "eval.select", "must be 'last' or 'best_val'", self.select)
         _check(isinstance(self.every, int) and self.every >= 1, "eval.every", "must be >= 1", self.every)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "eval.batch_size", "must be >= 1",
@@ -291,7 +318,10 @@ def _apply_overrides(flat: dict[str, Any], overrides: list[str]) -> dict[str, An
         key, raw = item.split("=", 1)
         key = key.strip()
         if key not in flat:
-            raise ConfigError(f"override names unknown key {key!r}; known: {sorted(flat)}")
+            import difflib
+            close = difflib.get_close_matches(key, list(flat), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"override names unknown key {key!r}{hint}; known: {sorted(flat)}")
         try:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
@@ -311,10 +341,14 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 return value.lower() == "true"
             return bool(value)
         if t is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            # an integral float is taken (TOML's 1e3), one beyond 2**53 is not an exact integer
+            exact = not isinstance(value, float) or (value.is_integer() and abs(value) <= 2**53)
+            if isinstance(value, bool) or not exact:
                 raise ValueError(value)
             return int(value)
         if t is float:
+            if isinstance(value, bool):         # float(True) would be 1.0
+                raise ValueError(value)
             return float(value)
         if t is list:
             if isinstance(value, str):
@@ -326,7 +360,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
-    except (ValueError, TypeError, tomllib.TOMLDecodeError):
+    except (ValueError, TypeError, OverflowError, tomllib.TOMLDecodeError):
         raise ConfigError(f"{key} must be of type {getattr(t, '__name__', t)}, got {value!r}") from None
     return value
 

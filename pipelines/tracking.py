@@ -33,8 +33,11 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast: an HTTP server must answer /health; a SQLite file's directory must be writable."""
+def check_reachable(uri: str, timeout: float = 5.0, write: bool = True) -> None:
+    """Fail fast: an HTTP server must answer /health. A SQLite store must be a database file, or a
+    file SQLite may create; with ``write`` (a command that logs or registers) both the file and its
+    directory must be writable (SQLite writes a journal beside the file); without it (a command that
+    only reads) the file must already exist, so that reading never creates a store as a side effect."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
@@ -43,14 +46,57 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         except (urllib.error.URLError, OSError) as e:
             raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it, or unset "
                                 f"MLFLOW_TRACKING_URI to use the local {DEFAULT_URI}") from e
-    elif (d := _sqlite_dir(uri)) is not None:
-        if not d.is_dir() or not os.access(d, os.W_OK):
-            raise TrackingError(f"MLflow store {uri}: directory {d} does not exist or is not writable")
+    elif (f := sqlite_file(uri)) is not None:
+        d = f.parent
+        if f.is_dir():
+            raise TrackingError(f"MLflow store {uri}: {f} is a directory, not a SQLite file")
+        if f.exists():
+            if not _is_sqlite(f):
+                raise TrackingError(f"MLflow store {uri}: {f} is not a SQLite database")
+            if not os.access(f, os.R_OK):
+                raise TrackingError(f"MLflow store {uri}: {f} is not readable")
+        elif not write:
+            raise TrackingError(f"no MLflow store at {f} (nothing was tracked there; give --tracking-uri or set "
+                                f"MLFLOW_TRACKING_URI)")
+        if write:
+            if f.exists() and not os.access(f, os.W_OK):
+                raise TrackingError(f"MLflow store {uri}: {f} is read-only; make it writable or give another "
+                                    f"--tracking-uri")
+            if not d.is_dir() or not os.access(d, os.W_OK):
+                raise TrackingError(f"MLflow store {uri}: directory {d} does not exist or is not writable")
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` store (absolute); None for any other kind of URI."""
+    return Path(uri[len("sqlite:///"):]).resolve() if uri.startswith("sqlite:///") else None
+
+
+def _is_sqlite(f: Path) -> bool:
+    """An empty file (SQLite makes it a database) or one with SQLite's header."""
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return True         # unreadable: reported as such by the caller
+    return head in (b"", b"SQLite format 3\x00")
+
+
+def filter_value(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter. MLflow's parser strips the quotes and
+    never unescapes, so a value is quoted with the quote character it does not contain; one with both
+    cannot be written (TrackingError)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r} contains both ' and \": MLflow cannot search for it; use another name")
 
 
 def _sqlite_dir(uri: str) -> Path | None:
     """The directory of a SQLite store's file; None for any other kind of URI."""
-    return Path(uri[len("sqlite:///"):]).resolve().parent if uri.startswith("sqlite:///") else None
+    f = sqlite_file(uri)
+    return f.parent if f is not None else None
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -104,7 +150,7 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict, tags: dict
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(
             experiment, artifact_location=_artifact_location(uri))
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_value(run_name)}",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found and reopen:
         run_id = found[0].info.run_id
@@ -130,7 +176,9 @@ def latest_run(uri: str, run_name: str, status: str | None = None):
     from mlflow.entities import ViewType
     client = open_client(uri)
     exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
-    where = f"tags.`{RUN_NAME_TAG}` = '{run_name}'" + (f" and attributes.status = '{status}'" if status else "")
+    where = f"tags.`{RUN_NAME_TAG}` = {filter_value(run_name)}"
+    if status:
+        where += f" and attributes.status = '{status}'"
     found = client.search_runs(exps, filter_string=where, order_by=["attributes.start_time DESC"],
                                max_results=1) if exps else []
     return found[0] if found else None

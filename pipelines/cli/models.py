@@ -3,10 +3,25 @@ from __future__ import annotations
 
 import sys
 
+OUT_SUFFIXES = (".csv", ".parquet", ".json")
 
-def _uri(args) -> str:
+
+def _registry():
+    """:mod:`pipelines.serve.registry`, imported without the UserWarnings MLflow emits on defining a
+    PythonModel (about the type hints of its ``predict``): not the user's concern, and they would come
+    before the one line of an error."""
+    import warnings
+    with warnings.catch_warnings(record=True):      # recorded and dropped: MLflow resets the filters itself
+        from pipelines.serve import registry
+    return registry
+
+
+def _uri(args, write: bool) -> str:
+    """The tracking (and registry) URI, checked: a command that only reads needs an existing store and
+    never creates one (resolving the default ``sqlite:///mlruns.db`` would)."""
     from pipelines import tracking
     uri = tracking.resolve_uri(args.tracking_uri or None)
+    tracking.check_reachable(uri, write=write)
     import mlflow
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -14,43 +29,75 @@ def _uri(args) -> str:
 
 
 def _register(args) -> int:
+    import mlflow.exceptions
+
     from pipelines import tracking
-    from pipelines.serve import registry
+    from pipelines.cli import EXIT_USAGE, one_line
+    registry = _registry()
     try:
-        uri = _uri(args)
-        tracking.check_reachable(uri)
+        uri = _uri(args, write=False)                # an existing store: registering never creates one
+        tracking.check_reachable(uri, write=True)
         run_id = args.run or (registry.run_by_name(uri, args.run_name) if args.run_name else None)
         out = registry.register(uri, args.name, run_id=run_id, best_of=args.best_of or None, alias=args.alias or None)
-    except (registry.RegistryError, tracking.TrackingError) as e:
-        print(f"ebm register: {e}", file=sys.stderr)
-        return 2
+    except (registry.RegistryError, tracking.TrackingError, mlflow.exceptions.MlflowException) as e:
+        print(f"ebm register: {one_line(e)}", file=sys.stderr)      # MlflowException: an unknown run id
+        return EXIT_USAGE
     print(f"registered {out['name']} version {out['version']} from run {out['run_id']}: {out['model_uri']}")
     return 0
 
 
-def _load(uri_model: str):
-    from pipelines.serve.registry import load_predictor
+def _load(args):
+    """The model behind ``args.model_uri``; an unknown model (or store) is a UsageError. Only a
+    ``models:/`` or ``runs:/`` URI needs the tracking store."""
+    from pipelines import tracking
+    from pipelines.cli import UsageError, one_line
+    load_predictor = _registry().load_predictor
+    model = args.model_uri
     try:
-        return load_predictor(uri_model)
+        if model.startswith(("models:/", "runs:/")):
+            _uri(args, write=False)
+        return load_predictor(model)
+    except tracking.TrackingError as e:
+        raise UsageError(f"cannot load model {model!r}: {e}") from None
     except Exception as e:      # MlflowException (unknown name/alias), OSError (missing path)
-        raise SystemExit(f"ebm: cannot load model {uri_model!r}: {e}") from None
+        raise UsageError(f"cannot load model {model!r}: {one_line(e)}") from None
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+def _floats(text: str, flag: str) -> list[float]:
+    from pipelines.cli import UsageError
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def _check_input(path: str, flag: str) -> None:
+    """A local input must exist (checked before the model loads); a URI is left to the reader."""
+    from pathlib import Path
+
+    from pipelines.cli import UsageError
+    if "://" not in path and not Path(path).exists():
+        raise UsageError(f"{flag} {path}: no such file or directory")
 
 
 def _predict(args) -> int:
+    from pipelines.cli import UsageError, check_file_target
     from pipelines.serve import model_eval, serving
-    _uri(args)
-    p = _load(args.model_uri)
+    # everything that can be checked without the model is checked before it loads and predicts
+    if args.out != "-":
+        check_file_target(args.out, "--out", OUT_SUFFIXES)
+    if args.limit < 0:
+        raise UsageError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    quantiles = _floats(args.quantiles, "--quantiles")
+    _check_input(args.input, "--input")
+    p = _load(args)
     try:
         ids, values, y = model_eval.read_inputs(args.input, p, args.split)
         if args.limit:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
         x = serving.inputs_tensor(p, values, ids)
         out = serving.predict_rows(p, x, y if args.log_density else None, M=args.M or None,
-                                   quantiles=_floats(args.quantiles), interval_level=args.level,
+                                   quantiles=quantiles, interval_level=args.level,
                                    refine_steps=args.refine_steps, return_samples=args.samples, seed=args.seed)
         if args.out == "-":
             import json
@@ -65,10 +112,14 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from pipelines.serve import model_eval, serving
+    from pipelines.cli import UsageError, check_dir_target
     from pipelines.data import DatasetError
-    _uri(args)
-    p = _load(args.model_uri)
+    from pipelines.serve import model_eval, serving
+    check_dir_target(args.out, "--out")
+    if args.M < 0:
+        raise UsageError(f"--M must be >= 0 (0 = the model's sampler.M_eval), got {args.M}")
+    _check_input(args.data, "--data")
+    p = _load(args)
     try:
         m = model_eval.evaluate_dataset(p, args.data, args.split, args.out or None, args.M or None, args.seed)
     except (serving.InputError, DatasetError) as e:
@@ -88,7 +139,9 @@ def add_model_commands(subparsers) -> None:
         ap.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or "
                         "sqlite:///mlruns.db); also the registry")
 
-    rg = subparsers.add_parser("register", help="register a run's model (or a sweep's best) as an MLflow pyfunc")
+    from pipelines.cli import EPILOG
+    rg = subparsers.add_parser("register", help="register a run's model (or a sweep's best) as an MLflow pyfunc",
+                               epilog=EPILOG)
     src = rg.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default="", metavar="RUN_ID", help="a finished training run")
     src.add_argument("--run-name", default="", metavar="NAME", help="the latest finished run of that name (ebm train --name)")
@@ -98,7 +151,8 @@ def add_model_commands(subparsers) -> None:
     common(rg)
     rg.set_defaults(func=_register)
 
-    pr = subparsers.add_parser("predict", help="predictive distributions for an image folder or Parquet inputs")
+    pr = subparsers.add_parser("predict", help="predictive distributions for an image folder or Parquet inputs",
+                               epilog=EPILOG)
     pr.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a path")
     pr.add_argument("--input", required=True, help="image folder, Parquet file, or dataset directory")
     pr.add_argument("--split", default="test", help="with a dataset directory: the split to read")
@@ -114,7 +168,8 @@ def add_model_commands(subparsers) -> None:
     common(pr)
     pr.set_defaults(func=_predict)
 
-    ev = subparsers.add_parser("evaluate", help="test NLL, MAE, CRPS, coverage and a calibration plot on a dataset")
+    ev = subparsers.add_parser("evaluate", help="test NLL, MAE, CRPS, coverage and a calibration plot on a dataset",
+                               epilog=EPILOG)
     ev.add_argument("model_uri")
     ev.add_argument("--data", required=True, help="dataset directory (ebm data ingest)")
     ev.add_argument("--split", default="test")

@@ -11,13 +11,23 @@ from pipelines.driver.results import collect, download_figures, render, select
 
 def _results(args: argparse.Namespace) -> int:
     from pipelines import tracking
+    from pipelines.cli import EXIT_USAGE, UsageError, check_dir_target, check_file_target
+    if args.out != "-":
+        check_file_target(args.out, "--out")
+    check_dir_target(args.figures, "--figures")
     uri = tracking.resolve_uri(args.tracking_uri or None)
     try:
-        tracking.check_reachable(uri)
+        tracking.check_reachable(uri, write=False)       # reading never creates a store
     except tracking.TrackingError as e:
-        print(f"ebm: {e}", file=sys.stderr)
-        return 2
+        print(f"ebm results: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if tracking.open_client(uri).get_experiment_by_name(args.experiment) is None:
+        raise UsageError(f"no experiment {args.experiment!r} in {uri}")
     groups = select(collect(uri, args.experiment), args.groups)
+    if not any(g.runs for g in groups):
+        which = f" in groups matching {' or '.join(args.groups)}" if args.groups else ""
+        raise UsageError(f"experiment {args.experiment!r} has no finished runs tagged ebm.group{which} "
+                         f"(ebm train --local tags them); nothing written")
     import shlex
     command = shlex.join(["ebm", "results", args.experiment, *[a for p in args.groups for a in ("--groups", p)]])
     text = render(groups, args.experiment, uri, command)
@@ -34,7 +44,9 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def add_results_command(sub) -> None:
-    rs = sub.add_parser("results", help="markdown tables of an MLflow experiment's runs, grouped by ebm.group")
+    from pipelines.cli import EPILOG
+    rs = sub.add_parser("results", help="markdown tables of an MLflow experiment's runs, grouped by ebm.group",
+                        epilog=EPILOG)
     rs.add_argument("experiment", help="MLflow experiment name")
     rs.add_argument("--out", required=True, help="markdown file to write ('-' for stdout)")
     rs.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")

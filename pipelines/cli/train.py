@@ -10,15 +10,17 @@ def _train(args: argparse.Namespace) -> int:
     from ebm.config import Config, ConfigError
     from ebm.loop import TrainingFailed
     from pipelines import tracking
+    from pipelines.cli import EXIT_FAILED, EXIT_USAGE, UsageError, one_line
     from pipelines.configs import resolve_config
     from pipelines.data import DatasetError
+    from pipelines.data.layout import DatasetChanged
     from pipelines.storage import StorageError
     try:       # the whole config (and the dataset, below) is checked before Ray or MLflow is touched
         cfg = Config.from_toml(resolve_config(args.config), args.set)
         _check_flags(args)
-    except ConfigError as e:
-        print(f"ebm: invalid config: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, UsageError) as e:
+        print(f"ebm: invalid config: {e}" if isinstance(e, ConfigError) else f"ebm train: {e}", file=sys.stderr)
+        return EXIT_USAGE
     name = args.resume or args.name
     try:
         if args.local:
@@ -38,25 +40,56 @@ def _train(args: argparse.Namespace) -> int:
                           tracking_uri=args.tracking_uri or None, experiment=args.experiment,
                           threads=args.threads or 1, ray_data=args.ray_data, verify_data=args.verify_data,
                           placement=args.placement)
-    except (tracking.TrackingError, ConfigError, DatasetError, StorageError) as e:
-        print(f"ebm: {e}", file=sys.stderr)
-        return 2
-    except TrainingFailed as e:
+    except (TrainingFailed, DatasetChanged) as e:      # DatasetChanged: the data changed under a running run
         print(f"ebm: training failed: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except (KeyboardInterrupt, SystemExit):
         if name:
             print(f"ebm: interrupted; resume with: ebm train {args.config} --resume {name}"
                   + (" --local" if args.local else ""), file=sys.stderr)
         return 130
+    except (tracking.TrackingError, ConfigError, DatasetError, StorageError, OSError) as e:
+        if _in_training(e):      # found by the running loop (a shard unreadable mid-run, a checkpoint write)
+            print(f"ebm: training failed: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"ebm: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if not (_in_training(e) or type(e).__module__.startswith("ray.")):
+            raise           # a defect before training: its traceback is the report
+        # the run is marked FAILED with the full message as its ebm.stop_reason tag
+        print(f"ebm: training failed: {_root_cause(e)}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"run name {name} (resume with --resume {name})")
     print_summary(metrics, tracking.resolve_uri(args.tracking_uri or None))
     return 0
 
 
+def _in_training(e: BaseException) -> bool:
+    """Whether ``e`` was raised inside the training loop (so the run started and failed), rather than by
+    a check before training."""
+    import traceback
+
+    from ebm import loop
+    codes = {loop.train.__code__, loop.run_epoch.__code__}
+    return any(frame.f_code in codes for frame, _ in traceback.walk_tb(e.__traceback__))
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line for an unexpected error of a run: a Ray error's last line names the worker's exception
+    (Ray puts the worker's traceback in the message); otherwise the exception type and first line."""
+    from pipelines.cli import one_line
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if type(e).__module__.startswith("ray.") and lines:
+        return lines[-1]
+    return f"{type(e).__name__}: {one_line(e)}"
+
+
 def _check_flags(args: argparse.Namespace) -> None:
-    """Flags that only mean something on one path are refused on the other, not ignored."""
+    """Flags that only mean something on one path are refused on the other, not ignored; values that
+    cannot work are refused before anything starts."""
     from ebm.config import ConfigError
+    from pipelines.cli import check_dir_target, check_run_name, check_storage
     if not args.local:
         given = [f for f, v in (("--seeds", args.seeds != 1), ("--no-track", args.no_track), ("--group", args.group),
                                 ("--out", args.out)) if v]
@@ -71,16 +104,26 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{', '.join(given)} apply to Ray Train runs only, not --local")
     if args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    for flag, value, low in (("--threads", args.threads, 0), ("--num-workers", args.num_workers, 1),
+                             ("--max-failures", args.max_failures, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
     if args.resume and (args.name and args.name != args.resume):
         raise ConfigError("give --resume NAME or --name NAME, not both")
     if args.resume and args.seeds > 1:
         raise ConfigError("--resume continues one run: resume each seed's run by its name")
     if args.allow_config_change and not args.resume:
         raise ConfigError("--allow-config-change goes with --resume")
+    check_run_name(args.name, "--name")
+    check_run_name(args.resume, "--resume")
+    check_run_name(args.group, "--group")       # the default run names of --seeds N start with the group
+    check_storage(args.storage)
+    check_dir_target(args.out, "--out")
 
 
 def add_train_command(sub) -> None:
-    tr = sub.add_parser("train", help="train a model from a config file",
+    from pipelines.cli import EPILOG
+    tr = sub.add_parser("train", help="train a model from a config file", epilog=EPILOG,
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     tr.add_argument("config", help="a TOML config file or a packaged config name (toy2, star, ...)")
     tr.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -37,6 +37,16 @@ def test_toml_round_trip(tmp_path):
     ("proposal.nonsense=1", "unknown key"),
     ("K=4", "unknown key"),
     ("noequals", "section.key=value"),
+    ("optim.lr=inf", "optim.lr must be a finite number"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    ("optim.grad_clip=inf", "optim.grad_clip must be a finite number"),
+    ("method.kl_weight=inf", "method.kl_weight must be a finite number"),
+    ("method.fixed_sigmas=[0.1, nan]", "method.fixed_sigmas must be a list of finite numbers"),
+    ("proposal.log_sigma2_min=-inf", "proposal.log_sigma2_min must be a finite number"),
+    ("eval.interval_level=nan", "eval.interval_level must be a finite number"),
+    ("optim.lr=true", "optim.lr must be of type float"),
+    ("optim.epochs=1e300", "optim.epochs must be of type int"),
+    ("optim.lrr=0.1", "did you mean optim.lr"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -52,6 +62,20 @@ def test_unknown_section_and_bad_file(tmp_path):
     bad.write_text("[optim\nlr = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         Config.from_toml(bad)
+    bad.write_bytes(b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        Config.from_toml(bad)
+    with pytest.raises(ConfigError, match="is a directory"):
+        Config.from_toml(tmp_path)
+
+
+def test_non_finite_floats_are_refused_however_the_config_is_built():
+    from ebm.config import OptimConfig
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        OptimConfig(lr=float("inf"))
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        Config.from_flat({**Config().to_flat(), "optim.lr": "nan"})      # strings, as MLflow params come back
+    assert Config.from_flat({**Config().to_flat(), "optim.epochs": 1e3}).optim.epochs == 1000
 
 
 def test_an_energy_only_method_needs_the_grid_nll():
