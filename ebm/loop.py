@@ -125,7 +125,13 @@ def run_epoch(model, opt, data: Iterable, cfg: Config, epoch: int, step: Callabl
     for x, y in data:
         wait += time.perf_counter() - t_last
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, mets = step(x, y, epoch)
+        try:
+            loss, mets = step(x, y, epoch)
+        except FloatingPointError as e:
+            # an update made the network non-finite, which breaks the step (sampling from a NaN mixture)
+            # before its loss can be checked: a diverged run, not a crash to retry
+            raise TrainingFailed(f"{e} at epoch {epoch + 1}: the run diverged; lower optim.lr "
+                                 f"({cfg.optim.lr:g})") from e
         opt.zero_grad(set_to_none=True)
         if not all_finite(loss.detach()):
             skipped += 1

@@ -73,12 +73,19 @@ def mixture_log_prob(mix: Mixture, y: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(component_log_prob(mix, y) + log_w, dim=-1)
 
 
+class NonFiniteProposal(FloatingPointError):
+    """The mixture to sample from has non-finite weights (a diverged network)."""
+
+
 @torch.no_grad()
 def mixture_sample(mix: Mixture, M: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Ancestral sampling: component by weight, then per-dim Gaussian / von Mises. -> (B, M, D)."""
     B, K, D = mix.means.shape
     probs = torch.softmax(mix.logits.float(), dim=-1)
-    comp = torch.multinomial(probs, M, replacement=True, generator=generator)      # (B, M)
+    try:
+        comp = torch.multinomial(probs, M, replacement=True, generator=generator)  # (B, M)
+    except RuntimeError as e:       # NaN/inf weights: the proposal (or what feeds it) diverged
+        raise NonFiniteProposal(f"the proposal's mixture weights are not finite ({e})") from None
     idx = comp.unsqueeze(-1).expand(B, M, D)
     mu = torch.gather(mix.means, 1, idx)
     ls2 = torch.gather(mix.log_sigma2, 1, idx)

@@ -375,7 +375,7 @@ def predict_rows(p: Predictor, x: torch.Tensor, y: Sequence[Any] | None = None, 
             try:
                 pr = predict(p.model, xb, circ, M=M, levels=qs, interval_level=prm.interval_level,
                              refine_steps=prm.refine_steps, keep_samples=prm.return_samples, generator=g)
-            except RuntimeError:        # torch.multinomial on NaN mixture weights; anything else re-raised
+            except (RuntimeError, FloatingPointError):   # NaN mixture weights (NonFiniteProposal); else re-raised
                 bad = _rows_not_finite(p, xb, ids[s:s + step])
                 if not bad:
                     raise

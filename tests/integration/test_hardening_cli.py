@@ -112,9 +112,10 @@ def test_a_run_that_diverges_is_a_failed_run_in_one_line(cwd):
     uri = f"sqlite:///{cwd}/m.db"
     r = _ebm("train", "debug", "--local", "--name", "boom", "--set", "optim.lr=1e20", "--tracking-uri", uri, *FAST,
              cwd=cwd)
-    assert _one_line(1, r.returncode, r.stderr).startswith("ebm: training failed: ")
+    line = _one_line(1, r.returncode, r.stderr)
+    assert line.startswith("ebm: training failed: ") and "the run diverged; lower optim.lr" in line
     (run,) = _runs(uri, "boom")
-    assert run.info.status == "FAILED" and run.data.tags["ebm.stop_reason"]
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["ebm.stop_reason"]
 
 
 def test_a_damaged_dataset_is_one_line_exit_2_before_training(cwd, toy1_data, tmp_path, capsys):
