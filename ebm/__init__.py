@@ -1,6 +1,6 @@
 """Energy-based regression with learned mixture proposals: single-device math only.
 
-Imports torch and numpy, never ray, mlflow, pyarrow or torch.distributed (STYLE.md).
+Imports torch and numpy, never ray, mlflow, pyarrow or torch.distributed.
 """
 from .config import Config, ConfigError
 

@@ -3,7 +3,7 @@ trials) and read by resume, registration and prediction.
 
 A checkpoint is a directory holding ``checkpoint.pt``: a dict of tensors and plain Python values
 only, so it loads with ``torch.load(weights_only=True)`` (no code runs when a file someone else
-wrote is read). It describes itself (STYLE.md §12): the config, the task spec, versions, metrics,
+wrote is read). It describes itself: the config, the task spec, versions, metrics,
 the epoch, the optimiser and RNG states to resume, and the selected weights when ``eval.select =
 "best_val"``.
 """

@@ -2,7 +2,7 @@
 
 The flat form (``{"proposal.K": 4, ...}``) goes unchanged to Ray's ``train_loop_config`` and to
 MLflow params; :func:`Config.from_flat` rebuilds the tree from it. Defaults are the paper's toy-2
-protocol (METHOD.md §2): Adam 1e-3, 75 epochs, batch 32, M = 1024, K = 4.
+protocol (docs/method.md §4.7): Adam 1e-3, 75 epochs, batch 32, M = 1024, K = 4.
 """
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ class EnergyHeadConfig:
 @dataclass
 class ProposalConfig:
     K: int = 4
-    hidden: int = 0                 # 0 = the feature width (METHOD.md §1)
-    log_sigma2_min: float = -18.0   # clamp: an allowed stabiliser (METHOD.md §1)
+    hidden: int = 0                 # 0 = the feature width (docs/method.md §2)
+    log_sigma2_min: float = -18.0   # clamp: an allowed stabiliser (docs/method.md §2)
     log_sigma2_max: float = 18.0
 
     def __post_init__(self):
@@ -137,7 +137,7 @@ class MethodConfig:
     kl_weight: float = 1.0              # L_NCE + kl_weight * L_KL (paper: 1)
     teacher_nll_weight: float = 0.5     # MDN with EBM teacher: 0.5 L_KL + 0.5 NLL
     nce_plus_beta: float = 0.025
-    fixed_sigmas: list[float] = field(default_factory=list)   # [] = the task's (METHOD.md §3)
+    fixed_sigmas: list[float] = field(default_factory=list)   # [] = the task's (docs/method.md §4.4, §7)
 
     def __post_init__(self):
         _check_finite(self, "method")

@@ -1,5 +1,5 @@
 """Evaluation of a model on a split: NLL (grid, IS, proposal), point errors, CRPS, coverage, ESS,
-and KL to the true density where the task knows it (METHOD.md §4)."""
+and KL to the true density where the task knows it (docs/method.md §6)."""
 from __future__ import annotations
 
 import math
@@ -88,7 +88,7 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
         if task.has_true_density and task.D == 1 and task.name != "toy1":
             add_kl(model, task, x, aux, grids[0], add)
     if task.has_true_density and task.name == "toy1":
-        # METHOD.md §4: toy 1 is scored on a 2048-point x-grid over [-3, 3], not on the split's x.
+        # docs/method.md §6: toy 1 is scored on a 2048-point x-grid over [-3, 3], not on the split's x.
         xg = torch.linspace(-3.0, 3.0, 2048, device=device).unsqueeze(1)
         for s in range(0, xg.shape[0], bs):
             add_kl(model, task, xg[s:s + bs], {}, grids[0], add)

@@ -1,4 +1,4 @@
-"""Losses as pure functions of tensors (STYLE.md §2). B = batch, M = samples.
+"""Losses as pure functions of tensors. B = batch, M = samples.
 
 Gradient routing is part of each definition: which inputs are detached is stated and done here,
 so a step function cannot get it wrong.
@@ -12,7 +12,7 @@ import torch
 
 def nce_loss(f_true: torch.Tensor, f_samples: torch.Tensor,
              logq_true: torch.Tensor, logq_samples: torch.Tensor) -> torch.Tensor:
-    """NCE with the true label as class 0 (METHOD.md §2).
+    """NCE with the true label as class 0 (docs/method.md §4.1).
 
     s_0 = f(y_i) − sg(log q(y_i)), s_m = f(y⁽ᵐ⁾) − sg(log q(y⁽ᵐ⁾)); L = −mean_i[s_0 − logsumexp_m s_m].
     f_true (B,), f_samples (B, M), logq_true (B,), logq_samples (B, M). Never reaches q's parameters.

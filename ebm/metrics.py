@@ -1,4 +1,4 @@
-"""Evaluation metrics, all in log space where densities are involved (METHOD.md §4).
+"""Evaluation metrics, all in log space where densities are involved (docs/method.md §6).
 
 Grid NLL: −log p(y_i|x_i) = −f(y_i) + logsumexp_j f(y_j) + log Δ over the task grid (D ≤ 3).
 IS NLL:   −f(y_i) + log Ẑ with the learned proposal. MDN NLL is exact: −log q(y_i|x_i).

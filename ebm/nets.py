@@ -1,6 +1,6 @@
 """Networks: feature nets, the energy head f(h, y), the mixture proposal head q(y|h).
 
-Single-device code (STYLE.md §1): DDP, devices and data loading are applied from outside.
+Single-device code: DDP, devices and data loading are applied from outside.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .resnet import ResNet, resnet_for
 
 
 class ToyFeatureNet(nn.Module):
-    """x (B, in_dim) -> h (B, hidden): Linear-ReLU-Linear-ReLU (METHOD.md §1).
+    """x (B, in_dim) -> h (B, hidden): Linear-ReLU-Linear-ReLU (docs/method.md §1).
 
     Inputs are standardised by buffers ``x_mean``/``x_std`` (identity until ``set_input_stats``),
     so the statistics travel with the weights and a saved model predicts on raw inputs.
@@ -159,7 +159,7 @@ class Encoded(NamedTuple):
 class EBMRegressor(nn.Module):
     """Feature net + (optional) energy head + (optional) proposal head.
 
-    The loss is not computed here (STYLE.md §3): ``encode``, ``score`` and ``propose`` return
+    The loss is not computed here: ``encode``, ``score`` and ``propose`` return
     features, scores and proposal parameters; ``ebm.steps`` combines them.
     """
 
@@ -197,7 +197,7 @@ class EBMRegressor(nn.Module):
 
 
 class TeacherPair(nn.Module):
-    """MDN with an EBM teacher (METHOD.md §3): two separate networks, EBM first, then MDN."""
+    """MDN with an EBM teacher (docs/method.md §4.2): two separate networks, updated by one Adam with two parameter groups from one backward pass (the same update as EBM step then MDN step; optim.grad_clip, if on, clips both together)."""
 
     def __init__(self, ebm: EBMRegressor, mdn: EBMRegressor):
         super().__init__()

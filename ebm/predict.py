@@ -1,4 +1,4 @@
-"""Stand-alone prediction by importance sampling with the learned proposal (METHOD.md §4).
+"""Stand-alone prediction by importance sampling with the learned proposal (docs/method.md §5).
 
 y⁽ᵐ⁾ ~ q(·|x), log w_m = f(x, y⁽ᵐ⁾) − log q(y⁽ᵐ⁾|x), w̃ = softmax(log w). No initial estimate is
 needed. For an MDN (no energy head) the weights are uniform over its own samples.
@@ -109,7 +109,7 @@ def predict(model, x: torch.Tensor, circular: tuple[bool, ...], M: int = 1024,
             refine_steps: int = 0, keep_samples: bool = False,
             generator: torch.Generator | None = None) -> Prediction:
     """Predictive summaries for x (B, ...). The model must have a proposal (not the fixed-proposal
-    baselines, which need the true y to place their noise — METHOD.md §3)."""
+    baselines, which need the true y to place their noise — docs/method.md §4.4)."""
     if not model.has_proposal:
         raise ValueError("this model has no learned proposal (fixed-proposal baselines need y_i to place "
                          "their noise and cannot predict without an initial estimate)")

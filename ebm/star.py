@@ -1,4 +1,4 @@
-"""The k-fold star: a synthetic image regression task with an exact p(y|x) (METHOD.md §5).
+"""The k-fold star: a synthetic image regression task with an exact p(y|x) (docs/method.md §7).
 
 A filled star with k arms is rendered at angle θ_r = y + η, η ~ VonMises(0, κ). The picture fixes
 θ_r only modulo 2π/k, so p(y|x) = (1/k) Σ_j VM(y; θ_r + 2πj/k, κ) exactly.

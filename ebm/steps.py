@@ -1,4 +1,4 @@
-"""One ``train_step(model, batch, cfg) -> (loss, metrics)`` for every method (STYLE.md §7).
+"""One ``train_step(model, batch, cfg) -> (loss, metrics)`` for every method.
 
 The same function runs on one CPU in a unit test and inside every Ray worker; the loop around it
 only orchestrates (backward, optimiser, NaN policy). ``metrics`` holds detached floats.

@@ -1,6 +1,6 @@
 """Regression tasks: their specs (target dim, evaluation grid, baseline σ's) and data generators.
 
-Specs follow METHOD.md §3–§4; generators §5. Arrays are numpy: toy inputs x float32 (N, 1),
+Specs follow docs/method.md §4.4–§4.6 and §6; generators §7. Arrays are numpy: toy inputs x float32 (N, 1),
 images uint8 (N, C, H, W), targets y float32 (N, D). Circular target dims live on [0, 2π).
 
 Conventions:
@@ -42,10 +42,10 @@ class TaskSpec:
     D: int                               # target dimension
     x_shape: tuple[int, ...]             # (d,) for vector inputs, (C, H, W) for images
     circular: tuple[bool, ...]           # per target dim; circular dims live on [0, 2π)
-    grid_lo: tuple[float, ...]           # evaluation grid per target dim (METHOD.md §4)
+    grid_lo: tuple[float, ...]           # evaluation grid per target dim (docs/method.md §6)
     grid_hi: tuple[float, ...]
     grid_n: tuple[int, ...]
-    fixed_sigmas: tuple                  # hand-designed NCE proposal σ's (METHOD.md §3): 2 floats, or 2
+    fixed_sigmas: tuple                  # hand-designed NCE proposal σ's (docs/method.md §4.4, §7): 2 floats, or 2
     ml_is_sigmas: tuple                  # tuples of D floats (per dim); ML-IS proposal σ's likewise
     units: tuple[str, ...]               # per target dim: "years", "degrees", "radians", "count", ""
     has_true_density: bool
@@ -117,7 +117,7 @@ class TaskSpec:
 
 
 def image_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The default image normalisation: ImageNet statistics for RGB (METHOD.md §1), 0.5 / 0.5 for grey."""
+    """The default image normalisation: ImageNet statistics for RGB (docs/method.md §1), 0.5 / 0.5 for grey."""
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     return (0.5,) * channels, (0.5,) * channels
@@ -125,7 +125,7 @@ def image_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_D = 3       # grid quadrature is exact enough and affordable up to 3 target dims (METHOD.md §4)
+MAX_D = 3       # grid quadrature is exact enough and affordable up to 3 target dims (docs/method.md §6)
 
 
 def _linear(name, D, x_shape, lo, hi, n, sigmas, units, ml_is=None, true_density=False) -> TaskSpec:
@@ -136,7 +136,7 @@ def _linear(name, D, x_shape, lo, hi, n, sigmas, units, ml_is=None, true_density
 def _circular(name, x_shape, n, true_density) -> TaskSpec:
     # No paper σ's exist for angle targets. 0.05 rad sits below the star's VM noise
     # (κ = 50 ⇒ std ≈ 0.14 rad), 0.8 rad reaches across the arm spacing 2π/k, mirroring the
-    # narrow/wide pairs of §3. ML-IS reuses them, as for the other image tasks.
+    # narrow/wide pairs of docs/method.md §7. ML-IS reuses them, as for the other image tasks.
     return TaskSpec(name, 1, x_shape, (True,), (0.0,), (TWO_PI,), (n,), (0.05, 0.8), (0.05, 0.8),
                     "radians", true_density)
 
@@ -209,7 +209,7 @@ TOY1_MIX_P, TOY1_MIX_SIGMA, TOY1_LOGNORMAL_SIGMA = 0.8, 0.075, 0.25
 
 
 def make_toy1(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Toy 1 (METHOD.md §5) -> x float32 (n, 1) ~ U(−3, 3), y float32 (n, 1).
+    """Toy 1 (docs/method.md §7) -> x float32 (n, 1) ~ U(−3, 3), y float32 (n, 1).
 
     x < 0: y ~ 0.8 N(sin x, 0.075²) + 0.2 N(−sin x, 0.075²); x >= 0: y = LogNormal(0, 0.25) − 1.
     """

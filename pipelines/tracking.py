@@ -21,6 +21,18 @@ DEFAULT_URI = "sqlite:///mlruns.db"
 RUN_NAME_TAG = "ebm.run_name"
 
 
+def _quiet_store_logs() -> None:
+    """MLflow logs at INFO each time it creates or migrates a SQLite store (and alembic with it): not
+    something a user acts on. Kept unless $EBM_LOG_LEVEL asks for INFO or DEBUG (``-v``)."""
+    import logging
+    level = getattr(logging, os.environ.get("EBM_LOG_LEVEL", "WARNING").upper(), logging.WARNING)
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(level)
+
+
+_quiet_store_logs()
+
+
 class TrackingError(RuntimeError):
     pass
 

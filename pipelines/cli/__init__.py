@@ -1,4 +1,4 @@
-"""The ``ebm`` command: parse -> build -> run -> clean up (STYLE.md §9). Front ends only: each
+"""The ``ebm`` command: parse -> build -> run -> clean up. Front ends only: each
 subcommand's module parses its flags and calls the driver, data, serving or cluster code.
 
 Exit codes, the same for every subcommand: 0 done; 1 a run that failed (training failed, a sweep with

@@ -124,7 +124,7 @@ def declare_targets(name: str, y: np.ndarray, names: list[str], decl: dict) -> t
     {name: (lo, hi, n)}, ``sigmas`` (σ1, σ2). Defaults from the data: a linear dim's grid spans the
     observed range padded by 5 %; circular dims span [0, 2π); 1000 / 1024 points per dim for D = 1,
     128 for D = 2, 30 for D = 3; σ's per dim, 1 % and 20 % of a linear dim's grid width (mirroring
-    METHOD.md §3's pairs) and 0.05 and 0.8 rad for a circular dim (as for the built-in angle tasks)."""
+    docs/method.md §7's pairs) and 0.05 and 0.8 rad for a circular dim (as for the built-in angle tasks)."""
     from ebm.tasks import MAX_D, TWO_PI
     D = y.shape[1]
     if not 1 <= D <= MAX_D:
@@ -294,7 +294,7 @@ def _ccgan_h5(source, o):
 
 
 def cell_count(name: str) -> float:
-    """The Cell-200 label parse of METHOD.md §5, verbatim: "img_37.0.png" -> 37.0."""
+    """The Cell-200 label parse (docs/method.md §7): "img_37.0.png" -> 37.0."""
     try:
         return float(name.split("_")[1].split(".0.")[0])
     except (IndexError, ValueError):

@@ -25,14 +25,14 @@ metadata and, identically, in ``_dataset.json``::
 
     format_version  int (FORMAT_VERSION)
     task, D, units, circular [D]        task name and target description
-    grid {lo, hi, n}                    evaluation grid per target dim (METHOD.md §4)
+    grid {lo, hi, n}                    evaluation grid per target dim (docs/method.md §6)
     target_range {lo, hi}               observed min / max of y per dim over all splits
-    fixed_sigmas, ml_is_sigmas          hand-designed proposal σ's (METHOD.md §3)
+    fixed_sigmas, ml_is_sigmas          hand-designed proposal σ's (docs/method.md §4.4–4.6, §7)
     input                               {"kind": "image", "column": "image", "channels", "height",
                                         "width", "encoding"} or {"kind": "vector", "column": "x", "dim"}
     normalisation                       image inputs: x = (u8 / 255 − mean[c]) / std[c]; ImageNet
                                         mean/std for 3 channels (the ResNet's pre-training
-                                        convention, METHOD.md §1), 0.5 / 0.5 for grey — the same
+                                        convention, docs/method.md §1), 0.5 / 0.5 for grey — the same
                                         rule as ebm.train.image_norm. null for vector inputs (the
                                         toy nets standardise x themselves).
     augment {split: name}               train-time augmentation the task expects ("biwi_headpose")

@@ -121,7 +121,7 @@ def finish_run(result, cfg: Config, uri: str, run_id: str) -> dict:
 def tracking_callback(uri: str, run_id: str):
     """A Ray Train callback that logs each epoch's metrics and density plot to MLflow. It runs in the
     Train controller, on the driver's node, so a ``sqlite:///`` store there is the one the driver opened
-    and workers never talk to MLflow (STYLE.md §10)."""
+    and workers never talk to MLflow."""
     import tempfile
 
     import pyarrow.fs

@@ -7,7 +7,7 @@ The trial's Train run and its MLflow child run are both named ``<sweep>-<trial i
 sweep (``--resume``) that reruns an errored trial continues that Train run from its latest checkpoint
 and reopens the same MLflow run — no duplicates — while finished trials are not rerun
 (``Tuner.restore``). The trial driver holds a sliver of a ``TRAIN_DRIVER`` custom resource instead of
-a CPU: with 2 CPUs a driver at 1 CPU plus its workers never fit (PLATFORM.md).
+a CPU: with 2 CPUs a driver at 1 CPU plus its workers never fit.
 
 Search-space file (TOML)::
 

@@ -1,5 +1,5 @@
 """The Ray Train worker function: the one loop (:func:`ebm.loop.train`) given a Ray runtime — the
-glue a Ray Train example has (STYLE.md §8: Ray calls stay in this module).
+glue a Ray Train example has (Ray calls stay in this module).
 
 Rank 0 reports a checkpoint every epoch (the format of :mod:`ebm.checkpoint`, plus the epoch's
 density plot for the driver to log); a restarted worker group, or a rerun of the same run name,

@@ -1,4 +1,4 @@
-"""The layout keeps its promises (STYLE.md): no import cycles among the project's modules, cluster/
+"""The layout keeps its promises: no import cycles among the project's modules, cluster/
 imports neither ebm nor pipelines, ebm imports no ray/mlflow/pyarrow, and no test-only hook lives in
 production code."""
 import ast
