@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.cli.tune import add_tune_command
     ap = argparse.ArgumentParser(prog="ebm", description="Energy-based regression with learned proposals.",
                                  epilog=EPILOG)
+    ap.add_argument("--version", action="version", version=version_line())
+    ap.add_argument("-v", "--verbose", action="count", default=0,
+                    help="more output: Ray's, Ray Train's and MLflow's INFO lines (-vv: DEBUG); anywhere before --")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="only errors and results: no progress or per-epoch lines; anywhere before --")
     sub = ap.add_subparsers(dest="command", required=True)
     add_train_command(sub)
     add_data_commands(sub)
@@ -125,7 +130,50 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def version_line() -> str:
+    from importlib import metadata
+
+    def v(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    return (f"ebm {v('ebm-proposals')} (torch {v('torch')}, ray {v('ray')}, mlflow {v('mlflow')}, "
+            f"pyarrow {v('pyarrow')}, python {sys.version.split()[0]})")
+
+
+def _verbosity(argv: list[str]) -> list[str]:
+    """-v/-vv/--verbose and -q/--quiet anywhere before ``--`` (the rest belongs to a submitted command)
+    set the console's level for every layer ($EBM_LOG_LEVEL, $EBM_QUIET) and are taken out of argv.
+    ``data ingest --quiet`` keeps its own meaning (no progress)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:cut], argv[cut:]
+    verbose = sum(2 if a == "-vv" else 1 for a in head if a in ("-v", "-vv", "--verbose"))
+    quiet = any(a in ("-q", "--quiet") for a in head)
+    if verbose and quiet:
+        raise UsageError("give -v or -q, not both")
+    if verbose:
+        os.environ["EBM_LOG_LEVEL"] = "DEBUG" if verbose > 1 else "INFO"
+    if quiet:
+        os.environ["EBM_LOG_LEVEL"], os.environ["EBM_QUIET"] = "ERROR", "1"
+    keep = [a for a in head if a not in ("-v", "-vv", "--verbose", "-q")]
+    if quiet and "--quiet" in keep and not (len(keep) > 1 and keep[:2] == ["data", "ingest"]):
+        keep.remove("--quiet")
+    return keep + tail
+
+
+def quiet() -> bool:
+    """-q: no progress or per-epoch lines."""
+    return os.environ.get("EBM_QUIET") == "1"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _verbosity(argv)
+    except UsageError as e:
+        print(f"ebm: {e}", file=sys.stderr)
+        return EXIT_USAGE
     args = build_parser().parse_args(argv)       # a usage error: argparse exits 2
     with _sigterm_as_interrupt():
         try:

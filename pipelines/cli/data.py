@@ -50,6 +50,7 @@ def target_declarations(args: argparse.Namespace) -> dict:
 def _ingest(args: argparse.Namespace) -> int:
     import signal
 
+    from pipelines.cli import quiet
     from pipelines.data.ingest import describe_targets, ingest
     n = {k: v for k, v in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test)) if v}
 
@@ -62,7 +63,7 @@ def _ingest(args: argparse.Namespace) -> int:
                       shard_rows=args.shard_rows, val_frac=args.val_frac, test_frac=args.test_frac,
                       size=args.size, n=n or None, manifest=args.manifest, targets=target_declarations(args),
                       inputs=[c.strip() for c in args.inputs.split(",") if c.strip()] or None,
-                      overwrite=args.overwrite, progress=not args.quiet, dedupe=args.dedupe,
+                      overwrite=args.overwrite, progress=not (args.quiet or quiet()), dedupe=args.dedupe,
                       allow_outside=args.allow_outside)
     except (DatasetError, StorageError) as e:
         print(f"ebm data ingest: {e}", file=sys.stderr)

@@ -96,9 +96,9 @@ def _predict(args) -> int:
         if args.limit:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
         x = serving.inputs_tensor(p, values, ids)
-        out = serving.predict_rows(p, x, y if args.log_density else None, M=args.M or None,
-                                   quantiles=quantiles, interval_level=args.level,
-                                   refine_steps=args.refine_steps, return_samples=args.samples, seed=args.seed)
+        out = serving.predict_rows(p, x, y if args.log_density else None, M=args.M,
+                                   quantiles=quantiles, interval_level=args.interval_level,
+                                   refine_steps=args.refine_steps, return_samples=args.return_samples, seed=args.seed)
         if args.out == "-":
             import json
             print(json.dumps([dict(zip(["id", *out], row)) for row in zip(ids, *out.values())], indent=1))
@@ -116,12 +116,12 @@ def _evaluate(args) -> int:
     from pipelines.data import DatasetError
     from pipelines.serve import model_eval, serving
     check_dir_target(args.out, "--out")
-    if args.M < 0:
-        raise UsageError(f"--M must be >= 0 (0 = the model's sampler.M_eval), got {args.M}")
+    if args.M is not None and args.M < 1:
+        raise UsageError(f"--M must be >= 1 (default: the model's sampler.M_eval), got {args.M}")
     _check_input(args.data, "--data")
     p = _load(args)
     try:
-        m = model_eval.evaluate_dataset(p, args.data, args.split, args.out or None, args.M or None, args.seed)
+        m = model_eval.evaluate_dataset(p, args.data, args.split, args.out or None, args.M, args.seed)
     except (serving.InputError, DatasetError) as e:
         print(f"ebm evaluate: {e}", file=sys.stderr)
         return 2
@@ -159,11 +159,14 @@ def add_model_commands(subparsers) -> None:
     pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json, or - to print JSON")
     pr.add_argument("--limit", type=int, default=0, help="only the first N inputs")
     pr.add_argument("--quantiles", default="0.05,0.25,0.5,0.75,0.95", help="comma-separated levels")
-    pr.add_argument("--level", type=float, default=None, help="central interval level (default: the model's config)")
-    pr.add_argument("--M", type=int, default=0, help="proposal samples per example (default: sampler.M_eval)")
+    # the flags are the pyfunc's parameter names (M, interval_level, refine_steps, return_samples, seed)
+    pr.add_argument("--interval-level", "--level", dest="interval_level", type=float, default=None,
+                    help="central interval level (default: the model's config)")
+    pr.add_argument("--M", type=int, default=None, help="proposal samples per example (default: sampler.M_eval)")
     pr.add_argument("--refine-steps", type=int, default=None, help="mode refinement steps (default: the config's)")
     pr.add_argument("--log-density", action="store_true", help="add log p(y|x) at the input's y column")
-    pr.add_argument("--samples", action="store_true", help="add the weighted samples")
+    pr.add_argument("--return-samples", "--samples", dest="return_samples", action="store_true",
+                    help="add the weighted samples")
     pr.add_argument("--seed", type=int, default=0)
     common(pr)
     pr.set_defaults(func=_predict)
@@ -174,7 +177,7 @@ def add_model_commands(subparsers) -> None:
     ev.add_argument("--data", required=True, help="dataset directory (ebm data ingest)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--out", default="", help="directory for metrics.json and calibration.png")
-    ev.add_argument("--M", type=int, default=0, help="proposal samples (default: sampler.M_eval)")
+    ev.add_argument("--M", type=int, default=None, help="proposal samples (default: sampler.M_eval)")
     ev.add_argument("--seed", type=int, default=0)
     common(ev)
     ev.set_defaults(func=_evaluate)

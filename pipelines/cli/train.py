@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
         from pipelines.driver.runs import default_stamp
         name = name or f"{cfg.task.name}-{cfg.method.name}-{default_stamp()}"
         metrics = run_job(cfg, name=name, resume=bool(args.resume), allow_config_change=args.allow_config_change,
-                          num_workers=args.num_workers, use_gpu=args.use_gpu, address=args.address or None,
+                          num_workers=args.num_workers, use_gpu=args.use_gpu, address=args.ray_address or None,
                           storage_path=args.storage or None, max_failures=args.max_failures,
                           tracking_uri=args.tracking_uri or None, experiment=args.experiment,
                           threads=args.threads or 1, ray_data=args.ray_data, verify_data=args.verify_data,
@@ -97,7 +97,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{', '.join(given)} apply to --local runs only")
     else:
         given = [f for f, v in (("--num-workers", args.num_workers != 2), ("--use-gpu", args.use_gpu),
-                                ("--ray-data", args.ray_data), ("--address", args.address),
+                                ("--ray-data", args.ray_data), ("--ray-address", args.ray_address),
                                 ("--max-failures", args.max_failures != 1), ("--placement", args.placement != "PACK"))
                  if v]
         if given:
@@ -142,7 +142,8 @@ def add_train_command(sub) -> None:
     tr.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     tr.add_argument("--experiment", default="ebm", help="MLflow experiment name")
     ray = tr.add_argument_group("Ray Train runs (the default)")
-    ray.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
+    ray.add_argument("--ray-address", default="", help="the Ray cluster to run on, as ray.init takes it (HOST:PORT "
+                     "or auto; default $RAY_ADDRESS, else start a local Ray). `ebm submit --address` is the job server")
     ray.add_argument("--num-workers", type=int, default=2, help="Ray Train workers (DDP ranks)")
     ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     ray.add_argument("--ray-data", action="store_true", help="with task.data_dir: stream the train split "

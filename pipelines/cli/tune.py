@@ -33,7 +33,7 @@ def _tune(args) -> int:
                             experiment=args.experiment, num_workers=args.num_workers,
                             cpus_per_worker=args.cpus_per_worker, threads=args.threads,
                             max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-                            address=args.address or None, register_name=args.register, alias=args.alias)
+                            address=args.ray_address or None, register_name=args.register, alias=args.alias)
     except (ConfigError, tracking.TrackingError, DatasetError, StorageError) as e:
         print(f"ebm tune: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
@@ -91,7 +91,8 @@ def add_tune_command(subparsers) -> None:
     tu.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     tu.add_argument("--max-concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
     tu.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
-    tu.add_argument("--address", default="", help="Ray cluster address (default: start a local Ray)")
+    tu.add_argument("--ray-address", default="", help="the Ray cluster to run on, as ray.init takes it (HOST:PORT "
+                    "or auto; default $RAY_ADDRESS, else start a local Ray). `ebm submit --address` is the job server")
     tu.add_argument("--storage", default="", help="Tune and checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
     tu.add_argument("--tracking-uri", default="", help="MLflow URI (default $MLFLOW_TRACKING_URI or sqlite:///mlruns.db)")
     tu.add_argument("--experiment", default="ebm", help="MLflow experiment name")

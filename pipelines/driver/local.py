@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import shlex
 import signal
 import statistics
@@ -38,7 +39,7 @@ class LocalRuntime(Runtime):
     URI; the last ``keep`` kept), per-epoch metrics and plots to MLflow."""
 
     def __init__(self, run_dir: str, log_epoch=None, val_split=None, keep: int = 2, prefix: str = ""):
-        super().__init__("cpu")
+        super().__init__("cpu", quiet=os.environ.get("EBM_QUIET") == "1")      # -q: no per-epoch lines
         self.run_dir, self.log_epoch, self.val_split, self.keep, self.prefix = str(run_dir), log_epoch, val_split, keep, prefix
         self.last_dir: str | None = None        # the newest checkpoint written (the run's final one at the end)
 
@@ -76,7 +77,8 @@ class LocalRuntime(Runtime):
             self.log_epoch(row, d / PLOTS_DIR)
 
     def log(self, line: str) -> None:
-        print(f"{self.prefix}{line}", flush=True)
+        if not self.quiet:
+            print(f"{self.prefix}{line}", flush=True)
 
 
 def train_local(cfg: Config, *, name: str = "", seeds: int = 1, resume: bool = False, allow_config_change: bool = False,

@@ -89,7 +89,7 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
         loop.worker_loop,
         train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "ray_data": datasets is not None,
                            "max_nonfinite_in_row": max_nonfinite_in_row, "resume_from": resume_from,
-                           "data_meta": data_meta, "log_level": log_level()},
+                           "data_meta": data_meta, "log_level": log_level(), "quiet": os.environ.get("EBM_QUIET") == "1"},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus},
                                      placement_strategy=placement),

@@ -30,6 +30,7 @@ class RayRuntime:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.val_split = val_split
+        self.quiet = False          # -q: no per-epoch lines
 
     def wrap(self, step, find_unused_parameters: bool):
         import ray.train.torch
@@ -65,7 +66,7 @@ class RayRuntime:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def log(self, line: str) -> None:
-        if self.rank == 0:
+        if self.rank == 0 and not self.quiet:
             print(line, flush=True)
 
 
@@ -133,6 +134,7 @@ def train_worker(config: dict, runtime_factory=RayRuntime) -> None:
     data = for_rank(cfg, ctx.get_world_rank(), ctx.get_world_size(),
                     ray.train.get_dataset_shard("train") if config.get("ray_data") else None, config.get("data_meta"))
     rt = runtime_factory(data.eval_splits.get("val"))
+    rt.quiet = bool(config.get("quiet"))
     # Ray's own checkpoint (the latest it registered for this run name: a restarted worker group, or a
     # rerun), or the one the driver chose for --resume (e.g. of epochs trained --local): the later wins
     found = []

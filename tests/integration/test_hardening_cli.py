@@ -262,7 +262,7 @@ def test_predict_checks_its_arguments_before_loading_the_model(cwd, capsys, toy1
     rc = main(["evaluate", "models:/typo@x", "--data", data, "--out", "afile", "--tracking-uri", uri])
     assert "--out afile" in _one_line(2, rc, capsys.readouterr().err)
     rc = main(["evaluate", "models:/typo@x", "--data", data, "--M", "-5", "--tracking-uri", uri])
-    assert "--M must be >= 0" in _one_line(2, rc, capsys.readouterr().err)      # was a ConfigError traceback
+    assert "--M must be >= 1" in _one_line(2, rc, capsys.readouterr().err)      # was a ConfigError traceback
     assert sorted(os.listdir(cwd)) == ["adir.csv", "afile", "m.db"]
 
 
