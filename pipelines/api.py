@@ -119,7 +119,7 @@ class Model:
     def density(self, x_one: Any, grid=None, *, dim: int = 0, proposal: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(y, p(y|x)) for one input, float64 arrays. ``grid``: the y values (default: the task's grid
         of dim ``dim``). The EBM's density is exp(f(x, y)) / Ẑ with Ẑ the quadrature of exp f over the
-        task's whole grid (METHOD.md §6, grid NLL), so on the task grid it is softmax(f) / Δ; for
+        task's whole grid (docs/method.md §6, grid NLL), so on the task grid it is softmax(f) / Δ; for
         D > 1 the other dims are summed out over their task grids. ``proposal`` (and a model without
         an energy head, e.g. an MDN): the proposal's q(y|x), exact for D = 1."""
         p, task = self.predictor, self.task
@@ -129,11 +129,11 @@ class Model:
         if proposal and not p.model.has_proposal:
             raise InputError(f"proposal=True: this model ({self.config.method.name}) has no learned proposal")
         y_grid = _grid(grid, task, dim)
-        return y_grid.astype(np.float64), _marginal(p, _one(p, x_one), y_grid, dim,
+        return y_grid.astype(np.float64), _marginal(p, _one(p, x_one), None if grid is None else y_grid, dim,
                                                     p.model.has_energy and not proposal)
 
     def plot(self, x_one: Any, y_true: float | None = None, ax=None, *, dim: int = 0):
-        """The densities of one input on the task's grid (the panel of the training plots, 
+        """The densities of one input on the task's grid (a panel of the training plots,
         :func:`pipelines.plots.density_figure`); draws into ``ax`` if given; returns the Figure."""
         plots = _plots()
         import matplotlib.pyplot as plt
@@ -149,7 +149,8 @@ class Model:
             lp = plots.true_log_density(task, x, {}, grid)       # known from x alone: toy 1
             if lp is not None:
                 curves["true"] = (torch.softmax(lp, dim=1)[0] / task.cell_volume()).double().numpy()
-        if ax is None:
+        own = ax is None
+        if own:
             _, ax = plt.subplots(figsize=(4.6, 3.4))
         for (label, dens), style in zip(curves.items(), ("-", "--", ":")):
             ax.plot(y, dens, style, label=label)
@@ -166,6 +167,8 @@ class Model:
         ax.set_ylabel(f"p({name} | x)" + (" (marginal)" if task.D > 1 else ""))
         ax.set_title(f"{task.name}" + (f" — {self.run_name}" if self.run_name else ""), fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
+        if own:
+            ax.figure.tight_layout()
         return ax.figure
 
 
@@ -192,8 +195,10 @@ def train(config: Any, *, overrides: dict | list[str] | None = None, data_dir: s
     _plots()        # imported here so that the epochs' plots do not switch a notebook's matplotlib backend
     if local:
         from pipelines.driver.local import train_local
-        command = f"pipelines.api.train({config!r}, overrides={overrides!r}" + \
-            "".join(f", {k}={v!r}" for k, v in (("data_dir", data_dir), ("name", name), ("seed", seed)) if v is not None) + ")"
+        given = (("data_dir", data_dir), ("name", name), ("seed", seed))    # the run's ebm.command tag
+        shown = "<ebm.config.Config>" if isinstance(config, Config) else repr(str(config))   # its params are logged
+        command = f"pipelines.api.train({shown}, overrides={overrides!r}" + \
+            "".join(f", {k}={v!r}" for k, v in given if v is not None) + ")"
         (res,) = train_local(cfg, name=name or "", storage=root, tracking_uri=uri, command=command)
         name, run_id = res["run_name"], res["mlflow_run_id"]
     else:
@@ -258,7 +263,9 @@ def register(model: Model | str, name: str, *, alias: str | None = "champion", t
 def load(source: str | os.PathLike | None = None, *, run: str | None = None, storage: str | None = None,
          tracking_uri: str | None = None) -> Model:
     """The model at ``source`` (see the module docstring), or the latest checkpoint of the run named
-    ``run`` under ``storage``. :class:`SourceError` names what is not there or not a model."""
+    ``run`` under ``storage``; ``tracking_uri``: the MLflow store of a ``models:/`` or ``runs:/`` source
+    (default ``$MLFLOW_TRACKING_URI`` or ``sqlite:///mlruns.db``). :class:`SourceError` names what is
+    not there or not a model."""
     from pipelines import storage as fs
     from pipelines.driver import runs
     if (source is None) == (run is None):
@@ -317,7 +324,7 @@ def _load_location(loc: str, src: str) -> Model:
     return Model(serving.from_state(state), source=src, run_name=run_name, metrics=_test_metrics(state))
 
 
-def _model_file(loc: str, src: str, **info) -> Model:
+def _model_file(loc: str, src: str) -> Model:
     """A (slim or full) weights file by :func:`serving.load_file` (``weights_only=True``)."""
     from pipelines import storage as fs
     try:
@@ -332,7 +339,7 @@ def _model_file(loc: str, src: str, **info) -> Model:
         raise SourceError(f"{src}: {str(e).split(': ', 1)[-1]}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise SourceError(f"{src}: not a model file of this project ({type(e).__name__}: {e})") from None
-    return Model(p, source=src, **info)
+    return Model(p, source=src)
 
 
 def _pyfunc_weights(mlmodel: Path, src: str) -> str:
@@ -388,9 +395,15 @@ def _load_mlflow(src: str, tracking_uri: str | None) -> Model:
 def _run_location(client, run_id: str, path: str) -> str:
     """``runs:/RUN_ID/PATH``: the model logged by the run under the name PATH's first part (MLflow 3
     keeps logged models apart from the run's artifacts), else the run's artifact PATH."""
+    from pipelines import tracking
     name, _, rest = path.partition("/")
     run = client.get_run(run_id)
-    for m in client.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"name = '{name}'"):
+    try:
+        found = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                            filter_string=f"name = {tracking.filter_value(name)}")
+    except tracking.TrackingError:
+        found = []
+    for m in found:
         if m.source_run_id == run_id:
             return m.artifact_location.rstrip("/") + (f"/{rest}" if rest else "")
     return f"{run.info.artifact_uri.rstrip('/')}/{path}"
@@ -416,9 +429,13 @@ def _run_checkpoint(src, loc, uri, run_id, client, d) -> Model:
 
 def _with_run(model: Model, client, run_id: str | None, uri: str) -> Model:
     """The MLflow run's name and test metrics on a model loaded from the store."""
+    import mlflow.exceptions
     model.run_id, model.tracking_uri = run_id, uri
     if run_id:
-        run = client.get_run(run_id)
+        try:
+            run = client.get_run(run_id)
+        except mlflow.exceptions.MlflowException:      # the source run was deleted: the weights still load
+            return model
         model.run_name = run.info.run_name
         model.metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
     return model
@@ -545,24 +562,27 @@ def _grid(grid: Any, task, dim: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _marginal(p: serving.Predictor, x: torch.Tensor, y_grid: np.ndarray, dim: int, energy: bool) -> np.ndarray:
-    """p(y_dim | x) on ``y_grid``: f (or log q) on the product of ``y_grid`` with the other dims' task
+def _marginal(p: serving.Predictor, x: torch.Tensor, y_grid: np.ndarray | None, dim: int, energy: bool) -> np.ndarray:
+    """p(y_dim | x) on ``y_grid`` (None: the task's grid): f (or log q) on its product with the other dims' task
     grids, those dims summed out by quadrature; the EBM's normalised by its quadrature over the whole
     task grid (:func:`ebm.metrics.grid_nll`'s log Z)."""
     from ebm import metrics as M
     task = p.task
     task_grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
     grids = list(task_grids)
-    grids[dim] = torch.as_tensor(y_grid, dtype=torch.float32)
-    lf = M.model_log_density_on_grid(p.model, x, M.grid_points(grids), use_energy=energy)[0]
-    lf = lf.double().reshape([len(g) for g in grids])
+    on_task_grid = y_grid is None
+    if not on_task_grid:
+        grids[dim] = torch.as_tensor(y_grid, dtype=torch.float32)
+    lf = M.model_log_density_on_grid(p.model, x, M.grid_points(grids), use_energy=energy)[0].double()
+    if energy:          # log Z: on the task grid (the same points when no other grid was asked for)
+        full = lf if on_task_grid else \
+            M.model_log_density_on_grid(p.model, x, M.grid_points(task_grids), use_energy=True)[0].double()
+        lf = lf - (torch.logsumexp(full, 0) + math.log(task.cell_volume()))
+    lf = lf.reshape([len(g) for g in grids])
     others = [d for d in range(task.D) if d != dim]
     if others:
         cells = [float(task_grids[d][1] - task_grids[d][0]) for d in others]
         lf = torch.logsumexp(lf, dim=others) + sum(math.log(c) for c in cells)
-    if energy:
-        full = M.model_log_density_on_grid(p.model, x, M.grid_points(task_grids), use_energy=True)[0].double()
-        lf = lf - (torch.logsumexp(full, 0) + math.log(task.cell_volume()))
     return lf.exp().numpy()
 
 
