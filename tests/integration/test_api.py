@@ -79,6 +79,23 @@ def _png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_the_readmes_python_example_runs(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EBM_STORAGE_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert blocks, "the README lost its Python example"
+    ns = {"__name__": "readme"}
+    try:
+        for code in blocks:
+            exec(compile(code, "README.md", "exec"), ns)
+    finally:
+        plt.close("all")
+    assert ns["model"].metrics["test_nll"] < 5
+
+
 def test_predictions_match_the_registered_pyfunc_ebm_predict_and_the_checkpoint(star, tmp_path):
     import mlflow
 
