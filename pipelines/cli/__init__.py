@@ -113,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    """``env`` set for the length of one command (main() also runs in-process, e.g. from tests)."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM raises KeyboardInterrupt while a command runs, so that every command stops the way it
     does on Ctrl-C (runs marked KILLED, temporary files removed) and exits 130."""
@@ -142,24 +157,25 @@ def version_line() -> str:
             f"pyarrow {v('pyarrow')}, python {sys.version.split()[0]})")
 
 
-def _verbosity(argv: list[str]) -> list[str]:
+def _verbosity(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """-v/-vv/--verbose and -q/--quiet anywhere before ``--`` (the rest belongs to a submitted command)
-    set the console's level for every layer ($EBM_LOG_LEVEL, $EBM_QUIET) and are taken out of argv.
-    ``data ingest --quiet`` keeps its own meaning (no progress)."""
+    set the console's level for every layer ($EBM_LOG_LEVEL, $EBM_QUIET); -> (argv without them, the
+    environment to set). ``data ingest --quiet`` keeps its own meaning (no progress) as well."""
     cut = argv.index("--") if "--" in argv else len(argv)
     head, tail = argv[:cut], argv[cut:]
     verbose = sum(2 if a == "-vv" else 1 for a in head if a in ("-v", "-vv", "--verbose"))
     quiet = any(a in ("-q", "--quiet") for a in head)
     if verbose and quiet:
         raise UsageError("give -v or -q, not both")
+    env = {}
     if verbose:
-        os.environ["EBM_LOG_LEVEL"] = "DEBUG" if verbose > 1 else "INFO"
+        env["EBM_LOG_LEVEL"] = "DEBUG" if verbose > 1 else "INFO"
     if quiet:
-        os.environ["EBM_LOG_LEVEL"], os.environ["EBM_QUIET"] = "ERROR", "1"
+        env.update(EBM_LOG_LEVEL="ERROR", EBM_QUIET="1")
     keep = [a for a in head if a not in ("-v", "-vv", "--verbose", "-q")]
-    if quiet and "--quiet" in keep and not (len(keep) > 1 and keep[:2] == ["data", "ingest"]):
+    if "--quiet" in keep and keep[:2] != ["data", "ingest"]:
         keep.remove("--quiet")
-    return keep + tail
+    return keep + tail, env
 
 
 def quiet() -> bool:
@@ -170,12 +186,12 @@ def quiet() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv = _verbosity(argv)
+        argv, env = _verbosity(argv)
     except UsageError as e:
         print(f"ebm: {e}", file=sys.stderr)
         return EXIT_USAGE
     args = build_parser().parse_args(argv)       # a usage error: argparse exits 2
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _environ(env):
         try:
             return int(args.func(args) or 0)
         except KeyboardInterrupt:

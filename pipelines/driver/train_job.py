@@ -211,7 +211,8 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
             ray.shutdown()
 
 
-def print_summary(metrics: dict, uri: str, out=sys.stdout) -> None:
+def print_summary(metrics: dict, uri: str, out=None) -> None:
+    out = out or sys.stdout          # at call time: a default bound at import would keep a replaced stream
     keys = [k for k in ("test_nll", "test_grid_nll", "test_is_nll", "test_kl", "test_mae_mode", "test_mae_mean",
                         "test_crps", "test_coverage") if k in metrics]
     for k in keys:

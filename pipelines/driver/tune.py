@@ -136,8 +136,9 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
               experiment: str = "ebm", num_workers: int = 1, cpus_per_worker: float = 0.0, use_gpu: bool = False,
               threads: int = 1, max_concurrent: int = 1, max_failures: int = 1, address: str | None = None,
               register_name: str = "", alias: str = "champion",
-              out=sys.stdout) -> dict:
+              out=None) -> dict:
     """Run (or resume) the sweep ``name``; returns the summary logged on the parent run."""
+    out = out or sys.stdout          # at call time: a default bound at import would keep a replaced stream
     from pipelines import tracking
     from pipelines.driver import tune_report
     uri = tracking.resolve_uri(tracking_uri)

@@ -22,7 +22,7 @@ def _child_runs(uri: str, parent: str) -> dict[str, tuple[str, str]]:
     return {r.data.tags.get("ebm.trial_id"): (r.info.run_id, r.info.status) for r in runs}
 
 
-def close_runs(uri: str, rows: list[dict], children: dict, spec: dict, train_storage: Path, epochs: int) -> None:
+def close_runs(uri: str, rows: list[dict], children: dict, spec: dict, train_storage: str, epochs: int) -> None:
     """Close child runs whose trial actor Tune killed: early-stopped ones KILLED with a reason; ones
     that had reported their last epoch FINISHED, with the final checkpoint from Train's storage."""
     from pipelines import tracking
@@ -109,13 +109,14 @@ def seed_summary(rows: list[dict], metric: str = "test_nll", best: int = 5) -> d
             f"{metric}_best{best}_mean": statistics.fmean(top), f"{metric}_best{best}_std": statistics.pstdev(top)}
 
 
-def finish(uri: str, parent: str, grid, spec: dict, base: Config, train_storage: Path, wall_s: float,
-           out=sys.stdout) -> dict:
+def finish(uri: str, parent: str, grid, spec: dict, base: Config, train_storage: str, wall_s: float,
+           out=None) -> dict:
     """Log the sweep's outcome on the parent run; returns the summary."""
     from pipelines import tracking
+    out = out or sys.stdout          # at call time: a default bound at import would keep a replaced stream
     children = _child_runs(uri, parent)
     rows = rows_of(grid, spec, base, {k: v[0] for k, v in children.items()})
-    close_runs(uri, rows, children, spec, Path(train_storage), base.optim.epochs)
+    close_runs(uri, rows, children, spec, str(train_storage), base.optim.epochs)
     metric, sign = spec["metric"], (1 if spec["mode"] == "min" else -1)
     done = [r for r in rows if r["status"] == "COMPLETED" and r["val_nll"] == r["val_nll"]]
     best = min(done, key=lambda r: sign * r[metric if metric in r else "val_nll"]) if done else None
