@@ -121,10 +121,22 @@ def s3_keys(s3: dict, prefix: str = "") -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
+@contextmanager
+def _no_ray_address_env() -> Iterator[None]:
+    """Ray's state client prefers $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS to the address it is given;
+    an earlier Ray in this process may have left them pointing elsewhere."""
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def _alive_nodes(dashboard: str) -> list:
     from ray.util.state import list_nodes
 
-    return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
+    with _no_ray_address_env():
+        return [n for n in list_nodes(address=dashboard, raise_on_missing_output=False) if n.state == "ALIVE"]
 
 
 @contextmanager
@@ -156,7 +168,11 @@ def ray_nodes(tmp: Path, env: dict) -> Iterator[dict]:
     port, dash = free_port(), free_port()
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     # no drain: a head that still hosts Ray Train's detached actors would wait out the 30 s default
-    env = _env(**env, RAY_ADDRESS=address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    # none of this process's RAY_* variables: an earlier local Ray in the test process may have left
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (a loopback-only head no node can join) or a dead dashboard's
+    # RAY_API_SERVER_ADDRESS behind
+    env = {k: v for k, v in _env(**env).items() if not k.startswith("RAY_") or k in env}
+    env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     head_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")
     worker_tmp = tempfile.mkdtemp(prefix="ebmw", dir="/tmp")
@@ -190,6 +206,37 @@ def ray_nodes(tmp: Path, env: dict) -> Iterator[dict]:
         shutil.rmtree(worker_tmp, ignore_errors=True)
 
 
+@contextmanager
+def loopback_head(tmp: Path, object_store_bytes: int = 200_000_000, inherit_env: bool = True) -> Iterator[dict]:
+    """A single Ray head (`ray start --head --block`, our own child, stopped by its pid — never `ray
+    stop`) whose every server binds 127.0.0.1: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from
+    replacing 127.0.0.1 with the host's IP. Token auth is disabled for this loopback-only head; the
+    agent and Ray Client ports are free ones (another Ray may hold the defaults 52365 and 10001, and a
+    head whose agent cannot bind refuses every job). ``inherit_env``: start from this process's
+    environment (else without its RAY_* and MLFLOW_* variables). Log: ``tmp/head.log``.
+
+    Yields ``{"address": dashboard URL (the job server), "env": the head's environment, "tmp": tmp,
+    "pid": the head's pid}``."""
+    ray_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")      # short: AF_UNIX paths must fit in 107 bytes
+    port, dash = free_port(), free_port()
+    base = os.environ if inherit_env else {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env = dict(base, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
+    log = Path(tmp) / "head.log"
+    proc = _spawn([os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                   "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                   f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                   "--include-dashboard=true", f"--object-store-memory={object_store_bytes}", "--disable-usage-stats",
+                   f"--temp-dir={ray_tmp}"], env, log)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        _wait(lambda: bool(_get(f"{address}/api/version")), proc, log, "ray head", 120)
+        yield {"address": address, "env": env, "tmp": Path(tmp), "pid": proc.pid}
+    finally:
+        _stop(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def train_workers(cluster: dict, node_id: str | None = None) -> list:
     """The ALIVE Ray Train worker actors (class ``RayTrainWorker``) of ``cluster`` (as yielded by
     :func:`ray_nodes`), on ``node_id`` if given: ``ray.util.state`` ActorState records, each
@@ -199,7 +246,8 @@ def train_workers(cluster: dict, node_id: str | None = None) -> list:
     filters = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
     if node_id is not None:
         filters.append(("node_id", "=", node_id))
-    return list_actors(address=cluster["dashboard"], filters=filters, raise_on_missing_output=False)
+    with _no_ray_address_env():
+        return list_actors(address=cluster["dashboard"], filters=filters, raise_on_missing_output=False)
 
 
 @contextmanager

@@ -33,14 +33,25 @@ def ray_init(address: str | None, num_cpus: int | None = None, resources: dict |
     # Ray 2.60 turns _node_ip_address="127.0.0.1" into the host's IP (services.resolve_ip_for_localhost)
     # and then binds GCS, raylets, workers and agents on all interfaces; with ENABLE_RAY_CLUSTER off it
     # keeps 127.0.0.1 and every server binds 127.0.0.1 (a single-node Ray: no other node can join it).
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"     # the processes ray.init starts
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False                  # this process: ray is already imported
+    previous = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"     # the processes ray.init starts (they inherit it)
+    try:
+        _init_local(ray, num_cpus, resources, logging_config)
+    finally:                                                  # not for whatever this process starts later
+        if previous is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
+    return True
+
+
+def _init_local(ray, num_cpus, resources, logging_config) -> None:
     ray.init(num_cpus=num_cpus or os.cpu_count(), resources=resources, _node_ip_address="127.0.0.1",
              _temp_dir=os.environ.get("EBM_RAY_TMPDIR") or None, object_store_memory=256 * 1024 * 1024,
              log_to_driver=True, configure_logging=True, logging_level=log_level(), logging_config=logging_config,
              **state_api_pinned())
-    return True
 
 
 def log_level() -> str:
@@ -172,7 +183,7 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
     run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
     runs.reopened(uri, run_id, plan.changes)
     status = "FAILED"
-    previous = signal.getsignal(signal.SIGTERM)
+    previous, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt("SIGTERM")
@@ -206,9 +217,13 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        # Ray Train's fit() leaves its own SIGINT handler behind (it would call the ended run's controller
+        # and start a new Ray on the next Ctrl-C in this process: a notebook, a test session)
+        signal.signal(signal.SIGINT, previous_int)
         tracking.end_run(uri, run_id, status)
         if started:
             ray.shutdown()
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)      # set by ray_init for the Ray it started
 
 
 def print_summary(metrics: dict, uri: str, out=None) -> None:

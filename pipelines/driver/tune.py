@@ -180,6 +180,9 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
            "data_meta": identity.meta, "train_storage": fs.join(storage, f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
            "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures}
     status, started = "FAILED", False
+    import signal
+    import threading
+    previous_int = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     try:
         import ray
         from ray import tune
@@ -215,6 +218,8 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         status = "KILLED"
         raise
     finally:
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)     # Tune/Train leave their own SIGINT handler behind
         tracking.end_run(uri, parent, status)
         if started:
             ray.shutdown()

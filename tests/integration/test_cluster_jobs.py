@@ -1,13 +1,9 @@
 """A real Ray head on 127.0.0.1 with its job server; jobs submitted through `ebm submit`."""
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 
 import pytest
 
@@ -24,47 +20,10 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head --block` as our own child, stopped by its pid (never `ray stop`, which would
-    end every Ray on the machine). Token auth is disabled for this loopback-only test head:
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from replacing 127.0.0.1 with the host's IP, so
-    every one of its servers binds 127.0.0.1 (test_hardening_submit.py checks the sockets). The
-    agent and Ray Client ports are free ones: another Ray on the machine may hold the defaults
-    (52365, 10001), and a head whose agent cannot bind refuses every job ("No available agent")."""
-    tmp = tmp_path_factory.mktemp("rayhead")
-    # short: Ray's AF_UNIX socket paths under the temp dir must stay within 107 bytes
-    ray_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-    log = open(tmp / "head.log", "w")
-    proc = subprocess.Popen(
-        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-         "--include-dashboard=true", "--object-store-memory=200000000", "--disable-usage-stats",
-         f"--temp-dir={ray_tmp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"ray head did not come up: {(tmp / 'head.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield {"address": address, "env": env, "tmp": tmp}
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    """A loopback-only Ray head with its job server (tests/clusterlab.py)."""
+    import clusterlab
+    with clusterlab.loopback_head(tmp_path_factory.mktemp("rayhead")) as head:
+        yield head
 
 
 def _ebm(args, env, timeout=600, cwd=ROOT):

@@ -156,8 +156,9 @@ def test_sigterm_during_ingest_removes_its_temporary_folder(tmp_path):
     proc = subprocess.Popen([EBM, "data", "ingest", "synthetic", "toy1", "--n-train", "4000000", "--shard-rows", "50000",
                              "--out", str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".big.tmp-*/_draft/train/*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not list(tmp_path.glob(".big.tmp-*")) and time.monotonic() < deadline:    # the write has begun
+        time.sleep(0.02)
+    assert proc.poll() is None, "the ingest ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted; nothing was written" in err

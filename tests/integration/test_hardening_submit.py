@@ -14,7 +14,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -307,44 +306,11 @@ def _loopback(addr: str) -> bool:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head --block` as our own child (stopped by its pid, never `ray stop`), loopback only:
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray from replacing 127.0.0.1 with the host's IP, so every
-    server binds 127.0.0.1. Token auth is disabled for this loopback-only test head."""
-    tmp = tmp_path_factory.mktemp("hardhead")
-    ray_tmp = tempfile.mkdtemp(prefix="ebmk", dir="/tmp")       # short: AF_UNIX paths must stay within 107 bytes
-    port, dash = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", PATH=BIN + os.pathsep + os.environ.get("PATH", ""))
-    log = open(tmp / "head.log", "w")
-    proc = subprocess.Popen(
-        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-         "--include-dashboard=true", "--object-store-memory=100000000", "--disable-usage-stats",
-         f"--temp-dir={ray_tmp}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"ray head did not come up: {(tmp / 'head.log').read_text()[-3000:]}")
-        time.sleep(1)
-    yield {"address": address, "env": env, "pid": proc.pid}
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    """A loopback-only Ray head (tests/clusterlab.py), started without this process's RAY_*/MLFLOW_*."""
+    import clusterlab
+    with clusterlab.loopback_head(tmp_path_factory.mktemp("hardhead"), object_store_bytes=100_000_000,
+                                  inherit_env=False) as h:
+        yield h
 
 
 def _ebm(args, env, cwd=ROOT, timeout=300):
