@@ -155,21 +155,22 @@ def write_bytes(location: str, data: bytes) -> None:
 
 def delete_dir(location: str) -> None:
     """Remove a directory / prefix and everything under it; nothing if it does not exist."""
+    _remove(location, "delete_dir")
+
+
+def delete_file(location: str) -> None:
+    """Remove a file / object; nothing if it does not exist."""
+    _remove(location, "delete_file")
+
+
+def _remove(location: str, method: str) -> None:
     fs, path = resolve(location)
     try:
-        fs.delete_dir(path)
+        getattr(fs, method)(path)
     except FileNotFoundError:
         pass
     except OSError as e:
         raise StorageError(f"{location}: cannot delete ({e})") from None
-
-
-def delete_file(location: str) -> None:
-    fs, path = resolve(location)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def upload_dir(local_dir: str | os.PathLike, location: str) -> None:

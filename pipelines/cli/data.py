@@ -48,17 +48,10 @@ def target_declarations(args: argparse.Namespace) -> dict:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    import signal
-
     from pipelines.cli import quiet
     from pipelines.data.ingest import describe_targets, ingest
     n = {k: v for k, v in (("train", args.n_train), ("val", args.n_val), ("test", args.n_test)) if v}
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, on_term)     # SIGTERM cleans up like Ctrl-C
-    try:
+    try:        # SIGTERM arrives as KeyboardInterrupt (pipelines.cli.main), and cleans up like Ctrl-C
         meta = ingest(args.format, args.source, args.out, task=args.task, seed=args.seed,
                       shard_rows=args.shard_rows, val_frac=args.val_frac, test_frac=args.test_frac,
                       size=args.size, n=n or None, manifest=args.manifest, targets=target_declarations(args),
@@ -71,8 +64,6 @@ def _ingest(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"ebm data ingest: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     counts = ", ".join(f"{s} {v['rows']}" for s, v in meta["splits"].items())
     print(f"{args.out}: task {meta['task']}, {counts}; {meta['fingerprint']}")
     print(describe_targets(meta))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 from ebm import checkpoint
@@ -32,8 +31,8 @@ CONFIG_CHANGE_TAG = "ebm.config_change"
 def storage_root(storage: str | None) -> str:
     """``--storage``, else ``$EBM_STORAGE_PATH``, else ``./runs``; a local path made absolute (workers
     run elsewhere), a URI (``s3://…``) kept as it is."""
-    storage = storage or os.environ.get("EBM_STORAGE_PATH") or "runs"
-    return storage if "://" in storage else str(Path(storage).resolve())
+    from pipelines import storage as fs
+    return fs.absolute(storage or os.environ.get("EBM_STORAGE_PATH") or "runs")
 
 
 def checkpoint_dirs(storage: str, name: str) -> list[str]:
