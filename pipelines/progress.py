@@ -27,6 +27,6 @@ def bar(iterable: Iterable[T] | None = None, *, total: int | float | None = None
         unit: str = "it", unit_scale: bool = False):
     """A tqdm bar over ``iterable`` (or a manual one: ``with bar(total=n) as b: b.update(k)``);
     disabled (a no-op with the same interface) when :func:`enabled` says so."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm      # not tqdm.auto: its notebook bar needs ipywidgets
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
                 disable=not enabled(), dynamic_ncols=True, leave=False)
