@@ -37,6 +37,7 @@ class ConfigError(ValueError):
 
 METHODS = ("ebm_learned_proposal", "nce_fixed", "nce_plus", "ml_is", "mdn", "mdn_ebm_teacher")
 FEATURE_NETS = ("toy_mlp", "resnet18", "resnet_slim")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -171,9 +172,16 @@ class OptimConfig:
     batch_size: int = 32
     epochs: int = 75
     grad_clip: float = 0.0          # 0 = off (the paper uses none)
+    precision: str = "fp32"         # "bf16": autocast for the backbone and the energy head (losses stay fp32)
+    accumulate: int = 1             # micro-batches of batch_size per optimiser step (effective batch k·b)
+    grad_comm: str = "fp32"         # DDP gradient communication dtype ("bf16" halves the bytes; 1 worker: none)
 
     def __post_init__(self):
         _check_finite(self, "optim")
+        _check(self.precision in PRECISIONS, "optim.precision", f"must be one of {PRECISIONS}", self.precision)
+        _check(isinstance(self.accumulate, int) and not isinstance(self.accumulate, bool) and self.accumulate >= 1,
+               "optim.accumulate", "must be an integer >= 1", self.accumulate)
+        _check(self.grad_comm in PRECISIONS, "optim.grad_comm", f"must be one of {PRECISIONS}", self.grad_comm)
         _check(self.lr > 0, "optim.lr", "must be > 0", self.lr)
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "optim.batch_size", "must be >= 1",
