@@ -185,6 +185,11 @@ def quiet() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from pipelines._packages import clash
+    problem = clash()
+    if problem:
+        print(f"ebm: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         argv, env = _verbosity(argv)
     except UsageError as e:
