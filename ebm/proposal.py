@@ -78,8 +78,18 @@ class NonFiniteProposal(FloatingPointError):
 
 
 @torch.no_grad()
-def mixture_sample(mix: Mixture, M: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Ancestral sampling: component by weight, then per-dim Gaussian / von Mises. -> (B, M, D)."""
+def mixture_sample(mix: Mixture, M: int, generator=None) -> torch.Tensor:
+    """Ancestral sampling: component by weight, then per-dim Gaussian / von Mises. -> (B, M, D).
+
+    ``generator``: one ``torch.Generator`` for the batch, or a sequence of B (one per row: row i's
+    samples are those of that row alone with its generator, whatever the rest of the batch)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        gens, B = list(generator), mix.means.shape[0]
+        if len(gens) != B:
+            raise ValueError(f"{len(gens)} generators for a batch of {B} rows")
+        rows = [mixture_sample(Mixture(mix.means[i:i + 1], mix.log_sigma2[i:i + 1], mix.logits[i:i + 1], mix.circular),
+                               M, g) for i, g in enumerate(gens)]
+        return torch.cat(rows) if rows else mix.means.new_zeros((0, M, mix.means.shape[-1]))
     B, K, D = mix.means.shape
     probs = torch.softmax(mix.logits.float(), dim=-1)
     try:
