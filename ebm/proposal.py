@@ -138,17 +138,44 @@ def sample_von_mises(loc: torch.Tensor, kappa: torch.Tensor,
     return torch.remainder(out.to(loc.dtype) + loc, TWO_PI)
 
 
-def fixed_gmm_log_prob(eps: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+def fixed_gmm_log_prob(eps: torch.Tensor, sigmas: torch.Tensor,
+                       circular: tuple[bool, ...] | None = None) -> torch.Tensor:
     """Log-density of the hand-designed noise: equal-weight mixture of N(0, diag σ_k²) at eps.
 
     eps: (..., D); sigmas: (S,) (the same σ in every dim) or (S, D) -> (...). Used by the NCE /
-    NCE+ / ML-IS baselines.
+    NCE+ / ML-IS baselines. ``circular`` flags dims whose sample is wrapped onto the circle,
+    y = wrap(y_i + eps): there the density of the sample is the wrapped mixture
+    q(eps) = (1/S) Σ_k Π_d Σ_j N(eps_d + 2πj; 0, σ_kd²) over the images j of a circular dim
+    (docs/method.md §4.4), not the Gaussian density of the unwrapped offset.
     """
     D = eps.shape[-1]
-    ls2 = 2.0 * torch.log(_per_dim(sigmas, D))                                  # (S, D)
-    sq = (eps.unsqueeze(-2) ** 2 / torch.exp(ls2)).sum(-1)                      # (..., S)
-    comp = -0.5 * (sq + ls2.sum(-1) + D * _LOG_2PI)                             # (..., S)
-    return torch.logsumexp(comp, dim=-1) - math.log(sigmas.shape[0])
+    sig = _per_dim(sigmas, D).to(eps)                                            # (S, D)
+    var = sig * sig
+    if circular is not None and any(circular):
+        circ = torch.tensor(tuple(circular), dtype=torch.bool, device=eps.device)
+        e = torch.where(circ, eps - TWO_PI * torch.round(eps / TWO_PI), eps)   # circular dims on [-π, π]
+        shifts = TWO_PI * torch.arange(-_wrap_images(sig[:, circ]), _wrap_images(sig[:, circ]) + 1,
+                                       dtype=eps.dtype, device=eps.device)      # (J,)
+        x = e.unsqueeze(-2).unsqueeze(-1) + torch.where(circ.unsqueeze(-1), shifts, torch.zeros_like(shifts))
+        sq = x * x / var.unsqueeze(-1)                                          # (..., S, D, J)
+        # linear dims keep their one image (j = 0); a circular dim sums over all of them
+        sq = torch.where(circ.unsqueeze(-1), sq, torch.where(shifts == 0, sq, torch.full_like(sq, math.inf)))
+        per_dim = torch.logsumexp(-0.5 * sq, dim=-1)                            # (..., S, D)
+    else:
+        per_dim = -0.5 * eps.unsqueeze(-2) ** 2 / var                           # (..., S, D)
+    comp = per_dim.sum(-1) - 0.5 * (torch.log(var).sum(-1) + D * _LOG_2PI)     # (..., S)
+    return torch.logsumexp(comp, dim=-1) - math.log(sig.shape[0])
+
+
+# exp(-40) relative: the first image left out sits at least (2n+1)π from the offset in [-π, π]
+_WRAP_TAIL_NATS = 40.0
+
+
+def _wrap_images(sig_circ: torch.Tensor) -> int:
+    """How many images n (j = -n..n) the wrapped normal needs for the largest circular σ: the
+    nearest term left out, at distance ≥ (2n+1)π, is below exp(-40) of the Gaussian's peak."""
+    smax = float(sig_circ.max())
+    return max(1, math.ceil((smax * math.sqrt(2.0 * _WRAP_TAIL_NATS) / math.pi - 1.0) / 2.0))
 
 
 def _per_dim(sigmas: torch.Tensor, D: int) -> torch.Tensor:

@@ -52,14 +52,14 @@ def _fixed_proposal(model, x, y, cfg: Config, epoch: int, generator, circular, s
     sig = torch.as_tensor(sigmas, dtype=y.dtype, device=y.device)
     eps = fixed_gmm_sample((B, M), D, sig, generator)                          # (B, M, D)
     y_s = wrap(y.unsqueeze(1) + eps, circular)
-    logq_s = fixed_gmm_log_prob(eps, sig)                                      # (B, M)
+    logq_s = fixed_gmm_log_prob(eps, sig, circular)                            # (B, M), wrapped on circular dims
     if name == "nce_plus":
         eps0 = cfg.method.nce_plus_beta * fixed_gmm_sample((B, 1), D, sig, generator)
         y0 = wrap(y.unsqueeze(1) + eps0, circular)
-        logq_0 = fixed_gmm_log_prob(eps0, sig)[:, 0]
+        logq_0 = fixed_gmm_log_prob(eps0, sig, circular)[:, 0]
     else:
         y0 = y.unsqueeze(1)
-        logq_0 = fixed_gmm_log_prob(torch.zeros_like(y0), sig)[:, 0]
+        logq_0 = fixed_gmm_log_prob(torch.zeros_like(y0), sig, circular)[:, 0]
     f = model.score(enc, torch.cat([y0, y_s], dim=1))
     if name == "ml_is":
         loss = losses.ml_is_loss(f[:, 0], f[:, 1:], logq_s)

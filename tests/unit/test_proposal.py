@@ -80,3 +80,53 @@ def test_fixed_gmm_density_and_samples():
     torch.testing.assert_close(fixed_gmm_log_prob(eps, sig), ref.log_prob(eps), rtol=1e-5, atol=1e-5)
     s = fixed_gmm_sample((100_000,), 1, sig, torch.Generator().manual_seed(0))
     assert abs(s.var().item() - 0.5 * (0.01 + 0.64)) < 0.01
+
+
+@pytest.mark.parametrize("sigmas", [(0.05, 0.8), (0.8,), (3.0, 0.3)])
+def test_fixed_gmm_on_a_circular_dim_is_the_wrapped_density(sigmas):
+    # The density of wrap(y + eps) on the circle: it integrates to 1 over one period and equals a
+    # brute-force sum over 41 images; the Gaussian density of the offset does neither.
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    n = 20_000
+    grid = (-math.pi + 2 * math.pi * (torch.arange(n, dtype=torch.float64) + 0.5) / n).unsqueeze(-1)
+    lp = fixed_gmm_log_prob(grid, sig, (True,))
+    assert abs(lp.exp().sum().item() * 2 * math.pi / n - 1.0) < 1e-9
+    images = grid.unsqueeze(-1) + 2 * math.pi * torch.arange(-20, 21, dtype=torch.float64)     # (n, 1, J)
+    brute = torch.logsumexp(td.Normal(0.0, sig.view(-1, 1, 1, 1)).log_prob(images), dim=-1)    # (S, n, 1)
+    brute = torch.logsumexp(brute[..., 0], dim=0) - math.log(len(sigmas))
+    torch.testing.assert_close(lp, brute, rtol=0, atol=1e-9)
+    # the offset's own images give the same value: the density is one of the wrapped sample
+    torch.testing.assert_close(fixed_gmm_log_prob(grid + 2 * math.pi, sig, (True,)), lp, rtol=0, atol=1e-9)
+    # at ±π two images are equally near: the offset's Gaussian density there is half the wrapped one
+    pi = torch.tensor([[math.pi], [-math.pi]], dtype=torch.float64)
+    if max(sigmas) < 1.0:
+        gap = fixed_gmm_log_prob(pi, sig, (True,)) - fixed_gmm_log_prob(pi, sig)
+        torch.testing.assert_close(gap, torch.full_like(gap, math.log(2)), rtol=0, atol=1e-6)
+
+
+def test_fixed_gmm_wraps_only_the_circular_dims():
+    sig = torch.tensor([[0.3, 0.8], [1.2, 0.2]], dtype=torch.float64)       # (S, D): per-dim σ's
+    eps = torch.tensor([[[3.0, 3.0], [-2.9, 0.5], [0.1, -0.2]]], dtype=torch.float64)
+    got = fixed_gmm_log_prob(eps, sig, (False, True))
+    j = 2 * math.pi * torch.arange(-50, 51, dtype=torch.float64)
+    per_comp = []
+    for s in range(2):
+        lin = td.Normal(0.0, sig[s, 0]).log_prob(eps[..., 0])
+        circ = torch.logsumexp(td.Normal(0.0, sig[s, 1]).log_prob(eps[..., 1:] + j), dim=-1)
+        per_comp.append(lin + circ)
+    torch.testing.assert_close(got, torch.logsumexp(torch.stack(per_comp), 0) - math.log(2), rtol=0, atol=1e-10)
+    torch.testing.assert_close(fixed_gmm_log_prob(eps, sig, (False, False)), fixed_gmm_log_prob(eps, sig),
+                               rtol=0, atol=0)
+
+
+def test_fixed_gmm_wrapped_density_matches_wrapped_samples():
+    # histogram of wrap(eps) for eps from the sampler against the wrapped density (σ = 0.8 spills past ±π)
+    sig = torch.tensor([0.05, 0.8])
+    s = fixed_gmm_sample((400_000,), 1, sig, torch.Generator().manual_seed(1))
+    w = torch.remainder(s + math.pi, 2 * math.pi) - math.pi
+    edges = torch.linspace(-math.pi, math.pi, 41, dtype=torch.float64)
+    hist = torch.histc(w.double(), bins=40, min=-math.pi, max=math.pi) / w.numel()
+    fine = edges[:-1].unsqueeze(1) + (edges[1] - edges[0]) * (torch.arange(200, dtype=torch.float64) + 0.5) / 200
+    mass = fixed_gmm_log_prob(fine.unsqueeze(-1), sig.double(), (True,)).exp().mean(1) * (edges[1] - edges[0])
+    assert (hist - mass).abs().max().item() < 4e-3
+    assert abs(hist[0].item() - mass[0].item()) < 0.15 * mass[0].item()      # the end bins, where wrapping acts
