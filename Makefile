@@ -9,13 +9,14 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 install: $(STAMP)
 
+# -qq: pip prints errors (a failed install, a dependency conflict) and nothing else.
 # torch is pinned here: 2.13.0 is the CPU build; a bare `torch` requirement would pull a multi-GB
 # CUDA build. ray is pinned in pyproject.toml.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq torch==2.13.0
+	$(PY) -m pip install -qq -e '.[test]'
 	touch $(STAMP)
 
 # The main job on the embedded default: the built-in k-fold star images written once as a Parquet
