@@ -22,12 +22,17 @@ RUN_NAME_TAG = "ebm.run_name"
 
 
 def _quiet_store_logs() -> None:
-    """MLflow logs at INFO each time it creates or migrates a SQLite store (and alembic with it): not
-    something a user acts on. Kept unless $EBM_LOG_LEVEL asks for INFO or DEBUG (``-v``)."""
+    """MLflow logs at INFO each time it creates or migrates a SQLite store (and alembic with it), and
+    draws download bars for artifacts a command fetches: not something a user acts on. Kept unless $EBM_LOG_LEVEL asks for INFO or DEBUG (``-v``)."""
     import logging
     level = getattr(logging, os.environ.get("EBM_LOG_LEVEL", "WARNING").upper(), logging.WARNING)
-    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    # mlflow.pyfunc: "Validating input example against model signature" at every register
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration", "mlflow.pyfunc"):
         logging.getLogger(name).setLevel(level)
+    # MLflow draws a tqdm bar for every artifact download (register, predict from the registry); on a
+    # log or a pipe it is a run of carriage returns. The user's own setting wins.
+    if level > logging.INFO:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 _quiet_store_logs()
