@@ -26,7 +26,7 @@ from .star import KAPPA, make_star, render_star, star_true_log_density, wrap_flo
 
 __all__ = [
     "TaskSpec", "TASKS", "get_task", "make_toy1", "toy1_true_log_density", "load_toy1_reference",
-    "load_toy2_reference", "make_toy2", "render_star", "make_star", "star_true_log_density",
+    "load_toy2_reference", "make_toy2", "toy2_true_log_density", "bayes_nll", "render_star", "make_star", "star_true_log_density",
     "rotate_with_circular_mask", "make_fashion_rotation", "read_idx", "make_synthetic", "KAPPA",
 ]
 
@@ -223,17 +223,28 @@ def make_toy1(n: int = 2000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32)[:, None], y.astype(np.float32)[:, None]
 
 
-def _normal_logpdf(y: np.ndarray, mu: np.ndarray, sigma: float) -> np.ndarray:
-    return -0.5 * ((y - mu) / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(TWO_PI)
+def _normal_logpdf(y: np.ndarray, mu: np.ndarray, sigma: float | np.ndarray) -> np.ndarray:
+    return -0.5 * ((y - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * math.log(TWO_PI)
+
+
+def _density_args(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x -> float64 (N,); y (G,) (one grid for every x) or (N, G) (per x) -> float64 (N, G)."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim <= 1:
+        return x, np.broadcast_to(y.reshape(1, -1), (x.shape[0], y.size))
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows for {x.shape[0]} inputs x")
+    return x, y.reshape(x.shape[0], -1)
 
 
 def toy1_true_log_density(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Exact log p(y|x) of toy 1: x (N,) (or (N, 1)), y (G,) -> float64 (N, G).
+    """Exact log p(y|x) of toy 1: x (N,) (or (N, 1)), y (G,) for every x or (N, G) -> float64 (N, G).
 
     For x >= 0 the density is the lognormal pdf at y + 1, which is zero (log = -inf) for y <= −1.
     """
-    x = np.asarray(x, dtype=np.float64).reshape(-1)[:, None]
-    y = np.asarray(y, dtype=np.float64).reshape(-1)[None, :]
+    x, y = _density_args(x, y)
+    x = x[:, None]
     s = np.sin(x)
     mix = np.logaddexp(math.log(TOY1_MIX_P) + _normal_logpdf(y, s, TOY1_MIX_SIGMA),
                        math.log(1.0 - TOY1_MIX_P) + _normal_logpdf(y, -s, TOY1_MIX_SIGMA))
@@ -269,22 +280,34 @@ def load_toy2_reference(shared_dir: str | os.PathLike) -> dict[str, tuple[np.nda
     return {s: _reference_csv(shared_dir, f"toy2_{s}.csv") for s in ("train", "val", "test")}
 
 
+# Toy 2's four zones, in index order (docs/method.md §7): x = index / 3799 fixes the zone and, in
+# the Gaussian and uniform zones, the draw's own parameters.
+TOY2_SIZE = 1000
+TOY2_N_ASYM, TOY2_N_SYM, TOY2_N_UNIF, TOY2_N_MULTI = 8 * TOY2_SIZE // 10, TOY2_SIZE, TOY2_SIZE // 2, 3 * (TOY2_SIZE // 2)
+TOY2_N = TOY2_N_ASYM + TOY2_N_SYM + TOY2_N_UNIF + TOY2_N_MULTI          # 3800
+TOY2_MULTI = ((8.0, 0.5), (1.0, 3.0), (-4.5, 1.5))                      # U(lo, lo + width), one third each
+
+
+def _toy2_sym_means() -> np.ndarray:
+    return 3 * np.cos(np.linspace(0, 5, num=TOY2_N_SYM)) - 2
+
+
+def _toy2_unif_bounds() -> tuple[np.ndarray, np.ndarray]:
+    return np.linspace(-2, -4.5, num=TOY2_N_UNIF), np.linspace(-0.5, 9.0, num=TOY2_N_UNIF)
+
+
 def make_toy2() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Toy 2, draw for draw the reference generator (legacy ``np.random.seed(41)`` stream, here a
     private RandomState so global numpy state is untouched). Splits train 1710 / val 190 /
     test 1900 -> (x (N, 1), y (N, 1)) float32, x in [0, 1]."""
     rs = np.random.RandomState(41)
-    size = 1000
     # Every call below, including its argument form, fixes which draws each zone consumes.
-    asym = rs.beta(0.5, 1, 8 * size // 10) * 5 + 0.5
+    asym = rs.beta(0.5, 1, TOY2_N_ASYM) * 5 + 0.5
     rs.shuffle(asym)
-    mean = 3 * np.cos(np.linspace(0, 5, num=size)) - 2
-    sym = mean + rs.normal(scale=np.abs(mean) / 4, size=size)
-    unif = [rs.uniform(low=i, high=j)
-            for i, j in zip(np.linspace(-2, -4.5, num=size // 2), np.linspace(-0.5, 9.0, num=size // 2))]
-    multi = np.r_[8 + rs.uniform(size=size // 2) * 0.5,
-                  1 + rs.uniform(size=size // 2) * 3.0,
-                  -4.5 + rs.uniform(size=-(-size // 2)) * 1.5]
+    mean = _toy2_sym_means()
+    sym = mean + rs.normal(scale=np.abs(mean) / 4, size=TOY2_N_SYM)
+    unif = [rs.uniform(low=i, high=j) for i, j in zip(*_toy2_unif_bounds())]
+    multi = np.concatenate([lo + rs.uniform(size=TOY2_N_MULTI // 3) * width for lo, width in TOY2_MULTI])
     rs.shuffle(multi)
     y = np.concatenate([asym, sym, np.asarray(unif), multi])[:, None]
     x = np.arange(y.shape[0], dtype=np.float64)[:, None]
@@ -296,6 +319,51 @@ def make_toy2() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     n_val = (x.shape[0] - n_test) // 10
     bounds = {"test": (0, n_test), "val": (n_test, n_test + n_val), "train": (n_test + n_val, x.shape[0])}
     return {s: (x[a:b].astype(np.float32), y[a:b].astype(np.float32)) for s, (a, b) in bounds.items()}
+
+
+def toy2_true_log_density(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Exact log p(y|x) of toy 2's generator: x (N,) or (N, 1), y (G,) for every x or (N, G) -> float64 (N, G).
+
+    x must be a toy-2 input, index / 3799; the index picks the zone (docs/method.md §7):
+    5·Beta(0.5, 1) + 0.5; N(m_j, (|m_j|/4)²); U(a_j, b_j); one third each of U(8, 8.5), U(1, 4),
+    U(−4.5, −3) (a position of a shuffled zone has the zone's draw distribution as its marginal).
+    ``-inf`` outside the support; ``+inf`` at y = 0.5 exactly, the Beta zone's singular end.
+    """
+    x, y = _density_args(x, y)
+    pos = x * (TOY2_N - 1)
+    idx = np.rint(pos).astype(np.int64)
+    if x.size and (np.abs(pos - idx).max() > 1e-3 or idx.min() < 0 or idx.max() >= TOY2_N):
+        raise ValueError(f"x is not a toy-2 input (index / {TOY2_N - 1} for an index 0..{TOY2_N - 1})")
+    out = np.full(y.shape, -np.inf)
+    ends = np.cumsum([0, TOY2_N_ASYM, TOY2_N_SYM, TOY2_N_UNIF, TOY2_N_MULTI])
+    rows = [(idx >= a) & (idx < b) for a, b in zip(ends[:-1], ends[1:])]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u = (y[rows[0]] - 0.5) / 5.0                     # Beta(0.5, 1): density ½ u^(−½) on (0, 1]
+        out[rows[0]] = np.where((u >= 0) & (u <= 1), math.log(0.5) - 0.5 * np.log(u) - math.log(5.0), -np.inf)
+    m = _toy2_sym_means()[idx[rows[1]] - ends[1]][:, None]
+    out[rows[1]] = _normal_logpdf(y[rows[1]], m, np.abs(m) / 4.0)
+    a, b = (v[idx[rows[2]] - ends[2]][:, None] for v in _toy2_unif_bounds())
+    yu = y[rows[2]]
+    out[rows[2]] = np.where((yu >= a) & (yu <= b), -np.log(b - a), -np.inf)
+    ym = y[rows[3]]
+    dens = sum(((ym >= lo) & (ym <= lo + w)) / (3.0 * w) for lo, w in TOY2_MULTI)
+    with np.errstate(divide="ignore"):
+        out[rows[3]] = np.log(dens)
+    return out
+
+
+def bayes_nll(name: str, split: str = "test", seed: int = 0) -> float:
+    """The floor: mean −log p_true(y_i|x_i) over a generated split, the test NLL no model beats in
+    expectation (toy 1 with data seed ``seed``; toy 2's fixed split ignores it)."""
+    if name == "toy2":
+        x, y = make_toy2()[split]
+        lp = toy2_true_log_density(x, y)
+    elif name == "toy1":
+        x, y, _ = make_synthetic("toy1", seed)[split]
+        lp = toy1_true_log_density(x, y)
+    else:
+        raise ValueError(f"no exact density for task {name!r}; the floor is known for toy1 and toy2")
+    return float(-np.mean(lp))
 
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -336,3 +336,82 @@ def test_make_synthetic_rejects_bad_requests():
 def test_star_density_accepts_scalars_and_has_period_two_pi_over_k():
     lp = star_true_log_density(0.5, 2, np.array([0.5, 0.5 + np.pi, 0.5 + np.pi / 2]))
     assert lp.shape == (1, 3) and lp[0, 0] == pytest.approx(lp[0, 1]) and lp[0, 2] < lp[0, 0] - 20
+
+
+@pytest.mark.parametrize("name", ["toy1", "toy2", "steering", "age", "cell", "headpose", "star"])
+def test_cell_volume_is_the_spacing_of_the_grid_as_built(name):
+    # A normalised density summed over the task's grid times cell_volume() is 1, so grid_nll's
+    # log Δ is right for the end-point-inclusive grids; the released code's (hi − lo)/n would make
+    # the sum n/(n−1) per linear dim too small (3 log(30/29) = 0.102 nats on head pose).
+    task = get_task(name)
+    total = 0.0
+    for g, lo, hi, circ in zip(task.grid(), task.grid_lo, task.grid_hi, task.circular):
+        mu, sd = lo + 0.45 * (hi - lo), (hi - lo) / 20
+        lp = stats.vonmises.logpdf(g, 1.0 / sd ** 2, loc=mu) if circ else stats.norm.logpdf(g, mu, sd)
+        total += np.logaddexp.reduce(lp)
+    total += math.log(task.cell_volume())
+    assert abs(total) < 1e-9
+    released = sum(math.log((hi - lo) / n) for lo, hi, n in zip(task.grid_lo, task.grid_hi, task.grid_n))
+    gap = sum(math.log(n / (n - 1)) for n, c in zip(task.grid_n, task.circular) if not c)
+    assert math.log(task.cell_volume()) - released == pytest.approx(gap, abs=1e-12)
+
+
+# where toy 2's densities are singular or jump, whatever x is (docs/method.md §7)
+_TOY2_EDGES = np.array([0.5, 5.5, 8.0, 8.5, 1.0, 4.0, -4.5, -3.0])
+
+
+def _toy2_pit_and_mass(x, y, n=600, chunk=400):
+    """∫ p(t|x_i) dt below y_i and in all, per row, by the trapezoid rule on a grid log-spaced in
+    |t − y_i| and in the distance to each fixed edge (1e-9 .. 30): it resolves the Gaussian zone's
+    narrowest draws (sd 1.3e-4), the Beta zone's singular end and the uniforms' jumps."""
+    d = np.logspace(-9, math.log10(30.0), n)
+    fixed = np.concatenate([_TOY2_EDGES[:, None] - d, _TOY2_EDGES[:, None] + d]).ravel()
+    low, mass = [], []
+    for s in range(0, len(x), chunk):
+        xs, ys = x[s:s + chunk], y[s:s + chunk]
+        t = np.sort(np.concatenate([ys - d, ys, ys + d, np.broadcast_to(fixed, (len(ys), fixed.size))], 1), 1)
+        lp = tasks.toy2_true_log_density(xs, t)
+        dens = np.where(np.isposinf(lp), 0.0, np.exp(lp))     # y = 0.5 itself (a float32 draw) is one point
+        seg = 0.5 * (dens[:, 1:] + dens[:, :-1]) * np.diff(t, axis=1)
+        low.append(np.where(t[:, 1:] <= ys, seg, 0.0).sum(1))
+        mass.append(seg.sum(1))
+    return np.concatenate(low), np.concatenate(mass)
+
+
+def test_toy2_true_density_normalises_and_its_pits_of_the_generators_draws_are_uniform():
+    data = make_toy2()
+    x = np.concatenate([data[s][0] for s in ("train", "val", "test")])[:, 0]
+    y = np.concatenate([data[s][1] for s in ("train", "val", "test")]).astype(np.float64)
+    assert sorted(np.rint(x.astype(np.float64) * 3799).astype(int).tolist()) == list(range(3800))
+    pit, mass = _toy2_pit_and_mass(x, y)
+    zones = np.cumsum([0, 800, 1000, 500, 1500])
+    idx = np.rint(x.astype(np.float64) * 3799)
+    for a, b in zip(zones[:-1], zones[1:]):
+        z = (idx >= a) & (idx < b)
+        # the U(a_j, b_j) zone's jumps move with x and are not on the grid: the trapezoid rule's error
+        assert np.abs(mass[z] - 1.0).max() < (2e-2 if a == 1800 else 1e-3), f"zone {a}..{b}"
+        assert stats.kstest(pit[z], "uniform").pvalue > 0.01, f"zone {a}..{b}"
+    # the test has power: the same draws moved by 0.5 are rejected
+    shifted, _ = _toy2_pit_and_mass(x[:800], y[:800] + 0.5)
+    assert stats.kstest(shifted, "uniform").pvalue < 1e-6
+
+
+def test_toy2_density_rejects_inputs_that_are_not_toy2_and_takes_a_shared_grid():
+    with pytest.raises(ValueError, match="not a toy-2 input"):
+        tasks.toy2_true_log_density(np.array([0.5 / 3799]), np.zeros(3))
+    g = np.linspace(-12.5, 12.5, 11)
+    x = np.array([0.0, 1000 / 3799, 1.0])
+    assert np.array_equal(tasks.toy2_true_log_density(x, g), tasks.toy2_true_log_density(x, np.tile(g, (3, 1))))
+    lp = tasks.toy2_true_log_density(np.array([3799 / 3799]), np.array([8.25, 2.0, -4.0, 5.0]))
+    assert np.allclose(np.exp(lp), [[1 / 1.5, 1 / 9, 1 / 4.5, 0.0]])      # one third of U(8, 8.5), U(1, 4), U(-4.5, -3)
+
+
+def test_bayes_nll_is_the_floor_on_the_shared_split():
+    # computed from the generator, never stored: the test split's mean −log p_true(y|x)
+    x, y = make_toy2()["test"]
+    assert tasks.bayes_nll("toy2") == pytest.approx(-tasks.toy2_true_log_density(x, y).mean())
+    assert tasks.bayes_nll("toy2") == pytest.approx(1.239, abs=5e-4)       # the value issue 16 states
+    x1, y1, _ = make_synthetic("toy1", 0)["test"]
+    assert tasks.bayes_nll("toy1") == pytest.approx(-np.mean(toy1_true_log_density(x1, y1)))
+    with pytest.raises(ValueError, match="no exact density"):
+        tasks.bayes_nll("star")
