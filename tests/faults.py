@@ -58,17 +58,18 @@ def install(faults: dict) -> None:
 
 
 def worker_with_faults(faults: dict):
-    """A TorchTrainer worker function: the production one, with ``faults`` installed in the worker."""
-    def worker(config: dict) -> None:
+    """A worker function (TorchTrainer's, or an in-process trial's): the production one, with
+    ``faults`` installed in the process that trains."""
+    def worker(config: dict, runtime=None) -> dict:
         install(faults)
         from pipelines.worker.loop import train_worker
-        train_worker(config)
+        return train_worker(config, runtime)
     return worker
 
 
 def trial_with_faults(faults: dict, trial_suffix: str):
-    """A Tune trainable: the production trial, whose Train workers get ``faults`` when the trial id
-    ends with ``trial_suffix``."""
+    """A Tune trainable: the production trial, whose worker function (in a Train worker, or in the
+    trial's own process) gets ``faults`` when the trial id ends with ``trial_suffix``."""
     def train_trial(config: dict, job: dict) -> None:      # Tune's restore matches trainables by name
         import ray.tune
 

@@ -98,9 +98,9 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
         datasets = {"train": ray_dataset(cfg.task.data_dir, "train", augment="default", shuffle_files=True)}
     return TorchTrainer(
         loop.worker_loop,
-        train_loop_config={"cfg": cfg.to_flat(), "threads": threads, "ray_data": datasets is not None,
-                           "max_nonfinite_in_row": max_nonfinite_in_row, "resume_from": resume_from,
-                           "data_meta": data_meta, "log_level": log_level(), "quiet": os.environ.get("EBM_QUIET") == "1"},
+        train_loop_config=worker_config(cfg, threads=threads, ray_data=datasets is not None,
+                                        max_nonfinite_in_row=max_nonfinite_in_row, resume_from=resume_from,
+                                        data_meta=data_meta),
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus},
                                      placement_strategy=placement),
@@ -110,6 +110,15 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
                              failure_config=FailureConfig(max_failures=max_failures),
                              logging_config=LoggingConfig(log_level=log_level()),
                              checkpoint_config=CheckpointConfig(num_to_keep=keep)))
+
+
+def worker_config(cfg: Config, *, threads: int, ray_data: bool = False, max_nonfinite_in_row: int = 20,
+                  resume_from: str | None = None, data_meta: dict | None = None) -> dict:
+    """What :func:`pipelines.worker.loop.worker_loop` is given (Ray's ``train_loop_config``, or the
+    argument of an in-process Tune trial's call)."""
+    return {"cfg": cfg.to_flat(), "threads": threads, "ray_data": ray_data, "max_nonfinite_in_row": max_nonfinite_in_row,
+            "resume_from": resume_from, "data_meta": data_meta, "log_level": log_level(),
+            "quiet": os.environ.get("EBM_QUIET") == "1"}
 
 
 def finish_run(result, cfg: Config, uri: str, run_id: str) -> dict:

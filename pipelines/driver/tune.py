@@ -1,13 +1,18 @@
 """``ebm tune``: Ray Tune over the training job, one MLflow parent run per sweep.
 
-Each trial is one training job: a function trainable (:func:`train_trial`) that builds the same
-``TorchTrainer`` over the same worker function as ``ebm train`` (:func:`pipelines.worker.loop.worker_loop`)
-and forwards its reports to Tune with ``TuneReportCallback`` (Ray 2.60: ``Tuner(trainer)`` is gone).
-The trial's Train run and its MLflow child run are both named ``<sweep>-<trial id>``, so a resumed
-sweep (``--resume``) that reruns an errored trial continues that Train run from its latest checkpoint
+Each trial is one training job through the worker function of ``ebm train``
+(:func:`pipelines.worker.loop.worker_loop`), run by the function trainable :func:`train_trial`. A
+1-worker trial runs it in the trial's own process (:mod:`pipelines.driver.trial`): no nested Train
+controller and worker group to start, so a short trial no longer pays tens of seconds before its
+first step. A multi-worker trial builds the same ``TorchTrainer`` as ``ebm train`` and forwards its
+reports to Tune with ``TuneReportCallback`` (Ray 2.60: ``Tuner(trainer)`` is gone); its trial driver
+holds a sliver of a ``TRAIN_DRIVER`` custom resource instead of a CPU (with 2 CPUs a driver at 1 CPU
+plus its workers never fit). Either way the trial's checkpoints live under
+``STORAGE/<sweep>-train/<sweep>-<trial id>`` and its MLflow child run is named ``<sweep>-<trial id>``,
+so a resumed sweep (``--resume``) that reruns an errored trial continues from its latest checkpoint
 and reopens the same MLflow run — no duplicates — while finished trials are not rerun
-(``Tuner.restore``). The trial driver holds a sliver of a ``TRAIN_DRIVER`` custom resource instead of
-a CPU: with 2 CPUs a driver at 1 CPU plus its workers never fit.
+(``Tuner.restore``). ``--max-failures``: restarts of a multi-worker trial's worker group, or
+retries of a 1-worker trial by Tune (from its latest checkpoint).
 
 Search-space file (TOML)::
 
@@ -93,37 +98,55 @@ def param_space(space: dict) -> dict:
 
 
 def train_trial(config: dict, job: dict) -> None:
-    """One trial = one training job (Ray Train driver inside a Tune trial). ``config``: the sampled
-    flat config keys; ``job``: the sweep's constants (base config, MLflow, storage, resources)."""
+    """One trial = one training job. ``config``: the sampled flat config keys; ``job``: the sweep's
+    constants (base config, MLflow, storage, resources, ``in_process``: train here rather than in a
+    nested ``TorchTrainer``)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import tracking
     from pipelines.driver import runs
-    from pipelines.driver.train_job import build_trainer, finish_run, tracking_callback
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = Config.from_flat({**job["cfg"], **config})
     name = f"{job['sweep']}-{trial_id}"
     uri = job["uri"]
     tags = {**job["tags"], "mlflow.parentRunId": job["parent_run_id"], "ebm.sweep": job["sweep"],
-            "ebm.trial_id": trial_id, "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name}
-    # a rerun of an errored trial (a resumed sweep) continues its Train run and reopens its MLflow run
+            "ebm.trial_id": trial_id, "seed": str(cfg.seed), "task": cfg.task.name, "method": cfg.method.name,
+            "ebm.mode": "tune-in-process" if job.get("in_process") else "tune-ray-train"}
+    # a rerun of an errored trial (a resumed sweep) continues from its checkpoint and reopens its MLflow run
     run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml(), reopen=True)
     runs.reopened(uri, run_id, {})
     status = "FAILED"
     try:
-        trainer = build_trainer(cfg, name=name, storage_path=job["train_storage"], num_workers=job["num_workers"],
-                                use_gpu=job["use_gpu"], cpus=job["cpus_per_worker"], threads=job["threads"],
-                                max_failures=job["max_failures"], keep=2, data_meta=job.get("data_meta"),
-                                callbacks=[tracking_callback(uri, run_id), TuneReportCallback()])
-        finish_run(trainer.fit(), cfg, uri, run_id)
-        runs.prune(job["train_storage"], name, 2)
+        if job.get("in_process"):
+            from pipelines.driver.trial import train_in_process
+            train_in_process(cfg, name=name, uri=uri, run_id=run_id, job=job)
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            from pipelines.driver.train_job import build_trainer, finish_run, tracking_callback
+            trainer = build_trainer(cfg, name=name, storage_path=job["train_storage"], num_workers=job["num_workers"],
+                                    use_gpu=job["use_gpu"], cpus=job["cpus_per_worker"], threads=job["threads"],
+                                    max_failures=job["max_failures"], keep=2, data_meta=job.get("data_meta"),
+                                    callbacks=[tracking_callback(uri, run_id), TuneReportCallback()])
+            finish_run(trainer.fit(), cfg, uri, run_id)
+            runs.prune(job["train_storage"], name, 2)
         status = "FINISHED"
+    except SystemExit:          # Tune stopping the trial (ASHA) at a report; tune_report closes the run
+        status = "KILLED"
+        raise
     except Exception as e:
         tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])
         raise
     finally:
         tracking.end_run(uri, run_id, status)
+
+
+def trial_resources(job: dict) -> dict:
+    """A 1-worker trial in its own process holds its worker's resources; a multi-worker trial's
+    driver holds a sliver of ``TRAIN_DRIVER`` (or of a CPU) and its Train workers the rest."""
+    if job["in_process"]:
+        return {"CPU": job["cpus_per_worker"], **({"GPU": 1} if job["use_gpu"] else {})}
+    return _driver_resources()
 
 
 def _driver_resources() -> dict:
@@ -135,9 +158,11 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
               seeds: int = 0, resume: bool = False, storage_path: str | None = None, tracking_uri: str | None = None,
               experiment: str = "ebm", num_workers: int = 1, cpus_per_worker: float = 0.0, use_gpu: bool = False,
               threads: int = 1, max_concurrent: int = 1, max_failures: int = 1, address: str | None = None,
-              register_name: str = "", alias: str = "champion",
+              register_name: str = "", alias: str = "champion", in_process: bool | None = None,
               out=None) -> dict:
-    """Run (or resume) the sweep ``name``; returns the summary logged on the parent run."""
+    """Run (or resume) the sweep ``name``; returns the summary logged on the parent run.
+    ``in_process``: train each trial in its own process (default: when ``num_workers == 1``); False
+    keeps a nested 1-worker ``TorchTrainer`` (what every trial did before; benchmarks compare them)."""
     out = out or sys.stdout          # at call time: a default bound at import would keep a replaced stream
     from pipelines import tracking
     from pipelines.driver import tune_report
@@ -178,7 +203,10 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
     job = {"cfg": spec["cfg"], "sweep": name, "uri": uri, "experiment": experiment, "parent_run_id": parent,
            "tags": {"git_sha": tracking.git_sha(), **identity.tags(), **tracking.package_versions()},
            "data_meta": identity.meta, "train_storage": fs.join(storage, f"{name}-train"), "num_workers": num_workers, "cpus_per_worker": cpus,
-           "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures}
+           "use_gpu": use_gpu, "threads": threads, "max_failures": max_failures,
+           "in_process": num_workers == 1 if in_process is None else bool(in_process)}
+    if job["in_process"] and num_workers != 1:
+        raise ConfigError(f"a trial runs in its own process only with 1 worker, got num_workers={num_workers}")
     status, started = "FAILED", False
     import signal
     import threading
@@ -189,7 +217,9 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
         from pipelines.driver.train_job import ray_init
         # TRAIN_DRIVER: the trial drivers' resource (see the module docstring)
         started = ray_init(address, resources={"TRAIN_DRIVER": 4})
-        trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), _driver_resources())
+        trainable = tune.with_resources(tune.with_parameters(train_trial, job=job), trial_resources(job))
+        # an in-process trial is retried by Tune (a multi-worker trial's worker group by Ray Train)
+        failure = tune.FailureConfig(max_failures=max_failures if job["in_process"] else 0)
         if resume:
             tuner = tune.Tuner.restore(fs.join(storage, name), trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -199,7 +229,8 @@ def run_sweep(cfg: Config | None, *, name: str, space: dict | None = None, opts:
                                                            scheduler=_scheduler(spec, base),
                                                            num_samples=spec["num_samples"],
                                                            max_concurrent_trials=max_concurrent),
-                               run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+                               run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                                         failure_config=failure))
         t0 = time.perf_counter()
         grid = tuner.fit()
         summary = tune_report.finish(uri, parent, grid, spec, base, fs.join(storage, f"{name}-train"),

@@ -27,13 +27,13 @@ def ray_tune():
     os.environ.pop("RAY_API_SERVER_ADDRESS", None)
 
 
-def _cfg():
-    return Config.from_toml(os.path.join(ROOT, "pipelines/configs/debug.toml"), OVERRIDES)
+def _cfg(*extra):
+    return Config.from_toml(os.path.join(ROOT, "pipelines/configs/debug.toml"), OVERRIDES + list(extra))
 
 
-def _sweep(tmp_path, name, space, **kw):
+def _sweep(tmp_path, name, space, cfg=None, **kw):
     from pipelines.driver.tune import check_space, run_sweep
-    cfg = _cfg()
+    cfg = cfg or _cfg()
     return run_sweep(cfg, name=name, space=check_space(space, cfg), storage_path=str(tmp_path / "runs"),
                      tracking_uri=f"sqlite:///{tmp_path}/mlruns.db", num_workers=1, cpus_per_worker=0.5,
                      max_concurrent=2, **kw)
@@ -123,3 +123,29 @@ def test_an_errored_trial_resumes_from_its_checkpoint_without_duplicate_runs(ray
     assert [m.value for m in c.get_metric_history(rid, "first_epoch")] == [0.0, 1.0, 1.0]
     assert len(c.get_metric_history(after[done].info.run_id, "train_loss")) == 3
     assert "test_nll" in c.get_run(rid).data.metrics
+
+
+def test_a_one_worker_trial_trains_in_its_own_process_with_the_numbers_of_a_ray_train_trial(ray_tune, tmp_path):
+    """The same seed and config: a trial trained in the Tune trial's process and one trained by a
+    nested 1-worker TorchTrainer log the same metrics, checkpoints and plots."""
+    from mlflow.tracking import MlflowClient
+
+    from ebm import checkpoint
+    from pipelines.driver import runs
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    cfg = _cfg("optim.epochs=2")
+    got = {}
+    for mode, in_process in (("tune-in-process", True), ("tune-ray-train", False)):
+        s = _sweep(tmp_path, mode, {"proposal.K": {"grid": [2]}}, cfg=cfg, opts={"scheduler": "fifo"},
+                   in_process=in_process)
+        assert s["errors"] == 0
+        (kid,) = _children(c, s["parent_run_id"])
+        assert kid.info.status == "FINISHED" and kid.data.tags["ebm.mode"] == mode
+        history = {k: [(m.step, m.value) for m in c.get_metric_history(kid.info.run_id, k)]
+                   for k in kid.data.metrics if not k.endswith(("_s", "_frac"))}
+        assert [step for step, _ in history["train_loss"]] == [0, 1] and "test_nll" in history
+        assert {a.path for a in c.list_artifacts(kid.info.run_id)} >= {"checkpoint", "plots"}
+        dirs = runs.checkpoint_dirs(str(tmp_path / "runs" / f"{mode}-train"), kid.info.run_name)
+        assert len(dirs) == 2 and checkpoint.load(dirs[-1])["epoch"] == 1
+        got[mode] = history
+    assert got["tune-in-process"] == got["tune-ray-train"]
