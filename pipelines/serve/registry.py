@@ -2,7 +2,8 @@
 
 ``register`` takes a training run (or the best child run of a sweep), turns its final checkpoint
 into a pyfunc model logged in that run — weights, config, task and input shape in ``model.pt``,
-the config as ``config.toml``, the ``ebm`` and ``pipelines`` source as code paths, a signature with
+the config as ``config.toml``, the ``ebm`` and ``pipelines`` source as code paths, the pyfunc as a model from code
+(:mod:`pipelines.serve.pyfunc_model`: nothing is pickled), a signature with
 parameters and an input example — registers one new version, points an alias at it (aliases, not
 the deprecated stages) and tags both the version and the source run with each other.
 
@@ -27,6 +28,7 @@ from pipelines.serve import serving
 BEST_RUN_TAG = "ebm.best_run_id"         # set by ``ebm tune`` on the sweep's parent run
 REGISTERED_TAG = "ebm.registered_model"  # set on the source run: "NAME/VERSION"
 MODEL_NAME = "model"                     # the logged model's name inside the run
+MODEL_CODE = str(Path(__file__).with_name("pyfunc_model.py"))   # the pyfunc, as a model from code
 
 
 class RegistryError(RuntimeError):
@@ -232,7 +234,7 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
         example = input_example(p)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=EBMPyfunc(), artifacts={"model": str(model_path), "config": str(cfg_path)},
+                name=MODEL_NAME, python_model=MODEL_CODE, artifacts={"model": str(model_path), "config": str(cfg_path)},
                 code_paths=_code_copy(Path(d) / "code"), signature=signature(p, example), input_example=example,
                 pip_requirements=_requirements(p.is_image), registered_model_name=name,
                 metadata={"task": p.task.name, "x_shape": list(p.task.x_shape), "target_names": list(p.task.target_names),
