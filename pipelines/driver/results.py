@@ -1,79 +1,165 @@
-"""``ebm results EXPERIMENT --out FILE.md``: markdown tables of an experiment's finished MLflow runs.
+"""``ebm results``: markdown tables of an experiment's finished runs, from the MLflow store or from a
+compact export of it (``--export`` writes one, ``--runs`` reads one), and the results page rebuilt
+from a template (``--template``, :mod:`pipelines.driver.results_page`).
 
 Runs are grouped by the ``ebm.group`` tag that ``ebm train --local --group NAME`` sets; one table per
-task, one row per group: the number of seeds and mean ± std (population std, ddof = 0, as the
-training summary prints) of each test metric and the training time, and, under the table, the exact
-command(s) recorded on the group's runs (tag ``ebm.command``).
+task, one row per group: the number of seeds and mean ± std (sample std, ddof = 1) of each test
+metric and the training time, and, under the table, the exact command(s) recorded on the group's runs
+(tag ``ebm.command``) and the epoch each run's test figures come from (``selected_epoch``).
 """
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GROUP_TAG = "ebm.group"
 COMMAND_TAG = "ebm.command"
+EXPORT_FORMAT = "ebm-runs/1"            # the first line of an export names its format
+HISTORY_METRICS = ("val_nll",)           # per-epoch curves kept in an export (convergence figures)
 
 # (column title, MLflow metric) in table order; a column is dropped when no group of the table has it
 COLUMNS = (("test NLL", "test_nll"), ("IS NLL", "test_is_nll"), ("KL", "test_kl"),
            ("MAE mode", "test_mae_mode"), ("MAE mean", "test_mae_mean"), ("CRPS", "test_crps"),
-           ("90% cover.", "test_coverage"), ("wall time (s)", "train_time_s"), ("CPU time (s)", "train_cpu_s"))
+           ("90% cover.", "test_coverage"), ("sel. epoch", "selected_epoch"),
+           ("wall time (s)", "train_time_s"), ("CPU time (s)", "train_cpu_s"))
 # params shown per group, so that a scaled-down protocol is visible in the table itself
-PARAMS = (("method", "method.name"), ("K", "proposal.K"), ("epochs", "optim.epochs"), ("M", "sampler.M_train"))
+PARAMS = (("method", "method.name"), ("K", "proposal.K"), ("epochs", "optim.epochs"), ("M", "sampler.M_train"),
+          ("select", "eval.select"))
+
+
+@dataclass
+class RunRecord:
+    """What the tables need of one MLflow run; one line of a compact export."""
+    run_id: str
+    experiment: str
+    status: str
+    params: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)          # the last value of each metric
+    tags: dict = field(default_factory=dict)             # mlflow.* system tags left out
+    history: dict = field(default_factory=dict)          # metric -> [[step, value], ...]
+
+    @classmethod
+    def from_mlflow(cls, run, experiment: str, history: dict | None = None) -> "RunRecord":
+        return cls(run.info.run_id, experiment, run.info.status, dict(run.data.params), dict(run.data.metrics),
+                   {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}, history or {})
 
 
 @dataclass
 class Group:
     name: str
     task: str
-    runs: list = field(default_factory=list)       # mlflow Run objects, FINISHED only
+    runs: list = field(default_factory=list)       # RunRecords, FINISHED only
     unfinished: int = 0
 
     def values(self, metric: str) -> list[float]:
-        return [r.data.metrics[metric] for r in self.runs
-                if metric in r.data.metrics and math.isfinite(r.data.metrics[metric])]
+        return [r.metrics[metric] for r in self.runs if metric in r.metrics and math.isfinite(r.metrics[metric])]
 
     def param(self, key: str) -> str:
-        vals = sorted({r.data.params.get(key, "") for r in self.runs})
+        vals = sorted({r.params.get(key, "") for r in self.runs})
         return vals[0] if len(vals) == 1 else "mixed: " + "/".join(vals)
 
     def seeds(self) -> list[str]:
-        return sorted((r.data.tags.get("seed", "?") for r in self.runs), key=lambda s: (len(s), s))
+        return sorted((r.tags.get("seed", "?") for r in self.runs), key=lambda s: (len(s), s))
 
     def commands(self) -> list[str]:
-        return sorted({r.data.tags.get(COMMAND_TAG, "(not recorded)") for r in self.runs})
+        return sorted({r.tags.get(COMMAND_TAG, "(not recorded)") for r in self.runs})
+
+    def selected_epochs(self) -> list[tuple[str, int]]:
+        """(seed, selected epoch) of the runs that logged one, by seed."""
+        out = [(r.tags.get("seed", "?"), int(r.metrics["selected_epoch"])) for r in self.runs
+               if math.isfinite(r.metrics.get("selected_epoch", math.nan))]
+        return sorted(out, key=lambda t: (len(t[0]), t[0]))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values)
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def collect(uri: str, experiment: str) -> list[Group]:
-    """The experiment's runs grouped by ``ebm.group`` (runs without the tag are skipped), sorted by name."""
+def group_runs(records: list[RunRecord]) -> list[Group]:
+    """Records grouped by ``ebm.group`` (records without the tag are skipped), sorted by name."""
+    groups: dict[str, Group] = {}
+    for r in records:
+        name = r.tags.get(GROUP_TAG)
+        if not name:
+            continue
+        g = groups.setdefault(name, Group(name, r.tags.get("task", name.split("/")[0])))
+        if r.status == "FINISHED":
+            g.runs.append(r)
+        else:
+            g.unfinished += 1
+    return [groups[k] for k in sorted(groups)]
+
+
+def fetch_records(uri: str, experiment: str, history: tuple[str, ...] = ()) -> list[RunRecord]:
+    """Every run of the experiment in the store, with the per-step values of ``history`` metrics."""
     from pipelines.tracking import open_client
     client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"ebm results: no experiment {experiment!r} in {uri}")
-    groups: dict[str, Group] = {}
-    token = None
+    out, token = [], None
     while True:
         page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
         for r in page:
-            name = r.data.tags.get(GROUP_TAG)
-            if not name:
-                continue
-            g = groups.setdefault(name, Group(name, r.data.tags.get("task", name.split("/")[0])))
-            if r.info.status == "FINISHED":
-                g.runs.append(r)
-            else:
-                g.unfinished += 1
+            curves = {m: [[h.step, h.value] for h in client.get_metric_history(r.info.run_id, m)]
+                      for m in history if m in r.data.metrics}
+            out.append(RunRecord.from_mlflow(r, experiment, curves))
         token = page.token
         if not token:
-            break
-    return [groups[k] for k in sorted(groups)]
+            return out
+
+
+def collect(uri: str, experiment: str) -> list[Group]:
+    """The experiment's runs in the store grouped by ``ebm.group``, sorted by name."""
+    return group_runs(fetch_records(uri, experiment))
+
+
+def write_export(records: list[RunRecord], path: str | Path) -> None:
+    """The compact export: a header line, then one JSON object per run (sorted by group, seed, id), so
+    that it diffs line by line in git and the next session needs no store."""
+    key = lambda r: (r.tags.get(GROUP_TAG, ""), len(r.tags.get("seed", "")), r.tags.get("seed", ""), r.run_id)
+    lines = [json.dumps({"format": EXPORT_FORMAT})]
+    lines += [json.dumps(asdict(r), sort_keys=True, allow_nan=True) for r in sorted(records, key=key)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def merge_export(records: list[RunRecord], path: str | Path) -> list[RunRecord]:
+    """The export's records with ``records`` replacing those of the same run id (one batch of runs added
+    to a committed export keeps the earlier batches' runs, whose store may be gone)."""
+    old = read_export(path) if Path(path).exists() else []
+    new = {r.run_id: r for r in records}
+    return [r for r in old if r.run_id not in new] + list(new.values())
+
+
+def read_export(path: str | Path, experiment: str | None = None) -> list[RunRecord]:
+    """Records of a compact export (of ``experiment`` only, when given); ValueError naming the line
+    that is not one."""
+    lines = Path(path).read_text().splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        head = {}
+    if head.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not a run export (its first line must be {{\"format\": \"{EXPORT_FORMAT}\"}})")
+    out = []
+    for i, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            rec = RunRecord(**json.loads(line))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}:{i}: not a run record ({e})") from None
+        if experiment is None or rec.experiment == experiment:
+            out.append(rec)
+    return out
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:
@@ -83,13 +169,18 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _digits(metric: str) -> int:
+    return 1 if metric.startswith("train_") or metric == "selected_epoch" else 3
+
+
 def table(groups: list[Group]) -> str:
-    """One markdown table (the groups of one task) followed by each group's commands."""
+    """One markdown table (the groups of one task) followed by each group's commands and selected epochs."""
     cols = [(t, k) for t, k in COLUMNS if any(g.values(k) for g in groups)]
-    head = ["group", "seeds"] + [t for t, _ in PARAMS] + [t for t, _ in cols]
+    params = [(t, k) for t, k in PARAMS if any(k in r.params for g in groups for r in g.runs)]
+    head = ["group", "seeds"] + [t for t, _ in params] + [t for t, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        row = [f"`{g.name}`", str(len(g.runs))] + [g.param(k) for _, k in PARAMS] + [_fmt(g.values(k), 1 if k.startswith("train_") else 3)
+        row = [f"`{g.name}`", str(len(g.runs))] + [g.param(k) for _, k in params] + [_fmt(g.values(k), _digits(k))
                                                                                  for _, k in cols]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
@@ -97,11 +188,13 @@ def table(groups: list[Group]) -> str:
         note = f"; {g.unfinished} unfinished run(s) left out" if g.unfinished else ""
         lines.append(f"- `{g.name}` (seeds {', '.join(g.seeds())}{note}):")
         lines += [f"  `{c}`" for c in g.commands()]
+        if g.selected_epochs():
+            lines.append("  selected epoch by seed: " + ", ".join(f"{s}: {e}" for s, e in g.selected_epochs()))
     return "\n".join(lines) + "\n"
 
 
 def render(groups: list[Group], experiment: str, uri: str, command: str = "") -> str:
-    out = [f"<!-- written by: {command or 'ebm results ' + experiment} (tracking URI {uri}) -->\n"]
+    out = [f"<!-- written by: {command or 'ebm results ' + experiment} (runs from {uri}) -->\n"]
     for task in sorted({g.task for g in groups}):
         out.append(f"### {task}\n\n" + table([g for g in groups if g.task == task and g.runs]))
     return "\n".join(out)
@@ -125,15 +218,15 @@ def download_figures(uri: str, groups: list[Group], out_dir: str) -> list[Path]:
     for g in groups:
         if not g.runs:
             continue
-        run = min(g.runs, key=lambda r: int(r.data.tags.get("seed", "0")))
-        plots = sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots") if a.path.endswith(".png"))
+        run = min(g.runs, key=lambda r: int(r.tags.get("seed", "0")))
+        plots = sorted(a.path for a in client.list_artifacts(run.run_id, "plots") if a.path.endswith(".png"))
         # runs made before per-epoch plots logged one final plots/density.png
         name = "plots/density.png" if "plots/density.png" in plots else (plots[-1] if plots else None)
         if name is None:
-            print(f"ebm results: {g.name}: run {run.info.run_id} has no density plot", file=sys.stderr)
+            print(f"ebm results: {g.name}: run {run.run_id} has no density plot", file=sys.stderr)
             continue
         with tempfile.TemporaryDirectory() as d:
-            local = client.download_artifacts(run.info.run_id, name, d)
+            local = client.download_artifacts(run.run_id, name, d)
             dest = Path(out_dir) / (g.name.replace("/", "_") + ".png")
             shutil.copyfile(local, dest)
             written.append(dest)

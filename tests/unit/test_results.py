@@ -1,4 +1,7 @@
-"""`ebm results`: grouping and mean ± std over a real SQLite MLflow store holding a few fake runs."""
+"""`ebm results`: grouping and mean ± std over a real SQLite MLflow store holding a few fake runs, the
+compact export, Welch's decided claims with known answers, and the page rebuilt from a template."""
+import json
+import math
 import statistics
 
 import pytest
@@ -37,12 +40,12 @@ def store(tmp_path):
     return uri
 
 
-def test_groups_hold_finished_runs_only_and_aggregate_mean_and_population_std(store):
+def test_groups_hold_finished_runs_only_and_aggregate_mean_and_sample_std(store):
     groups = {g.name: g for g in results.collect(store, "exp")}
     assert sorted(groups) == ["toyX/a", "toyX/b", "toyY/c"]
     a = groups["toyX/a"]
     assert len(a.runs) == 3 and a.unfinished == 1
-    assert results.mean_std(a.values("test_nll")) == (2.0, statistics.pstdev([1.0, 2.0, 3.0]))
+    assert results.mean_std(a.values("test_nll")) == (2.0, statistics.stdev([1.0, 2.0, 3.0]))
     assert groups["toyX/b"].param("optim.epochs") == "mixed: 20/30"
     assert groups["toyX/b"].commands() == ["ebm train y", "ebm train z"]
 
@@ -50,8 +53,8 @@ def test_groups_hold_finished_runs_only_and_aggregate_mean_and_population_std(st
 def test_markdown_has_a_table_per_task_with_only_the_columns_present(store):
     text = results.render(results.collect(store, "exp"), "exp", store)
     x, y = text.split("### toyX")[1].split("### toyY")
-    assert "| `toyX/a` | 3 | m | 4 | 75 | 128 | 2.000 ± 0.816 | 0.200 ± 0.082 | 10.0 ± 0.0 |" in x
-    assert "| `toyX/b` | 2 | m | 4 | mixed: 20/30 | 128 | 6.000 ± 1.000 | — | — |" in x
+    assert "| `toyX/a` | 3 | m | 4 | 75 | 128 | 2.000 ± 1.000 | 0.200 ± 0.100 | 10.0 ± 0.0 |" in x
+    assert "| `toyX/b` | 2 | m | 4 | mixed: 20/30 | 128 | 6.000 ± 1.414 | — | — |" in x
     assert "KL" in x and "CRPS" not in x and "KL" not in y and "CRPS" in y
     assert "1 unfinished run(s) left out" in x and "`ebm train z`" in x
     assert "9.000" not in text and "100.000" not in text
@@ -78,3 +81,164 @@ def test_figures_are_the_lowest_seed_density_plots_of_the_matching_groups(tmp_pa
             c.set_terminated(r.info.run_id)
     out = results.download_figures(uri, results.select(results.collect(uri, "exp"), ["*/a"]), str(tmp_path / "figs"))
     assert [p.name for p in out] == ["t_a.png"] and out[0].read_bytes() == b"t/a 0"
+
+
+# --- decided claims: Welch's t with known answers ---------------------------------------------------
+
+def test_welch_matches_the_textbook_example_and_scipy():
+    from scipy import stats
+
+    from pipelines.driver.results_page import welch
+    # Welch (1947)-style example from the Welch's t-test article (sample 1 / sample 2 of its first example)
+    a = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+    b = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+    c = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert c.t == pytest.approx(ref.statistic, rel=1e-12) and c.t == pytest.approx(-2.46, abs=0.005)
+    assert c.df == pytest.approx(ref.df, rel=1e-12) and c.df == pytest.approx(24.99, abs=0.005)
+    ci = ref.confidence_interval(0.95)
+    assert (c.lo, c.hi) == (pytest.approx(ci.low, rel=1e-9), pytest.approx(ci.high, rel=1e-9))
+    assert c.decision == "beats"                       # lower is better and the interval is below 0
+    assert welch(b, a).decision == "worse"
+
+
+def test_decisions_and_the_matches_bound_by_hand():
+    from pipelines.driver.results_page import welch
+    # n = 2 each, s² = 2 each: d = −1, se = √2, ν = 2, t_{0.975, 2} = 4.302653 -> X = 1 + 4.302653·√2
+    c = welch([1.0, 3.0], [2.0, 4.0])
+    assert (c.diff, c.se, c.df) == (pytest.approx(-1.0), pytest.approx(math.sqrt(2)), pytest.approx(2.0))
+    assert c.bound == pytest.approx(1 + 4.302653 * math.sqrt(2), abs=1e-5)
+    assert c.decision == "matches (difference < 7.085 at 95%)"
+    # three seeds each, sd 0.1: d = −1 with se 0.0816, ν = 4 -> resolved both ways
+    assert welch([1.0, 1.1, 0.9], [2.0, 2.1, 1.9]).decision == "beats"
+    assert welch([2.0, 2.1, 1.9], [1.0, 1.1, 0.9]).decision == "worse"
+    assert welch([1.0], [2.0, 3.0]).decision.startswith("undecided")
+    same = welch([0.5, 0.5], [0.5, 0.5])
+    assert same.decision == "matches (difference < 0.000 at 95%)"
+
+
+def test_floor_values_come_from_the_generators():
+    from ebm.tasks import bayes_nll
+    from pipelines.driver.results_page import floor_value
+    assert floor_value("toy1", "test_kl") == 0.0 and floor_value("star", "test_kl") == 0.0
+    assert floor_value("toy2", "test_nll") == bayes_nll("toy2")
+    with pytest.raises(ValueError, match="no floor"):
+        floor_value("fashion", "test_nll")
+
+
+# --- the compact export and the page rebuilt from it ------------------------------------------------
+
+def _cells(client, exp_id):
+    """A synthetic experiment: two toy-2 cells of 4 seeds with clearly different NLLs, a matching cell,
+    per-level coverage on one cell and only the old 90 % coverage on another."""
+    nll = {"toy2/p_learned_K4": [1.50, 1.52, 1.48, 1.51], "toy2/p_nce_fixed": [1.70, 1.72, 1.69, 1.71],
+           "toy2/p_mdn_K4": [1.49, 1.55, 1.47, 1.53]}
+    for group, values in nll.items():
+        for seed, v in enumerate(values):
+            m = {"test_nll": v, "selected_epoch": 10 + seed, "test_coverage": 0.88}
+            if group == "toy2/p_learned_K4":
+                m.update(test_coverage_50=0.5, test_coverage_80=0.79, test_coverage_90=0.9, test_coverage_95=0.96)
+            _run(client, exp_id, group, seed, m, task="toy2")
+    _run(client, exp_id, "toy2/p_mdn_K4", 9, {"test_nll": 50.0}, status="FAILED", task="toy2")
+
+
+TEMPLATE = """# Page
+
+Prose stays as written.
+
+{{table toy2/p_*}}
+
+{{claims test_nll toy2/p_learned_K4 vs toy2/p_nce_fixed; toy2/p_learned_K4 vs toy2/p_mdn_K4; toy2/p_x vs toy2/p_mdn_K4}}
+
+{{floor toy2 test_nll toy2/p_*}}
+
+{{calibration toy2/p_*}}
+
+{{table star/*}}
+"""
+
+
+@pytest.fixture
+def export(tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c = MlflowClient(uri)
+    _cells(c, c.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri()))
+    out = tmp_path / "results" / "runs.jsonl"
+    assert cli.main(["results", "exp", "--tracking-uri", uri, "--export", str(out)]) == 0
+    return uri, out
+
+
+def test_export_is_one_record_per_run_and_reads_back_like_the_store(export):
+    uri, path = export
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == {"format": results.EXPORT_FORMAT} and len(lines) == 1 + 13
+    from_file = {g.name: g for g in results.group_runs(results.read_export(path, "exp"))}
+    from_store = {g.name: g for g in results.collect(uri, "exp")}
+    assert from_file.keys() == from_store.keys()
+    for name, g in from_store.items():
+        assert sorted(g.values("test_nll")) == sorted(from_file[name].values("test_nll"))
+        assert g.unfinished == from_file[name].unfinished
+    assert not any(k.startswith("mlflow.") for line in lines[1:] for k in json.loads(line)["tags"])
+    assert results.read_export(path, "other") == []
+
+
+def test_export_merges_so_an_earlier_batch_survives_its_lost_store(export, tmp_path):
+    from mlflow.tracking import MlflowClient
+    _, path = export
+    uri2 = f"sqlite:///{tmp_path}/m2.db"
+    c = MlflowClient(uri2)
+    _run(c, c.create_experiment("exp", artifact_location=(tmp_path / "art2").as_uri()), "star/learned_K4", 0,
+         {"test_kl": 0.1}, task="star")
+    assert cli.main(["results", "exp", "--tracking-uri", uri2, "--export", str(path)]) == 0
+    names = {g.name for g in results.group_runs(results.read_export(path))}
+    assert names == {"toy2/p_learned_K4", "toy2/p_nce_fixed", "toy2/p_mdn_K4", "star/learned_K4"}
+    assert cli.main(["results", "exp", "--tracking-uri", uri2, "--export", str(path)]) == 0
+    assert len(path.read_text().splitlines()) == 1 + 14          # the same run again replaces itself
+
+
+def test_page_is_rebuilt_from_the_export_with_tables_claims_floor_and_calibration(export, tmp_path):
+    from ebm.tasks import bayes_nll
+    _, path = export
+    tpl, page = tmp_path / "T.md", tmp_path / "docs" / "R.md"
+    tpl.write_text(TEMPLATE)
+    assert cli.main(["results", "exp", "--runs", str(path), "--template", str(tpl), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("<!-- generated by `ebm results exp --runs ") and "Prose stays as written." in text
+    assert "{{" not in text
+    assert "| `toy2/p_learned_K4` | 4 | m | 4 | 75 | 128 | 1.502 ± 0.017 |" in text
+    assert "selected epoch by seed: 0: 10, 1: 11, 2: 12, 3: 13" in text
+    assert "1 unfinished run(s) left out" in text
+    claims = [ln for ln in text.splitlines() if ln.startswith("| `toy2/p_")]
+    beats = next(ln for ln in claims if "vs `toy2/p_nce_fixed`" in ln)
+    assert beats.endswith("| **beats** |") and "| -0.203 |" in beats
+    match = next(ln for ln in claims if "`toy2/p_learned_K4` vs `toy2/p_mdn_K4`" in ln)
+    assert "**matches (difference < 0.0" in match
+    assert "no finished runs in `toy2/p_x`" in text
+    floor = bayes_nll("toy2")
+    assert f"| **floor** (Bayes-optimal test NLL" in text and f"| {floor:.3f} | 0 | — |" in text
+    assert f"| `toy2/p_nce_fixed` | 4 | 1.705 ± 0.013 | {1.705 - floor:+.3f} | 0.006 |" in text
+    assert "| `toy2/p_learned_K4` | prediction | 4 | 0.500 ± 0.000 | 0.790 ± 0.000 | 0.900 ± 0.000 | 0.960 ± 0.000 |" in text
+    # runs that logged only the 90 % interval's coverage fill that column from it
+    assert "| `toy2/p_nce_fixed` | prediction | 4 | — | — | 0.880 ± 0.000 | — |" in text
+    assert "*(no finished runs yet in groups matching `star/*`)*" in text
+
+
+def test_bad_templates_exports_and_flag_mixes_are_usage_errors(export, tmp_path, capsys):
+    uri, path = export
+    out = str(tmp_path / "r.md")
+    tpl = tmp_path / "T.md"
+    tpl.write_text("x\n{{claims test_nll a versus b}}\n")
+    assert cli.main(["results", "exp", "--runs", str(path), "--template", str(tpl), "--out", out]) == 2
+    assert "template line 2" in capsys.readouterr().err
+    tpl.write_text("{{tabel toy2/*}}\n")
+    assert cli.main(["results", "exp", "--runs", str(path), "--template", str(tpl), "--out", out]) == 2
+    assert "unknown directive" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"format": "ebm-runs/1"}\n{"run_id": 1}\n')
+    assert cli.main(["results", "exp", "--runs", str(bad), "--out", out]) == 2
+    assert "bad.jsonl:2: not a run record" in capsys.readouterr().err
+    assert cli.main(["results", "exp", "--runs", str(path), "--tracking-uri", uri, "--out", out]) == 2
+    assert cli.main(["results", "exp", "--export", str(path), "--out", out]) == 2
+    assert cli.main(["results", "exp", "--tracking-uri", uri]) == 2
+    assert "--out is required" in capsys.readouterr().err

@@ -1,0 +1,209 @@
+"""The results page rebuilt from runs: a hand-written markdown template whose directive lines become
+tables (``ebm results EXPERIMENT --template T --out PAGE``; ``make results``).
+
+A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it is:
+
+    {{table GLOB...}}                   the groups' table(s), one per task (pipelines.driver.results.table)
+    {{calibration GLOB...}}             coverage of the 50/80/90/95 % central intervals per group and source
+    {{claims METRIC A vs B; C vs D}}    each claim decided by Welch's t on METRIC (lower is better)
+    {{floor TASK METRIC GLOB...}}       the floor (Bayes-optimal value) and each group's gap to it
+
+Statistics (docs/RESULTS.md states them): per cell mean, sample std (ddof = 1) and standard error
+std/√n; a claim "A vs B" takes d = mean_A − mean_B, Welch's se = √(s_A²/n_A + s_B²/n_B), t = d/se and
+the Welch–Satterthwaite degrees of freedom ν, and the 95 % interval d ± t_{0.975, ν}·se (Student's t
+quantile from scipy). Lower is better: A **beats** B if the whole interval is below 0, is **worse** if it
+is above 0, and otherwise **matches (difference < X at 95 %)** with X = |d| + t_{0.975, ν}·se, the
+interval's bound on |difference|.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from pipelines.driver.results import Group, mean_std, select, table
+
+LEVELS = (50, 80, 90, 95)
+# metric names per source of a predictive distribution (ebm.calibration's sources): coverage of the
+# central interval at level L % is test_coverage_<L> for the IS prediction, test_coverage_<source>_<L>
+# for the others
+CALIBRATION_SOURCES = (("prediction", "test_coverage_{level}"), ("proposal", "test_coverage_proposal_{level}"),
+                       ("ebm_grid", "test_coverage_ebm_grid_{level}"))
+DIRECTIVE = re.compile(r"^\{\{(\w+)\s*(.*?)\}\}\s*$")
+CONFIDENCE = 0.95
+
+
+@dataclass
+class Comparison:
+    """Welch's comparison of two cells on one metric (lower is better)."""
+    n_a: int
+    n_b: int
+    mean_a: float
+    mean_b: float
+    sd_a: float
+    sd_b: float
+    diff: float          # mean_a − mean_b
+    se: float
+    t: float
+    df: float
+    lo: float            # the 95 % interval of the difference
+    hi: float
+    bound: float         # X: |difference| < X at 95 %
+    decision: str        # "beats", "worse", "matches (difference < X at 95%)", or why undecided
+
+
+def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> Comparison:
+    """Welch's t comparison of samples a and b and the decision for "a vs b" (docstring of this module)."""
+    from scipy import stats
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    na, nb = len(a), len(b)
+    d = ma - mb
+    if na < 2 or nb < 2:
+        nan = math.nan
+        return Comparison(na, nb, ma, mb, sa, sb, d, nan, nan, nan, nan, nan, nan,
+                          f"undecided (needs ≥ 2 seeds per cell, has {na} and {nb})")
+    va, vb = sa * sa / na, sb * sb / nb
+    se = math.sqrt(va + vb)
+    if se == 0.0:      # both cells constant: the difference is known exactly
+        t, df, q = (math.copysign(math.inf, d) if d else 0.0), math.inf, 0.0
+    else:
+        t = d / se
+        df = (va + vb) ** 2 / (va * va / (na - 1) + vb * vb / (nb - 1))
+        q = float(stats.t.ppf(0.5 + confidence / 2, df))
+    lo, hi = d - q * se, d + q * se
+    bound = abs(d) + q * se
+    pct = f"{100 * confidence:g}%"
+    decision = "beats" if hi < 0 else "worse" if lo > 0 else f"matches (difference < {bound:.3f} at {pct})"
+    return Comparison(na, nb, ma, mb, sa, sb, d, se, t, df, lo, hi, bound, decision)
+
+
+def standard_error(values: list[float]) -> float:
+    return mean_std(values)[1] / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "—"
+    m, s = mean_std(values)
+    return f"{m:.3f} ± {s:.3f}"
+
+
+def _one(groups: list[Group], name: str) -> Group | None:
+    return next((g for g in groups if g.name == name and g.runs), None)
+
+
+def claims_table(groups: list[Group], metric: str, pairs: list[tuple[str, str]]) -> str:
+    head = ["claim (A vs B)", "n A", "n B", f"A `{metric}`", f"B `{metric}`", "A − B", "se", "Welch t", "ν",
+            "95% interval", "decision"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a, b in pairs:
+        ga, gb = _one(groups, a), _one(groups, b)
+        if ga is None or gb is None:
+            missing = " and ".join(f"`{n}`" for n, g in ((a, ga), (b, gb)) if g is None)
+            lines.append(f"| `{a}` vs `{b}` | | | | | | | | | | no finished runs in {missing} |")
+            continue
+        va, vb = ga.values(metric), gb.values(metric)
+        c = welch(va, vb)
+        ci = "—" if math.isnan(c.lo) else f"[{c.lo:+.3f}, {c.hi:+.3f}]"
+        num = lambda v, f: "—" if math.isnan(v) else format(v, f)
+        lines.append("| " + " | ".join([f"`{a}` vs `{b}`", str(c.n_a), str(c.n_b), _cell(va), _cell(vb),
+                                         f"{c.diff:+.3f}", num(c.se, ".3f"), num(c.t, ".2f"), num(c.df, ".1f"),
+                                         ci, f"**{c.decision}**"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def floor_value(task: str, metric: str, seed: int = 0) -> float:
+    """The best value any model can have in expectation: KL to the true density is 0 exactly; the
+    test NLL's floor is the Bayes-optimal NLL of the generated test split (ebm.tasks.bayes_nll)."""
+    from ebm import tasks
+    if metric == "test_kl" and task in ("toy1", "star"):
+        return 0.0
+    if metric == "test_nll" and task in ("toy1", "toy2"):
+        return tasks.bayes_nll(task, "test", seed)
+    raise ValueError(f"no floor for {metric} on task {task!r} (known: test_kl on toy1/star, test_nll on toy1/toy2)")
+
+
+def floor_table(groups: list[Group], task: str, metric: str) -> str:
+    seeds = {r.params.get("task.seed", "0") for g in groups for r in g.runs}
+    if task == "toy1" and metric == "test_nll" and len(seeds) > 1:
+        raise ValueError(f"toy1 floor: the groups were trained on different data seeds {sorted(seeds)}")
+    floor = floor_value(task, metric, int(next(iter(seeds), "0") or 0))
+    how = "KL to the true density: 0 exactly" if metric == "test_kl" else \
+        f"Bayes-optimal test NLL, −mean log p_true(y|x) over the test split, computed from the generator"
+    lines = [f"| group | seeds | `{metric}` | gap to the floor | se |", "|---|---|---|---|---|",
+             f"| **floor** ({how}) | — | {floor:.3f} | 0 | — |"]
+    for g in groups:
+        v = g.values(metric)
+        if not v:
+            continue
+        se = standard_error(v)
+        lines.append(f"| `{g.name}` | {len(v)} | {_cell(v)} | {mean_std(v)[0] - floor:+.3f} | "
+                     f"{'—' if math.isnan(se) else format(se, '.3f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _coverage_values(g: Group, template: str, level: int) -> list[float]:
+    vals = g.values(template.format(level=level))
+    if not vals and template == "test_coverage_{level}" and level == 90:
+        # runs made before per-level coverage was logged: test_coverage is the eval.interval_level interval
+        vals = [r.metrics["test_coverage"] for r in g.runs
+                if "test_coverage" in r.metrics and r.params.get("eval.interval_level", "0.9") == "0.9"]
+    return vals
+
+
+def calibration_table(groups: list[Group]) -> str:
+    head = ["group", "source", "seeds"] + [f"{lv}% cover." for lv in LEVELS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| nominal | | | " + " | ".join(f"{lv / 100:.2f}" for lv in LEVELS) + " |"]
+    for g in groups:
+        for source, template in CALIBRATION_SOURCES:
+            cols = [_coverage_values(g, template, lv) for lv in LEVELS]
+            if any(cols):
+                lines.append(f"| `{g.name}` | {source} | {max(len(c) for c in cols)} | "
+                             + " | ".join(_cell(c) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _none(patterns: list[str]) -> str:
+    return f"*(no finished runs yet in groups matching {', '.join(f'`{p}`' for p in patterns)})*\n"
+
+
+def directive(kind: str, args: str, groups: list[Group]) -> str:
+    """The markdown that replaces one ``{{kind args}}`` line; ValueError for a malformed one."""
+    words = args.split()
+    if kind == "table" or kind == "calibration":
+        if not words:
+            raise ValueError(f"{{{{{kind}}}}} needs group patterns")
+        chosen = [g for g in select(groups, words) if g.runs]
+        if not chosen:
+            return _none(words)
+        if kind == "calibration":
+            return calibration_table(chosen)
+        return "\n".join(table([g for g in chosen if g.task == t]) for t in sorted({g.task for g in chosen}))
+    if kind == "claims":
+        metric, _, rest = args.partition(" ")
+        pairs = [tuple(p.strip() for p in item.split(" vs ")) for item in rest.split(";") if item.strip()]
+        if not metric or not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+            raise ValueError(f"{{{{claims {args}}}}}: expected METRIC A vs B; C vs D")
+        return claims_table(groups, metric, pairs)
+    if kind == "floor":
+        if len(words) < 3:
+            raise ValueError(f"{{{{floor {args}}}}}: expected TASK METRIC GLOB...")
+        chosen = [g for g in select(groups, words[2:]) if g.runs]
+        return floor_table(chosen, words[0], words[1])
+    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, calibration, claims, floor)")
+
+
+def render_page(template: str, groups: list[Group], note: str) -> str:
+    """The template with every directive line replaced; ``note`` (how the page was made) goes first."""
+    out = [f"<!-- {note} -->"]
+    for i, line in enumerate(template.splitlines(), start=1):
+        m = DIRECTIVE.match(line.strip())
+        if not m:
+            out.append(line)
+            continue
+        try:
+            out.append(directive(m.group(1), m.group(2), groups).rstrip("\n"))
+        except ValueError as e:
+            raise ValueError(f"template line {i}: {e}") from None
+    return "\n".join(out) + "\n"
