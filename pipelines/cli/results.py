@@ -8,6 +8,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from pipelines.driver import results as R
+from pipelines.driver.results import collect
+
 
 def _check(args: argparse.Namespace) -> None:
     from pipelines.cli import UsageError, check_dir_target, check_file_target
@@ -44,7 +47,6 @@ def _store(args: argparse.Namespace) -> str:
 
 def _results(args: argparse.Namespace) -> int:
     from pipelines.cli import UsageError
-    from pipelines.driver import results as R
     _check(args)
     if args.export:
         uri = _store(args)
@@ -58,13 +60,13 @@ def _results(args: argparse.Namespace) -> int:
         return 0
     if args.runs:
         try:
-            records, source = R.read_export(args.runs, args.experiment), args.runs
+            source, groups = args.runs, R.group_runs(R.read_export(args.runs, args.experiment))
         except ValueError as e:
             raise UsageError(str(e)) from None
     else:
         source = _store(args)
-        records = R.fetch_records(source, args.experiment)
-    groups = R.select(R.group_runs(records), args.groups)
+        groups = collect(source, args.experiment)
+    groups = R.select(groups, args.groups)
     where = ["--runs", args.runs] if args.runs else []
     command = shlex.join(["ebm", "results", args.experiment, *where,
                           *[a for p in args.groups for a in ("--groups", p)],
