@@ -5,7 +5,7 @@ EBM    := $(VENV)/bin/ebm
 STAMP  := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit bench results clean
 
 install: $(STAMP)
 
@@ -40,6 +40,16 @@ test-unit: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_step.py
+
+# docs/RESULTS.md rebuilt: its tables from the committed run export results/runs.jsonl, refreshed from
+# the MLflow store first when that store is on this machine; its prose from results/RESULTS.template.md.
+RESULTS_EXPERIMENT ?= paper-claims
+RESULTS_STORE      ?= results/mlruns.db
+results: $(STAMP)
+	@if [ -f $(RESULTS_STORE) ]; then set -x; $(EBM) results $(RESULTS_EXPERIMENT) \
+		--tracking-uri sqlite:///$(RESULTS_STORE) --export results/runs.jsonl; fi
+	$(EBM) results $(RESULTS_EXPERIMENT) --runs results/runs.jsonl --template results/RESULTS.template.md \
+		--out docs/RESULTS.md
 
 clean:
 	rm -rf runs .pytest_cache
