@@ -72,6 +72,10 @@ COVERED: dict[str, object] = {
         ByTest(IT + "test_local_tracking.py::test_local_trains_on_a_parquet_dataset_and_tags_its_fingerprint",
                ("--local", "task.data_dir")),
     ".venv/bin/ebm results paper-claims --out results.md [--groups toy2/*] [--figures docs/figures]": RESULTS,
+    ".venv/bin/ebm results paper-claims --export results/runs.jsonl": ByTest("tests/unit/test_results.py::export",
+                                                                            ("--export",)),
+    "make results": ByTest("tests/unit/test_results.py::test_page_is_rebuilt_from_the_export_with_tables_claims_"
+                           "floor_and_calibration", ("--runs", "--template")),
     ".venv/bin/ebm tune toy2 --space space.toml --name k-sweep": TUNE,
     ".venv/bin/ebm tune toy2 --seeds 20 --name toy2-20seeds": SEED_SWEEP,
     ".venv/bin/ebm tune --resume k-sweep": ByTest(
