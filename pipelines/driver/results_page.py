@@ -129,7 +129,7 @@ def floor_table(groups: list[Group], task: str, metric: str) -> str:
         raise ValueError(f"toy1 floor: the groups were trained on different data seeds {sorted(seeds)}")
     floor = floor_value(task, metric, int(next(iter(seeds), "0") or 0))
     how = "KL to the true density: 0 exactly" if metric == "test_kl" else \
-        f"Bayes-optimal test NLL, −mean log p_true(y|x) over the test split, computed from the generator"
+        "Bayes-optimal test NLL, −mean log p_true(y \\| x) over the test split, computed from the generator"
     lines = [f"| group | seeds | `{metric}` | gap to the floor | se |", "|---|---|---|---|---|",
              f"| **floor** ({how}) | — | {floor:.3f} | 0 | — |"]
     for g in groups:
