@@ -187,10 +187,14 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
     storage_path = runs.storage_root(storage_path)
     plan = runs.plan(cfg, task, name, storage_path, resume, allow_config_change, runs.finished_in(uri, name))
     import ray
-    tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
-            **identity.tags(), "ebm.mode": "ray", **tracking.package_versions()}
-    run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
-    runs.reopened(uri, run_id, plan.changes)
+
+    def open_run() -> str:
+        tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
+                **identity.tags(), "ebm.mode": "ray", **tracking.package_versions()}
+        run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
+        runs.reopened(uri, run_id, plan.changes)
+        return run_id
+
     status = "FAILED"
     previous, previous_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
 
@@ -198,13 +202,21 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
         raise KeyboardInterrupt("SIGTERM")
 
     started = False
+    run_id = None
+    # The MLflow run (importing MLflow, maybe creating the store) is created on a thread while Ray
+    # starts: both are start-up the first training step waits for, and they do not depend on each other
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ebm-mlflow-run")
+    opening = pool.submit(open_run)
     try:
         if plan.finalize_only:       # stopped after its last checkpoint, before it was marked FINISHED
+            run_id = opening.result()
             metrics = runs.finish(uri, run_id, dict(plan.state["metrics"]), plan.checkpoint_dir, cfg.optim.epochs)
             status = "FINISHED"
             return {**metrics, "mlflow_run_id": run_id}
         started = ray_init(address)
         signal.signal(signal.SIGTERM, on_term)      # after ray.init, which installs its own crash handler
+        run_id = opening.result()
         trainer = build_trainer(cfg, name=name, storage_path=storage_path, num_workers=num_workers, use_gpu=use_gpu,
                                 cpus=cpus_per_worker or default_cpus_per_worker(num_workers, use_gpu),
                                 threads=threads, max_failures=max_failures, keep=keep,
@@ -222,14 +234,21 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
         status = "KILLED"
         raise
     except Exception as e:
-        tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])
+        if run_id is None and opening.exception() is None:     # waits for the run being created
+            run_id = opening.result()
+        if run_id is not None:
+            tracking.set_tag(uri, run_id, runs.STOP_REASON_TAG, str(e)[:5000])
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
         # Ray Train's fit() leaves its own SIGINT handler behind (it would call the ended run's controller
         # and start a new Ray on the next Ctrl-C in this process: a notebook, a test session)
         signal.signal(signal.SIGINT, previous_int)
-        tracking.end_run(uri, run_id, status)
+        pool.shutdown(wait=True)            # an interrupted start still ends the run it created
+        if run_id is None and opening.exception() is None:
+            run_id = opening.result()
+        if run_id is not None:
+            tracking.end_run(uri, run_id, status)
         if started:
             ray.shutdown()
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)      # set by ray_init for the Ray it started
