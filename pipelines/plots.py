@@ -66,3 +66,150 @@ def density_figure(model, task, split, path: str | Path, n: int = 3, title: str 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return Path(path)
+
+
+SOURCE_STYLE = {"prediction": ("IS prediction", "C0", "-"), "proposal": ("proposal q alone", "C1", "--"),
+                "ebm_grid": ("EBM on the grid", "C2", "-.")}
+MARKED_LEVELS = (0.5, 0.8, 0.9, 0.95)
+
+
+def calibration_figure(cal: dict, path: str | Path, title: str = "") -> Path:
+    """PIT histograms (left) and coverage of central intervals against their nominal level (right)
+    for each source of :func:`pipelines.serve.model_eval.calibration`; the dims are pooled. The grey
+    band is where a calibrated model's histogram bars fall 95% of the time with this many labels."""
+    levels = np.asarray(cal["levels"])
+    fig, (hist, cov) = plt.subplots(1, 2, figsize=(11, 5.0), layout="constrained",
+                                    gridspec_kw={"width_ratios": [1.35, 1]})
+    n_dims = len(cal.get("target_names") or [None])
+    n = max((np.asarray(src["pit"]).size for src in cal["sources"].values()), default=0)
+    bins = int(np.clip(n // 25, 5, 20))         # ~25 labels per bin at least: bars a reader can trust
+    if n:
+        half = 1.96 * np.sqrt((1 / bins) * (1 - 1 / bins) / n) * bins
+        hist.axhspan(1 - half, 1 + half, color="0.88", zorder=0, label="95% band if calibrated")
+    for k, src in cal["sources"].items():
+        label, colour, style = SOURCE_STYLE.get(k, (k, None, "-"))
+        if k == "prediction":
+            label += f" (M = {cal['M']})"
+        pit = np.asarray(src["pit"]).reshape(-1)
+        hist.hist(pit, bins=bins, range=(0, 1), density=True, histtype="step", lw=1.8, color=colour, ls=style)
+        c = np.asarray(src["pooled"])
+        at = ", ".join(f"{lv:.0%}: {c[j]:.2f}" for lv in MARKED_LEVELS for j in np.flatnonzero(np.isclose(levels, lv)))
+        cov.plot(levels, c, style, color=colour, marker="o", ms=4, lw=1.6, label=f"{label} — {at}")
+    hist.axhline(1.0, color="k", lw=1, ls=":")
+    hist.set(xlim=(0, 1), xlabel="PIT  u = F(y | x) at the label", ylabel="density",
+             title="PIT histogram: flat when calibrated\n(∪ = too narrow, ∩ = too wide, tilted = biased)")
+    hist.set_ylim(0, max(2.0, hist.get_ylim()[1]))
+    hist.legend(fontsize=8, loc="upper center", frameon=False)
+    cov.plot([0, 1], [0, 1], color="k", lw=1, ls=":", label="nominal (calibrated)")
+    for lv in MARKED_LEVELS:
+        cov.axvline(lv, color="0.85", lw=0.8, zorder=0)
+    cov.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal level of the central interval",
+            ylabel="observed coverage", title="coverage of central intervals\n(below the diagonal = under-covers)")
+    fig.legend(*cov.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    suffix = f", {n_dims} target dims pooled" if n_dims > 1 else ""
+    fig.suptitle(f"calibration: {title}{suffix}".strip(), fontsize=11)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def _x_text(x: torch.Tensor, names: list[str] | None) -> str:
+    vals = x.reshape(-1).tolist()
+    names = names or (["x"] if len(vals) == 1 else [f"x{j}" for j in range(len(vals))])
+    parts = [f"{n} = {v:.3g}" for n, v in zip(names, vals)][:4]
+    return ", ".join(parts) + (", …" if len(vals) > 4 else "")
+
+
+def _circular_axis(ax) -> None:
+    ax.set_xlim(0, 2 * np.pi)
+    ax.set_xticks(np.arange(5) * np.pi / 2)
+    ax.set_xticklabels(["0", "π/2", "π", "3π/2", "2π"])
+
+
+def _support(grid: np.ndarray, curves: list[np.ndarray], label: float) -> tuple[float, float]:
+    """The part of a linear grid where some curve is above 0.1% of its peak, with the label, padded:
+    a wide task grid (steering: ±100°) would squeeze a narrow density into a spike."""
+    inside = np.zeros(len(grid), dtype=bool)
+    for c in curves:
+        c = np.nan_to_num(np.asarray(c, dtype=np.float64))
+        inside |= c > 1e-3 * c.max() if c.max() > 0 else False
+    lo, hi = (grid[inside].min(), grid[inside].max()) if inside.any() else (grid[0], grid[-1])
+    lo, hi = min(lo, label), max(hi, label)
+    pad = 0.08 * (hi - lo) or 1e-3 * (grid[-1] - grid[0])
+    return max(grid[0], lo - pad), min(grid[-1], hi + pad)
+
+
+@torch.no_grad()
+def prediction_figure(p, x: torch.Tensor, y: torch.Tensor, aux: dict, path: str | Path, *, M: int,
+                      interval_level: float, seed: int = 0, title: str = "", x_names: list[str] | None = None) -> Path:
+    """A row per example: its input image (image tasks) beside the predicted density of each target
+    dim (the marginal when D > 1): the EBM's on the task grid, the proposal's, the true one where the
+    task knows it, the prediction's central interval shaded and the label marked. Vector inputs are
+    named in the row's title. ``p``: a serving Predictor; x (n, ...), y (n, D)."""
+    from ebm.predict import predict
+    from pipelines.api import _marginal         # the one marginal-on-the-grid code (the Python API's density)
+    task, model = p.task, p.model
+    n, D = x.shape[0], task.D
+    image = x.dim() == 4
+    pr = predict(model, x, task.circular, M=M, interval_level=interval_level,
+                 generator=torch.Generator().manual_seed(seed)) if model.has_proposal else None
+    grids = task.grid()
+    lead = 1 if image else 0
+    widths = ([1.0] if image else []) + [3.0] * D
+    fig, axes = plt.subplots(n, lead + D, figsize=(1.8 * lead + 4.6 * D, 2.2 * n + 1.0), squeeze=False,
+                             gridspec_kw={"width_ratios": widths}, layout="constrained")
+    for i in range(n):
+        xi = x[i:i + 1]
+        if image:
+            ax = axes[i, 0]
+            ax.imshow(_display_image(x[i], task), cmap="gray" if x.shape[1] == 1 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"example {i + 1}", fontsize=8)
+        for d in range(D):
+            ax = axes[i, lead + d]
+            g = grids[d]
+            curves = {}
+            if model.has_energy:
+                curves["EBM"] = _marginal(p, xi, None, d, True)
+            if model.has_proposal:
+                curves["proposal q"] = _marginal(p, xi, None, d, False)
+            if D == 1:
+                lp = true_log_density(task, xi.cpu(), {k: v[i:i + 1] for k, v in aux.items()},
+                                      torch.as_tensor(g, dtype=torch.float32))
+                if lp is not None:
+                    curves["true density"] = (torch.softmax(lp.double(), dim=1)[0] / task.cell_volume()).numpy()
+            for (label, dens), (colour, style) in zip(curves.items(), (("C0", "-"), ("C1", "--"), ("C2", ":"))):
+                ax.plot(g, dens, style, color=colour, lw=1.3, label=label)
+            if pr is not None:
+                lo, hi = float(pr.interval[i, 0, d]), float(pr.interval[i, 1, d])
+                spans = [(lo, hi)] if not task.circular[d] or lo <= hi else [(lo, 2 * np.pi), (0.0, hi)]
+                for j, (a, b) in enumerate(spans):
+                    ax.axvspan(a, b, color="0.6", alpha=0.25, lw=0,
+                               label=f"{interval_level:.0%} interval (IS prediction)" if j == 0 else None)
+            ax.axvline(float(y[i, d]), color="C3", lw=1.5, label="label")
+            ax.set_ylim(bottom=0)
+            if task.circular[d]:
+                _circular_axis(ax)
+            else:
+                ax.set_xlim(*_support(g, list(curves.values()), float(y[i, d])))
+            name, unit = task.target_names[d], task.units[d]
+            if i == n - 1:
+                ax.set_xlabel(f"{name} ({unit})" if unit else name)
+            if d == 0:
+                ax.set_ylabel(f"p({name} | x)" if D == 1 else "marginal density", fontsize=8)
+            if not image and d == 0:
+                ax.set_title(_x_text(xi[0], x_names), fontsize=8, loc="left")
+            elif D > 1 and i == 0:
+                ax.set_title(f"p({name} | x), marginal", fontsize=8)
+            ax.tick_params(labelsize=7)
+    handles = {}
+    for ax in axes[0, lead:]:
+        handles.update({lb: h for h, lb in zip(*ax.get_legend_handles_labels())})
+    wide = fig.get_figwidth() > 7
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=len(handles) if wide else 3, fontsize=8,
+               frameon=False)
+    fig.suptitle(f"predicted densities: {title}".strip(), fontsize=11)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

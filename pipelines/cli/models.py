@@ -118,19 +118,62 @@ def _evaluate(args) -> int:
     check_dir_target(args.out, "--out")
     if args.M is not None and args.M < 1:
         raise UsageError(f"--M must be >= 1 (default: the model's sampler.M_eval), got {args.M}")
+    if args.examples < 1:
+        raise UsageError(f"--examples must be >= 1, got {args.examples}")
     _check_input(args.data, "--data")
     p = _load(args)
-    try:
-        m = model_eval.evaluate_dataset(p, args.data, args.split, args.out or None, args.M, args.seed)
-    except (serving.InputError, DatasetError) as e:
-        print(f"ebm evaluate: {e}", file=sys.stderr)
-        return 2
-    for k in ("nll", "grid_nll", "is_nll", "mae_mode", "mae_mean", "crps", "coverage", "calibration_error", "kl"):
-        if k in m:
-            print(f"{args.split} {k}: {m[k]:.4f}")
-    if args.out:
-        print(f"metrics.json and calibration.png in {args.out}")
+    run_id = None if args.no_log else _source_run(args.model_uri)
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="ebm-evaluate-") as tmp:
+        out_dir = args.out or (tmp if run_id else None)      # without --out the files go to the run only
+        try:
+            m = model_eval.evaluate_dataset(p, args.data, args.split, out_dir, args.M, args.seed, args.examples)
+        except (serving.InputError, DatasetError) as e:
+            print(f"ebm evaluate: {e}", file=sys.stderr)
+            return 2
+        for k in ("nll", "grid_nll", "is_nll", "mae_mode", "mae_mean", "crps", "coverage", "calibration_error", "kl"):
+            if k in m:
+                print(f"{args.split} {k}: {m[k]:.4f}")
+        _print_calibration(m.get("calibration", {}))
+        if args.out:
+            print(f"metrics.json, calibration.json, calibration.png and densities.png in {args.out}")
+        if run_id:
+            _log_to_run(args, run_id, out_dir)
     return 0
+
+
+def _print_calibration(cal: dict) -> None:
+    """One line per source: coverage of the 50/80/90/95% central intervals (dims pooled)."""
+    from ebm.calibration import SOURCES
+    shown = (0.5, 0.8, 0.9, 0.95)
+    for k in sorted(cal, key=lambda k: SOURCES.index(k) if k in SOURCES else len(SOURCES)):
+        cov = dict(zip(cal[k]["levels"], cal[k]["coverage"]))
+        print(f"coverage of the {'/'.join(f'{lv:.0%}'[:-1] for lv in shown)}% intervals, {k}: "
+              + " / ".join(f"{cov[lv]:.3f}" for lv in shown if lv in cov))
+
+
+def _source_run(model_uri: str) -> str | None:
+    """The MLflow run a ``runs:/`` or ``models:/`` model was logged in (None for a file or directory)."""
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/"):].split("/")[0] or None
+    if model_uri.startswith("models:/"):
+        import mlflow
+        return mlflow.models.get_model_info(model_uri).run_id or None
+    return None
+
+
+def _log_to_run(args, run_id: str, out_dir: str) -> None:
+    """The evaluation's files as artifacts of the model's run, under evaluate/<dataset>_<split>/; a store
+    that refuses them costs a warning, not the evaluation."""
+    from pipelines import storage, tracking
+    from pipelines.cli import one_line
+    where = f"evaluate/{storage.name(str(args.data).rstrip('/'))}_{args.split}"
+    try:
+        tracking.log_artifacts(tracking.resolve_uri(args.tracking_uri or None), run_id, out_dir, where)
+    except Exception as e:      # read-only store, deleted run: the figures are still in --out
+        print(f"ebm evaluate: warning: not logged to MLflow run {run_id}: {one_line(e)}", file=sys.stderr)
+        return
+    print(f"logged to MLflow run {run_id}: {where}/")
 
 
 def add_model_commands(subparsers) -> None:
@@ -171,13 +214,17 @@ def add_model_commands(subparsers) -> None:
     common(pr)
     pr.set_defaults(func=_predict)
 
-    ev = subparsers.add_parser("evaluate", help="test NLL, MAE, CRPS, coverage and a calibration plot on a dataset",
-                               epilog=EPILOG)
+    ev = subparsers.add_parser("evaluate", help="test NLL, MAE, CRPS, coverage, a calibration figure and predicted "
+                               "densities on a dataset", epilog=EPILOG)
     ev.add_argument("model_uri")
     ev.add_argument("--data", required=True, help="dataset directory (ebm data ingest)")
     ev.add_argument("--split", default="test")
-    ev.add_argument("--out", default="", help="directory for metrics.json and calibration.png")
+    ev.add_argument("--out", default="", help="directory for metrics.json, calibration.json, calibration.png "
+                    "(PIT histogram, coverage against the nominal level) and densities.png")
     ev.add_argument("--M", type=int, default=None, help="proposal samples (default: sampler.M_eval)")
+    ev.add_argument("--examples", type=int, default=4, help="examples drawn in densities.png (the split's first)")
+    ev.add_argument("--no-log", action="store_true", help="do not log the files to the model's MLflow run "
+                    "(default: a runs:/ or models:/ model's run gets them under evaluate/<dataset>_<split>/)")
     ev.add_argument("--seed", type=int, default=0)
     common(ev)
     ev.set_defaults(func=_evaluate)

@@ -81,7 +81,8 @@ def ingest(fmt: str, source: str | os.PathLike | None, out: str | os.PathLike, *
     if n and any(int(m) < 1 for m in n.values()):
         raise DatasetError(f"split sizes must be >= 1, got {n}")
     opts = dict(task=task, seed=seed, val_frac=val_frac, test_frac=test_frac, size=size, n=n, manifest=manifest,
-                targets=dict(targets or {}), inputs=list(inputs or []), dedupe=dedupe, allow_outside=allow_outside)
+                targets=dict(targets or {}), inputs=list(inputs or []), dedupe=dedupe, allow_outside=allow_outside,
+                progress=progress)
     if fmt == "fashion_rotation":
         source = source or FASHION_DIR
     if source is None:
@@ -340,7 +341,7 @@ def _first_image(files: list[Path]) -> tuple[int, int, int, str]:
     return channels, h, w, "/".join(sorted(encs))
 
 
-def _duplicates(files: list[Path], ids: list[str], where: str, dedupe: bool) -> np.ndarray:
+def _duplicates(files: list[Path], ids: list[str], where: str, dedupe: bool, progress: bool = False) -> np.ndarray:
     """Indices of the rows to keep. Rows that repeat an earlier row's file, id or image bytes are
     leakage (the same example in two splits): DatasetError naming the first such pair, or with
     ``dedupe`` dropped (the first of each kept) and reported on stderr."""
@@ -349,7 +350,10 @@ def _duplicates(files: list[Path], ids: list[str], where: str, dedupe: bool) -> 
     dropped: dict[str, int] = {}
     first_example = None
     keep = []
-    for i, (path, ex_id) in enumerate(zip(files, ids)):
+    from pipelines.progress import bar
+    rows = zip(files, ids)
+    for i, (path, ex_id) in enumerate(bar(rows, total=len(files), desc="checking for duplicates", unit="files")
+                                      if progress else rows):
         keys = (("file", os.path.normpath(str(path))), ("id", ex_id),
                 ("image bytes", hashlib.sha256(path.read_bytes()).hexdigest()))
         hit = next(((what, seen[(what, k)]) for what, k in keys if (what, k) in seen), None)
@@ -384,7 +388,8 @@ def _inside(root: Path, name: str, where: str, allow_outside: bool) -> Path:
 def _cell200(source, o):
     root = Path(source)
     files = _image_files(root)
-    keep = _duplicates(files, [p.relative_to(root).as_posix() for p in files], str(root), o["dedupe"])
+    keep = _duplicates(files, [p.relative_to(root).as_posix() for p in files], str(root), o["dedupe"],
+                      o["progress"])
     files = [files[i] for i in keep]
     y = np.array([[cell_count(p.name)] for p in files], dtype=np.float32)
     _, h, w, enc = _first_image(files)
@@ -502,7 +507,7 @@ def _folder_csv(source, o):
     if missing:
         raise DatasetError(f"{missing[0]}: image listed in {manifest.name} is missing ({len(missing)} missing)")
     channels, h, w, enc = _first_image(files)
-    keep = _duplicates(files, ids or names, str(manifest), o["dedupe"])
+    keep = _duplicates(files, ids or names, str(manifest), o["dedupe"], o["progress"])
     if len(keep) < len(files):
         files, names, y = [files[i] for i in keep], [names[i] for i in keep], y[keep]
         ids = [ids[i] for i in keep] if ids else None

@@ -6,7 +6,6 @@ of the first images of a split with their labels (a scatter of x against y for v
 """
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -39,16 +38,20 @@ def target_stats(root: str | os.PathLike, meta: dict, split: str) -> dict:
 
 def recompute_fingerprint(root: str | os.PathLike, meta: dict) -> str:
     """The content fingerprint recomputed from the shards (reads every row once)."""
+    from pipelines.progress import bar
     fp = Fingerprint()
     col = meta["input"]["column"]
-    for split in SPLITS:
-        for path in shard_paths(root, meta, split):
-            with open_parquet(path) as pf:
-                for batch in pf.iter_batches(columns=["id", col, "y"]):
-                    y = list_to_numpy(batch.column(2), int(meta["D"]))
-                    payload = (batch.column(1).to_pylist() if col == "image"
-                               else list_to_numpy(batch.column(1), int(meta["input"]["dim"])))
-                    fp.update(batch.column(0).to_pylist(), split, y, payload)
+    total = sum(int(meta["splits"].get(s, {}).get("rows", 0)) for s in SPLITS)
+    with bar(total=total, desc="hashing rows", unit="rows") as hashed:
+        for split in SPLITS:
+            for path in shard_paths(root, meta, split):
+                with open_parquet(path) as pf:
+                    for batch in pf.iter_batches(columns=["id", col, "y"]):
+                        y = list_to_numpy(batch.column(2), int(meta["D"]))
+                        payload = (batch.column(1).to_pylist() if col == "image"
+                                   else list_to_numpy(batch.column(1), int(meta["input"]["dim"])))
+                        fp.update(batch.column(0).to_pylist(), split, y, payload)
+                        hashed.update(batch.num_rows)
     return fp.hexdigest()
 
 
@@ -95,37 +98,81 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def _label_text(values: np.ndarray, names: list[str], units: list[str], circular: tuple[bool, ...]) -> str:
+    """One example's targets as "name = value unit" lines; angles also in degrees."""
+    out = []
+    for v, n, u, c in zip(values, names, units, circular):
+        unit = "rad" if c else u
+        out.append(f"{n} = {v:.3g}" + (f" {unit}" if unit else "") + (f" ({np.degrees(v):.0f}°)" if c else ""))
+    return "\n".join(out)
+
+
+def _first_rows(root, meta: dict, split: str, n: int, columns: list[str]):
+    """The first n rows of a split (across row groups and shards) as one Arrow table."""
+    import pyarrow as pa
+    paths = shard_paths(root, meta, split)
+    if not paths:
+        raise DatasetError(f"{root}: the dataset has no {split!r} split")
+    parts, have = [], 0
+    for path in paths:
+        with open_parquet(path) as pf:
+            for batch in pf.iter_batches(columns=columns, batch_size=max(n, 1)):
+                parts.append(batch.slice(0, n - have))
+                have += parts[-1].num_rows
+                if have >= n:
+                    return pa.Table.from_batches(parts)
+    return pa.Table.from_batches(parts)
+
+
 def contact_sheet(root: str | os.PathLike, out_png: str | os.PathLike, split: str = "train", n: int = 16,
                   cols: int = 8) -> Path:
-    """Write a PNG of the first n examples of split with their labels -> the PNG path."""
-    from PIL import Image, ImageDraw
+    """A PNG of the first n examples of a split with their labels (target names and units from the
+    metadata), to see that the data was read right -> the PNG path. Vector inputs: each target
+    against the first input, for the whole split."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ebm.tasks import task_from_metadata
+
+    from .images import decode_image
     meta = validate(root)
+    if n < 1:
+        raise DatasetError(f"-n must be >= 1, got {n}")
+    task = task_from_metadata(meta)
     if meta["input"]["kind"] == "vector":
-        return _scatter(root, meta, out_png, split)
-    with open_parquet(shard_paths(root, meta, split)[0]) as pf:
-        first = pf.read_row_group(0, columns=["id", "image", "y"])
-    rows = first.slice(0, n)
+        return _scatter(root, meta, task, out_png, split)
+    rows = _first_rows(root, meta, split, n, ["id", "image", "y"])
     y = list_to_numpy(rows.column("y"), int(meta["D"]))
-    h, w = meta["input"]["height"], meta["input"]["width"]
-    scale = max(1, 96 // max(h, w))
-    cw, ch = w * scale, h * scale + 14
-    cols = min(cols, rows.num_rows)
-    sheet = Image.new("RGB", (cols * cw, -(-rows.num_rows // cols) * ch), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, data in enumerate(rows.column("image").to_pylist()):
-        r, c = divmod(i, cols)
+    shape = (int(meta["input"]["channels"]), int(meta["input"]["height"]), int(meta["input"]["width"]))
+    k = rows.num_rows
+    cols = min(cols, k)
+    nrows = -(-k // cols)
+    text_lines = task.D + 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.55 * cols, (1.45 + 0.16 * text_lines) * nrows + 0.7),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for i, (ex_id, data) in enumerate(zip(rows.column("id").to_pylist(), rows.column("image").to_pylist())):
+        ax = axes.flat[i]
         try:
-            im = Image.open(io.BytesIO(data)).convert("RGB").resize((cw, h * scale), Image.NEAREST)
-            sheet.paste(im, (c * cw, r * ch))
-        except Exception:  # a corrupt example is shown as a blank tile
-            pass
-        draw.text((c * cw + 2, r * ch + h * scale), " ".join(f"{v:.3g}" for v in y[i]), fill="black")
+            img = decode_image(data, shape, f"{ex_id}")           # (C, H, W) uint8, as training reads it
+            ax.imshow(img[0] if shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255,
+                      interpolation="nearest")
+        except Exception as e:      # a damaged image is shown as such, not skipped
+            ax.text(0.5, 0.5, f"unreadable:\n{type(e).__name__}", ha="center", va="center", fontsize=7, color="C3")
+        ax.set_title(_label_text(y[i], task.target_names, task.units, task.circular) + f"\n{str(ex_id)[-18:]}",
+                     fontsize=7, pad=2)
+    counts = meta["splits"].get(split, {}).get("rows", k)
+    fig.suptitle(f"{meta['task']}: the first {k} of {counts} {split} examples, "
+                 f"{shape[1]}×{shape[2]} {'grey' if shape[0] == 1 else 'RGB'}; title: label, id", fontsize=9)
     out_png = Path(out_png)
-    sheet.save(out_png)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
     return out_png
 
 
-def _scatter(root, meta: dict, out_png, split: str) -> Path:
+def _scatter(root, meta: dict, task, out_png, split: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -134,12 +181,19 @@ def _scatter(root, meta: dict, out_png, split: str) -> Path:
         with open_parquet(p) as pf:
             tables.append(pf.read(columns=["x", "y"]))
     x = np.concatenate([list_to_numpy(t.column("x"), int(meta["input"]["dim"]))[:, 0] for t in tables])
-    y = np.concatenate([list_to_numpy(t.column("y"), int(meta["D"]))[:, 0] for t in tables])
-    fig, ax = plt.subplots(figsize=(5, 4))
-    ax.scatter(x, y, s=2)
-    from ebm.tasks import task_from_metadata
-    task = task_from_metadata(meta)
-    ax.set(xlabel="x", ylabel=f"{task.target_names[0]} {task.units[0]}".strip(), title=f"{meta['task']} {split} ({len(y)} rows)")
+    y = np.concatenate([list_to_numpy(t.column("y"), int(meta["D"])) for t in tables])
+    names = meta["input"].get("names") or ["x" if int(meta["input"]["dim"]) == 1 else "x0"]
+    D = y.shape[1]
+    fig, axes = plt.subplots(1, D, figsize=(4.6 * D, 3.8), squeeze=False, layout="constrained")
+    for d, ax in enumerate(axes[0]):
+        ax.scatter(x, y[:, d], s=3, alpha=0.6)
+        name, unit = task.target_names[d], ("radians" if task.circular[d] else task.units[d])
+        ax.set(xlabel=names[0], ylabel=f"{name} ({unit})" if unit else name)
+        if task.circular[d]:
+            ax.set_yticks(np.arange(5) * np.pi / 2)
+            ax.set_yticklabels(["0", "π/2", "π", "3π/2", "2π"])
+    more = f" (first of {meta['input']['dim']} inputs)" if int(meta["input"]["dim"]) > 1 else ""
+    fig.suptitle(f"{meta['task']}: {split} split, {len(y)} rows: targets against {names[0]}{more}", fontsize=10)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return Path(out_png)

@@ -50,14 +50,13 @@ equal ``_dataset.json``. Any problem is a :class:`DatasetError` naming the file 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -277,11 +276,13 @@ def write_atomic(out, meta: dict, chunks: Iterator[tuple[str, tuple]], total: in
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the dataset gets the usual permissions
     try:
         writer = ShardWriter(tmp, meta, shard_rows)
-        bar = Progress(total, f"ingest {storage.name(out)}", enabled=progress)
-        for split, (ids, y, payload, aux) in chunks:
-            writer.write(split, ids, y, payload, aux)
-            bar.update(len(ids))
-        bar.close()
+        from pipelines.progress import bar
+        with bar(total=total, desc=f"ingest {storage.name(out)}", unit="rows") if progress else \
+                contextlib.nullcontext() as rows:
+            for split, (ids, y, payload, aux) in chunks:      # the sources decode and encode as they are read
+                writer.write(split, ids, y, payload, aux)
+                if rows is not None:
+                    rows.update(len(ids))
         meta = writer.finish()
         validate(tmp)
         if remote:
@@ -345,31 +346,6 @@ def _publish(local: Path, out: str, meta: dict) -> None:
         raise DatasetError(f"{out}: publishing the ingested dataset failed ({e}); the complete, validated "
                            f"dataset is kept at {staging}") from None
     storage.delete_dir(staging)
-
-
-class Progress:
-    """Rows done / total on stderr, at most once a second."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.done = 0
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, k: int) -> None:
-        self.done += k
-        now = time.monotonic()
-        if self.enabled and now - self.last >= 1.0:
-            self.last = now
-            self._print(now)
-
-    def _print(self, now: float) -> None:
-        rate = self.done / max(now - self.t0, 1e-9)
-        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        print(f"{self.label}: {self.done}/{self.total} rows{pct}, {rate:.0f} rows/s", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._print(time.monotonic())
 
 
 def read_metadata(root: str | os.PathLike) -> dict:

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ebm.circular import wrap_diff
+from ebm import calibration as C
+from ebm.calibration import LEVELS
 from ebm.data import Split
 from ebm.evaluate import evaluate
-from ebm.predict import predict
 from pipelines.serve.serving import InputError, Predictor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-CALIBRATION_LEVELS = tuple(round(0.1 * i, 1) for i in range(1, 10)) + (0.95, 0.99)
 
 
 def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[list[str], list, list | None]:
@@ -106,61 +105,92 @@ def read_split(root: str | Path, split: str, p: Predictor) -> Split:
     return read_parquet_split(str(root), split)
 
 
+class _Ticking:
+    """A tensor that ticks a progress bar by the rows of every slice taken of it: ebm.evaluate reads a
+    split batch by batch as ``x[s:e]``, so its progress shows without a hook in the single-device code."""
+
+    def __init__(self, t: torch.Tensor, bar):
+        self.t, self.bar = t, bar
+
+    def __getitem__(self, idx):
+        out = self.t[idx]
+        self.bar.update(out.shape[0] if out.dim() else 1)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+
 @torch.no_grad()
-def calibration(p: Predictor, split: Split, M_samples: int, seed: int = 0, batch_size: int = 256) -> dict:
-    """Coverage of central intervals at CALIBRATION_LEVELS from the probability integral transform
-    of the weighted IS samples (per dim, on the samples unwrapped around the mean for circular dims)."""
+def calibration(p: Predictor, split: Split, M_samples: int, seed: int = 0, batch_size: int = 256,
+                levels: tuple[float, ...] = LEVELS) -> dict:
+    """PIT values per example and dim for every source the model has (:func:`ebm.calibration.model_pits`:
+    the IS prediction with ``M_samples``, the proposal alone, the EBM on the task grid for D = 1), and
+    coverage of central intervals at ``levels``: per dim, pooled over dims, and joint (every dim)."""
+    from pipelines import progress
     g = torch.Generator().manual_seed(seed)
-    pits = []
-    for s in range(0, len(split), batch_size):
-        x, y = split.x[s:s + batch_size], split.y[s:s + batch_size]
-        pr = predict(p.model, x, p.task.circular, M=M_samples, keep_samples=True, generator=g)
-        centred = wrap_diff(pr.samples - pr.mean.unsqueeze(1), p.task.circular)       # (B, M, D)
-        yc = wrap_diff(y - pr.mean, p.task.circular)                                   # (B, D)
-        pits.append((pr.weights.unsqueeze(-1) * (centred <= yc.unsqueeze(1))).sum(1))  # (B, D)
-    pit = torch.cat(pits).flatten().numpy()
-    cov = [float(np.mean(np.abs(pit - 0.5) <= lv / 2)) for lv in CALIBRATION_LEVELS]
-    return {"levels": list(CALIBRATION_LEVELS), "coverage": cov, "pit": pit}
+    grid = torch.as_tensor(p.task.grid()[0], dtype=torch.float32) if p.task.D == 1 else None
+    acc: dict[str, list[torch.Tensor]] = {}
+    with progress.bar(total=len(split), desc="calibration", unit="ex") as b:
+        for s in range(0, len(split), batch_size):
+            x, y = split.x[s:s + batch_size], split.y[s:s + batch_size]
+            for k, v in C.model_pits(p.model, x, y, p.task.circular, M=M_samples, grid=grid, generator=g).items():
+                acc.setdefault(k, []).append(v.float())
+            b.update(len(y))
+    sources = {}
+    for k, chunks in acc.items():
+        pit = torch.cat(chunks)
+        sources[k] = {"pit": pit.numpy(), "coverage": C.coverage(pit, levels).tolist(),
+                      "pooled": C.coverage(pit.reshape(-1, 1), levels)[:, 0].tolist(),
+                      "joint": C.joint_coverage(pit, levels).tolist(),
+                      "calibration_error": C.calibration_error(pit, levels)}
+    return {"levels": list(levels), "M": int(M_samples), "target_names": list(p.task.target_names), "sources": sources}
 
 
-def calibration_plot(cal: dict, path: str | Path, title: str = "") -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    axes[0].plot([0, 1], [0, 1], "k:", lw=0.8)
-    axes[0].plot(cal["levels"], cal["coverage"], "o-")
-    axes[0].set_xlabel("nominal central-interval level")
-    axes[0].set_ylabel("observed coverage")
-    axes[1].hist(cal["pit"], bins=20, range=(0, 1), density=True)
-    axes[1].axhline(1.0, color="k", lw=0.8, ls=":")
-    axes[1].set_xlabel("PIT")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return Path(path)
+def _input_names(root) -> list[str] | None:
+    """A table dataset's input column names (its metadata keeps them), for the figures' titles."""
+    from pipelines.data.layout import read_metadata
+    return read_metadata(root)["input"].get("names")
 
 
 def evaluate_dataset(p: Predictor, root: str | Path, split: str = "test", out_dir: str | Path | None = None,
-                     M_samples: int | None = None, seed: int = 0) -> dict:
-    """Test NLL (grid and IS), MAE, CRPS, coverage of the model on a dataset split; with ``out_dir``
-    writes metrics.json and calibration.png there."""
+                     M_samples: int | None = None, seed: int = 0, n_examples: int = 4) -> dict:
+    """Test NLL (grid and IS), MAE, CRPS, coverage of the model on a dataset split, and its calibration
+    (:func:`calibration`); with ``out_dir`` writes there metrics.json, calibration.json (coverage per
+    source and level), calibration.png (PIT histograms, coverage against the nominal level) and
+    densities.png (``n_examples`` predicted densities beside their inputs, the label marked)."""
+    from pipelines import plots, progress
     from pipelines.serve.serving import check_M
     if M_samples is not None:           # the serving bound on M (an integer in [1, EBM_SERVE_MAX_M]) holds here too
         check_M(p, M_samples)
     data = read_split(root, split, p)
     cfg = p.cfg if M_samples is None else p.cfg.with_overrides([f"sampler.M_eval={int(M_samples)}"])
     g = torch.Generator().manual_seed(seed)
-    out = evaluate(p.model, data, p.task, cfg, generator=g)
+    with progress.bar(total=len(data), desc=f"evaluate {split}", unit="ex") as b:
+        out = evaluate(p.model, Split(_Ticking(data.x, b), data.y, data.aux), p.task, cfg, generator=g)
     cal = calibration(p, data, cfg.sampler.M_eval, seed)
-    out["calibration_error"] = float(np.mean(np.abs(np.array(cal["coverage"]) - np.array(cal["levels"]))))
+    main = cal["sources"].get("prediction") or next(iter(cal["sources"].values()), None)
+    if main is not None:
+        out["calibration_error"] = main["calibration_error"]
     out["n"] = len(data)
+    out["calibration"] = {k: {"levels": cal["levels"], "coverage": v["pooled"]} for k, v in cal["sources"].items()}
     if out_dir:
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.json").write_text(json.dumps({k: v for k, v in out.items() if not (isinstance(v, float) and
-                                                                                        math.isnan(v))}, indent=1))
-        calibration_plot(cal, d / "calibration.png", f"{p.task.name} {split}: coverage")
-        (d / "calibration.json").write_text(json.dumps({"levels": cal["levels"], "coverage": cal["coverage"]}))
+        (d / "metrics.json").write_text(json.dumps({k: v for k, v in out.items() if k != "calibration" and not (
+            isinstance(v, float) and math.isnan(v))}, indent=1))
+        (d / "calibration.json").write_text(json.dumps(
+            {"levels": cal["levels"], "M": cal["M"], "target_names": cal["target_names"],
+             "sources": {k: {kk: vv for kk, vv in v.items() if kk != "pit"} for k, v in cal["sources"].items()}},
+            indent=1))
+        title = f"{p.task.name}, {split} split ({len(data)} examples)"
+        if cal["sources"]:
+            plots.calibration_figure(cal, d / "calibration.png", title)
+        n = min(n_examples, len(data))
+        plots.prediction_figure(p, data.x[:n], data.y[:n], {k: np.asarray(v)[:n] for k, v in data.aux.items()},
+                                d / "densities.png", M=cfg.sampler.M_eval, interval_level=cfg.eval.interval_level,
+                                seed=seed, title=title, x_names=_input_names(root))
     return out
