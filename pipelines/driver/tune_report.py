@@ -8,6 +8,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from ebm.config import Config
 
 UNVALIDATED = 1e29      # worker_loop reports val_nll = 1e30 before the first validation
@@ -79,22 +81,49 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 
 def plot(rows: list[dict], path: Path, metric: str = "val_nll") -> Path:
-    """Val NLL against K (colour: M_train) and against M_train (colour: K)."""
+    """``metric`` against K (one line per M_train) and against M_train (one line per K): each trial a
+    faint point, the mean over trials with the same (K, M) (seeds, other settings) a line; the best
+    trial starred. Log-2 x axes labelled with the values swept; trials without the metric are counted
+    in the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    ok = [r for r in rows if r[metric] == r[metric]]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, (xk, ck) in zip(axes, (("proposal.K", "sampler.M_train"), ("sampler.M_train", "proposal.K"))):
-        for c in sorted({r[ck] for r in ok}):
-            pts = sorted((r[xk], r[metric]) for r in ok if r[ck] == c)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"{ck.split('.')[-1]}={c}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(xk)
-        ax.set_ylabel(f"last {metric}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    from matplotlib.ticker import FixedLocator, NullLocator
+    ok = [r for r in rows if r.get(metric) == r.get(metric) and r.get(metric) is not None]
+    name = metric.replace("_nll", " NLL").replace("_", " ")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    best = min(ok, key=lambda r: r[metric]) if ok else None
+    panels = (("proposal.K", "sampler.M_train", "K (proposal components)", "M"),
+              ("sampler.M_train", "proposal.K", "M (proposal samples per example in training)", "K"))
+    for ax, (xk, ck, xlabel, cname) in zip(axes, panels):
+        groups = sorted({r[ck] for r in ok})
+        colours = plt.cm.viridis(np.linspace(0.05, 0.85, max(len(groups), 1)))
+        for c, colour in zip(groups, colours):
+            mine = [r for r in ok if r[ck] == c]
+            xs = sorted({r[xk] for r in mine})
+            ax.scatter([r[xk] for r in mine], [r[metric] for r in mine], s=14, color=colour, alpha=0.35, lw=0)
+            means = [statistics.fmean(r[metric] for r in mine if r[xk] == x) for x in xs]
+            ax.plot(xs, means, "o-", color=colour, ms=5, lw=1.6, label=f"{cname} = {c}")
+        if best is not None:
+            ax.plot([best[xk]], [best[metric]], "*", color="C3", ms=14, mec="k", mew=0.6, label="best trial", zorder=5)
+        values = sorted({r[xk] for r in ok})
+        if values and min(values) > 0:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(values))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([f"{v:g}" for v in values])
+            ax.set_xlim(min(values) / 1.4, max(values) * 1.4)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{name} at the last epoch (lower is better)")
+        ax.grid(alpha=0.3)
+        if ok:
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(len(groups) + 1, 5),
+                      frameon=False, title=f"lines: the mean over trials of each {cname}", title_fontsize=8)
+    missing = len(rows) - len(ok)
+    fig.suptitle(f"sweep: {name} against K and M — {len(ok)} trials"
+                 + (f" ({missing} more without a {metric}: errored or stopped before validating)" if missing else ""),
+                 fontsize=11)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

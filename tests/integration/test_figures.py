@@ -154,3 +154,13 @@ def test_progress_bars_show_on_a_terminal_or_when_forced_and_never_with_q(store)
                                  "--n-train", "300", "--n-val", "30", "--n-test", "30", "--quiet"],
                                 capture_output=True, text=True, env={**env, "EBM_PROGRESS": "1"}, cwd=ROOT)
     assert kept_quiet.returncode == 0 and "rows/s" not in kept_quiet.stderr     # ingest --quiet: no progress
+
+
+def test_the_sweep_figure_has_a_line_per_setting_and_counts_the_trials_it_cannot_show(tmp_path):
+    from pipelines.driver.tune_report import plot
+    rows = [{"proposal.K": K, "sampler.M_train": M, "val_nll": 1.5 + 0.3 / K + 1 / M + 0.01 * s}
+            for K in (1, 2, 4) for M in (16, 64) for s in range(2)]
+    rows.append({"proposal.K": 8, "sampler.M_train": 64, "val_nll": float("nan")})       # an errored trial
+    im = _png(plot(rows, tmp_path / "sweep.png"))
+    assert im.shape[1] > 2 * im.shape[0] * 0.9             # two panels side by side
+    assert plot([], tmp_path / "empty.png").stat().st_size > 1000     # a sweep where nothing validated still draws
