@@ -35,15 +35,20 @@ def ray_init(address: str | None, num_cpus: int | None = None, resources: dict |
     # keeps 127.0.0.1 and every server binds 127.0.0.1 (a single-node Ray: no other node can join it).
     from ray._private import ray_constants
     ray_constants.ENABLE_RAY_CLUSTER = False                  # this process: ray is already imported
-    previous = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"     # the processes ray.init starts (they inherit it)
+    # The raylet prestarts one idle Python worker per CPU for the first driver; none of them can serve
+    # this job (its runtime env, and the env of every Train/Tune actor, differs from theirs), so they
+    # only burn CPU while the job starts (2 processes importing Ray on a 2-core machine).
+    inherited = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_prestart_worker_first_driver": "0"}
+    previous = {k: os.environ.get(k) for k in inherited}
+    os.environ.update(inherited)                              # the processes ray.init starts (they inherit it)
     try:
         _init_local(ray, num_cpus, resources, logging_config)
     finally:                                                  # not for whatever this process starts later
-        if previous is None:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-        else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 
