@@ -242,3 +242,25 @@ def test_bad_templates_exports_and_flag_mixes_are_usage_errors(export, tmp_path,
     assert cli.main(["results", "exp", "--export", str(path), "--out", out]) == 2
     assert cli.main(["results", "exp", "--tracking-uri", uri]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_the_run_plan_fits_its_batches_and_makes_the_groups_the_page_asks_for():
+    import re
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(["bash", str(root / "results" / "run_issue16.sh"), "list"], capture_output=True, text=True,
+                         check=True).stdout
+    hours = [float(h) for h in re.findall(r"\(~([\d.]+) h\)", out)]
+    assert len(hours) == 10 and max(hours) <= 2.5            # two queues per batch, each within ~2.5 h
+    script = (root / "results" / "run_issue16.sh").read_text()
+    cells = set(re.search(r'^CELLS="([^"]+)"', script, re.M).group(1).split())
+    queues = re.search(r'^QA="([^"]+)"', script, re.M).group(1).split() + \
+        re.search(r'^QB="([^"]+)"', script, re.M).group(1).split()
+    assert sorted(queues) == sorted(cells)                   # the image batches run every claim cell once
+    made = {f"{t}/p20_{c}" for t in ("toy1", "toy2") for c in cells} | \
+        {f"{t}/conv_{c}" for t in ("star", "fashion") for c in cells}
+    template = (root / "results" / "RESULTS.template.md").read_text()
+    asked = {g for line in template.splitlines() if line.startswith("{{claims ")
+             for g in re.findall(r"[A-Za-z0-9]+/[A-Za-z0-9_]+", line)}
+    assert asked and asked <= made, sorted(asked - made)
