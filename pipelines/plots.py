@@ -127,12 +127,12 @@ def _circular_axis(ax) -> None:
 
 
 def _support(grid: np.ndarray, curves: list[np.ndarray], label: float) -> tuple[float, float]:
-    """The part of a linear grid where some curve is above 0.1% of its peak, with the label, padded:
+    """The part of a linear grid where some curve is above 1% of its peak, with the label, padded:
     a wide task grid (steering: ±100°) would squeeze a narrow density into a spike."""
     inside = np.zeros(len(grid), dtype=bool)
     for c in curves:
         c = np.nan_to_num(np.asarray(c, dtype=np.float64))
-        inside |= c > 1e-3 * c.max() if c.max() > 0 else False
+        inside |= c > 1e-2 * c.max() if c.max() > 0 else False
     lo, hi = (grid[inside].min(), grid[inside].max()) if inside.any() else (grid[0], grid[-1])
     lo, hi = min(lo, label), max(hi, label)
     pad = 0.08 * (hi - lo) or 1e-3 * (grid[-1] - grid[0])
