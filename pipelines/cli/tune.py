@@ -90,7 +90,8 @@ def add_tune_command(subparsers) -> None:
     tu.add_argument("--cpus-per-worker", type=float, default=0.0, help="CPUs per worker (default 0.5, GPU runs 1)")
     tu.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     tu.add_argument("--max-concurrent", type=int, default=1, help="trials at once (1 on a 2-core machine)")
-    tu.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial")
+    tu.add_argument("--max-failures", type=int, default=1,
+                    help="retries per trial: of a 1-worker trial by Tune, of a multi-worker trial's worker group by Ray Train")
     tu.add_argument("--ray-address", default="", help="the Ray cluster to run on, as ray.init takes it (HOST:PORT "
                     "or auto; default $RAY_ADDRESS, else start a local Ray). `ebm submit --address` is the job server")
     tu.add_argument("--storage", default="", help="Tune and checkpoint storage (default $EBM_STORAGE_PATH or ./runs)")
