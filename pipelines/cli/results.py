@@ -65,7 +65,7 @@ def _results(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
     else:
         source = _store(args)
-        groups = collect(source, args.experiment)
+        groups = collect(source, args.experiment, R.HISTORY_METRICS if args.template else ())
     groups = R.select(groups, args.groups)
     where = ["--runs", args.runs] if args.runs else []
     command = shlex.join(["ebm", "results", args.experiment, *where,

@@ -114,9 +114,9 @@ def fetch_records(uri: str, experiment: str, history: tuple[str, ...] = ()) -> l
             return out
 
 
-def collect(uri: str, experiment: str) -> list[Group]:
+def collect(uri: str, experiment: str, history: tuple[str, ...] = ()) -> list[Group]:
     """The experiment's runs in the store grouped by ``ebm.group``, sorted by name."""
-    return group_runs(fetch_records(uri, experiment))
+    return group_runs(fetch_records(uri, experiment, history))
 
 
 def write_export(records: list[RunRecord], path: str | Path) -> None:

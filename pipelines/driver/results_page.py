@@ -4,6 +4,7 @@ tables (``ebm results EXPERIMENT --template T --out PAGE``; ``make results``).
 A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it is:
 
     {{table GLOB...}}                   the groups' table(s), one per task (pipelines.driver.results.table)
+    {{convergence GLOB...}}             from the val_nll curves: best epoch, best and last value per group
     {{calibration GLOB...}}             coverage of the 50/80/90/95 % central intervals per group and source
     {{claims METRIC A vs B; C vs D}}    each claim decided by Welch's t on METRIC (lower is better)
     {{floor TASK METRIC GLOB...}}       the floor (Bayes-optimal value) and each group's gap to it
@@ -164,6 +165,28 @@ def calibration_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
+    """From each run's validation curve (an export's ``history``): the epoch of its lowest value, that
+    value, the value at the last epoch, and how many runs had their best in the last fifth of the
+    epochs (still improving: train longer)."""
+    head = ["group", "seeds", "epochs", "best epoch: median [min–max]", f"best `{metric}`", f"last `{metric}`",
+            "best in the last fifth"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        curves = [sorted(r.history[metric]) for r in g.runs if r.history.get(metric)]
+        if not curves:
+            lines.append(f"| `{g.name}` | {len(g.runs)} | {g.param('optim.epochs')} | no `{metric}` curve logged |"
+                         " | | |")
+            continue
+        best = [min(c, key=lambda sv: sv[1]) for c in curves]
+        at = sorted(int(b[0]) for b in best)
+        last_step = [int(c[-1][0]) for c in curves]
+        late = sum(b[0] >= 0.8 * (ls + 1) for b, ls in zip(best, last_step))
+        lines.append(f"| `{g.name}` | {len(curves)} | {g.param('optim.epochs')} | {at[len(at) // 2]} [{at[0]}–{at[-1]}] | "
+                     f"{_cell([b[1] for b in best])} | {_cell([c[-1][1] for c in curves])} | {late} of {len(curves)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _none(patterns: list[str]) -> str:
     return f"*(no finished runs yet in groups matching {', '.join(f'`{p}`' for p in patterns)})*\n"
 
@@ -171,7 +194,7 @@ def _none(patterns: list[str]) -> str:
 def directive(kind: str, args: str, groups: list[Group]) -> str:
     """The markdown that replaces one ``{{kind args}}`` line; ValueError for a malformed one."""
     words = args.split()
-    if kind == "table" or kind == "calibration":
+    if kind in ("table", "calibration", "convergence"):
         if not words:
             raise ValueError(f"{{{{{kind}}}}} needs group patterns")
         chosen = [g for g in select(groups, words) if g.runs]
@@ -179,6 +202,8 @@ def directive(kind: str, args: str, groups: list[Group]) -> str:
             return _none(words)
         if kind == "calibration":
             return calibration_table(chosen)
+        if kind == "convergence":
+            return convergence_table(chosen)
         return "\n".join(table([g for g in chosen if g.task == t]) for t in sorted({g.task for g in chosen}))
     if kind == "claims":
         metric, _, rest = args.partition(" ")
@@ -191,7 +216,7 @@ def directive(kind: str, args: str, groups: list[Group]) -> str:
             raise ValueError(f"{{{{floor {args}}}}}: expected TASK METRIC GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return floor_table(chosen, words[0], words[1])
-    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, calibration, claims, floor)")
+    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, claims, floor)")
 
 
 def render_page(template: str, groups: list[Group], note: str) -> str:

@@ -140,6 +140,14 @@ def _cells(client, exp_id):
                 m.update(test_coverage_50=0.5, test_coverage_80=0.79, test_coverage_90=0.9, test_coverage_95=0.96)
             _run(client, exp_id, group, seed, m, task="toy2")
     _run(client, exp_id, "toy2/p_mdn_K4", 9, {"test_nll": 50.0}, status="FAILED", task="toy2")
+    # validation curves over 10 epochs: the learned cell's best at epoch 5 (then overfits), nce_fixed's
+    # still falling at its last epoch
+    for r in client.search_runs([exp_id]):
+        group = r.data.tags.get("ebm.group")
+        for step in range(10):
+            v = {"toy2/p_learned_K4": 1.0 + 0.01 * (step - 5) ** 2, "toy2/p_nce_fixed": 2.0 - 0.05 * step}.get(group)
+            if v is not None:
+                client.log_metric(r.info.run_id, "val_nll", v, step=step)
 
 
 TEMPLATE = """# Page
@@ -153,6 +161,8 @@ Prose stays as written.
 {{floor toy2 test_nll toy2/p_*}}
 
 {{calibration toy2/p_*}}
+
+{{convergence toy2/p_*}}
 
 {{table star/*}}
 """
@@ -222,6 +232,9 @@ def test_page_is_rebuilt_from_the_export_with_tables_claims_floor_and_calibratio
     # runs that logged only the 90 % interval's coverage fill that column from it
     assert "| `toy2/p_nce_fixed` | prediction | 4 | — | — | 0.880 ± 0.000 | — |" in text
     assert "*(no finished runs yet in groups matching `star/*`)*" in text
+    assert "| `toy2/p_learned_K4` | 4 | 75 | 5 [5–5] | 1.000 ± 0.000 | 1.160 ± 0.000 | 0 of 4 |" in text
+    assert "| `toy2/p_nce_fixed` | 4 | 75 | 9 [9–9] | 1.550 ± 0.000 | 1.550 ± 0.000 | 4 of 4 |" in text
+    assert "| `toy2/p_mdn_K4` | 4 | 75 | no `val_nll` curve logged |" in text
 
 
 def test_bad_templates_exports_and_flag_mixes_are_usage_errors(export, tmp_path, capsys):
