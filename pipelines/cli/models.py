@@ -1,6 +1,7 @@
 """``ebm register``, ``ebm predict`` and ``ebm evaluate``: registered models from the command line."""
 from __future__ import annotations
 
+import os
 import sys
 
 OUT_SUFFIXES = (".csv", ".parquet", ".json")
@@ -47,20 +48,17 @@ def _register(args) -> int:
 
 
 def _load(args):
-    """The model behind ``args.model_uri``; an unknown model (or store) is a UsageError. Only a
-    ``models:/`` or ``runs:/`` URI needs the tracking store."""
-    from pipelines import tracking
+    """The model behind ``args.model_uri``: a registry or run URI, an MLflow model directory, a
+    checkpoint (directory or file), a ``model.pt`` or a run's directory, local or a URI, as
+    :func:`pipelines.api.load` takes them (weights read with ``weights_only=True``). An unknown model
+    (or store) is a UsageError; only a ``models:/`` or ``runs:/`` URI needs the tracking store, which
+    is read and never created."""
+    from pipelines import api
     from pipelines.cli import UsageError, one_line
-    load_predictor = _registry().load_predictor
-    model = args.model_uri
     try:
-        if model.startswith(("models:/", "runs:/")):
-            _uri(args, write=False)
-        return load_predictor(model)
-    except tracking.TrackingError as e:
-        raise UsageError(f"cannot load model {model!r}: {e}") from None
-    except Exception as e:      # MlflowException (unknown name/alias), OSError (missing path)
-        raise UsageError(f"cannot load model {model!r}: {one_line(e)}") from None
+        return api.load(args.model_uri, tracking_uri=args.tracking_uri or None).predictor
+    except Exception as e:      # SourceError (nothing there), TrackingError, MlflowException, OSError
+        raise UsageError(f"cannot load model {args.model_uri!r}: {one_line(e)}") from None
 
 
 def _floats(text: str, flag: str) -> list[float]:
@@ -81,34 +79,89 @@ def _check_input(path: str, flag: str) -> None:
 
 
 def _predict(args) -> int:
+    from pipelines import storage
     from pipelines.cli import UsageError, check_file_target
-    from pipelines.serve import model_eval, serving
+    from pipelines.serve import batch, model_eval, serving
     # everything that can be checked without the model is checked before it loads and predicts
-    if args.out != "-":
-        check_file_target(args.out, "--out", OUT_SUFFIXES)
     if args.limit < 0:
         raise UsageError(f"--limit must be >= 0 (0 = all), got {args.limit}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0 = in this process), got {args.workers}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.cpus_per_worker > 0:
+        raise UsageError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
+    if args.workers == 0 and (args.use_gpu or args.ray_address):
+        raise UsageError(f"{'--use-gpu' if args.use_gpu else '--ray-address'} applies to the Ray Data path: "
+                         "add --workers N")
+    if args.out != "-":
+        if args.workers and not args.out.lower().endswith(".parquet"):
+            raise UsageError(f"--out {args.out}: --workers writes Parquet: the file must end in .parquet")
+        if storage.is_uri(args.out):
+            try:
+                batch.check_output(args.out, args.overwrite)
+            except serving.InputError as e:
+                raise UsageError(str(e)) from None
+        else:
+            check_file_target(args.out, "--out", OUT_SUFFIXES)
+            if os.path.exists(args.out) and not args.overwrite:
+                raise UsageError(f"--out {args.out}: exists; pass --overwrite to replace it")
+    elif args.workers:
+        raise UsageError("--out -: --workers writes a Parquet file, not JSON to stdout")
     quantiles = _floats(args.quantiles, "--quantiles")
     _check_input(args.input, "--input")
     p = _load(args)
     try:
+        lim = serving.Limits.from_env()
+        prm = serving.check_params(p, M=args.M, quantiles=quantiles, interval_level=args.interval_level,
+                                   refine_steps=args.refine_steps, return_samples=args.return_samples,
+                                   seed=args.seed, limits=lim)
+        if args.workers:
+            n = batch.predict_on_ray(p, args.input, args.out, split=args.split, prm=prm, limits=lim,
+                                     log_density=args.log_density, limit=args.limit, workers=args.workers,
+                                     use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                                     batch_size=args.batch_size, address=args.ray_address or None)
+            print(f"{n} predictions -> {args.out}")
+            return 0
         ids, values, y = model_eval.read_inputs(args.input, p, args.split)
         if args.limit:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
-        x = serving.inputs_tensor(p, values, ids)
-        out = serving.predict_rows(p, x, y if args.log_density else None, M=args.M,
-                                   quantiles=quantiles, interval_level=args.interval_level,
-                                   refine_steps=args.refine_steps, return_samples=args.return_samples, seed=args.seed)
+        out = _predict_in_process(p, ids, values, y if args.log_density else None, prm, lim, args.batch_size)
         if args.out == "-":
             import json
             print(json.dumps([dict(zip(["id", *out], row)) for row in zip(ids, *out.values())], indent=1))
             return 0
-        path = model_eval.write_table({"id": ids, **out}, args.out)
+        if args.out.lower().endswith(".parquet"):
+            schema = batch.output_schema(p, prm, "log_p" in out)
+            batch.publish_parquet(args.out, schema, [batch.output_table(ids, out, schema)])
+            path = args.out
+        else:
+            path = model_eval.write_table({"id": ids, **out}, args.out)
     except serving.InputError as e:
         print(f"ebm predict: {e}", file=sys.stderr)
         return 2
+    except storage.StorageError as e:
+        print(f"ebm predict: {e}", file=sys.stderr)
+        return 1
     print(f"{len(ids)} predictions -> {path}")
     return 0
+
+
+def _predict_in_process(p, ids, values, y, prm, lim, block: int) -> dict[str, list]:
+    """The single-process path: blocks of rows through :func:`serving.predict_rows` with their row
+    indices (the numbers do not depend on the blocks), under a progress bar."""
+    from pipelines import progress
+    from pipelines.serve import serving
+    out: dict[str, list] = {}
+    with progress.bar(total=len(ids), desc="predict", unit="rows") as bar:
+        for s in range(0, max(len(ids), 1), block):
+            x = serving.inputs_tensor(p, values[s:s + block], ids[s:s + block])
+            part = serving.predict_rows(p, x, y[s:s + block] if y is not None else None, **prm.as_kwargs(),
+                                        limits=lim, ids=ids[s:s + block], rows=range(s, s + x.shape[0]))
+            for k, v in part.items():
+                out.setdefault(k, []).extend(v)
+            bar.update(x.shape[0])
+    return out
 
 
 def _evaluate(args) -> int:
@@ -196,10 +249,13 @@ def add_model_commands(subparsers) -> None:
 
     pr = subparsers.add_parser("predict", help="predictive distributions for an image folder or Parquet inputs",
                                epilog=EPILOG)
-    pr.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a path")
-    pr.add_argument("--input", required=True, help="image folder, Parquet file, or dataset directory")
+    pr.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint "
+                    "(directory or file), model.pt or run directory (a local path or a URI)")
+    pr.add_argument("--input", required=True, help="image folder, Parquet file, or dataset directory (a local path "
+                    "or a URI such as s3://bucket/data)")
     pr.add_argument("--split", default="test", help="with a dataset directory: the split to read")
-    pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json, or - to print JSON")
+    pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json (a local path; Parquet also "
+                    "a URI such as s3://bucket/preds.parquet), or - to print JSON")
     pr.add_argument("--limit", type=int, default=0, help="only the first N inputs")
     pr.add_argument("--quantiles", default="0.05,0.25,0.5,0.75,0.95", help="comma-separated levels")
     # the flags are the pyfunc's parameter names (M, interval_level, refine_steps, return_samples, seed)
@@ -210,7 +266,21 @@ def add_model_commands(subparsers) -> None:
     pr.add_argument("--log-density", action="store_true", help="add log p(y|x) at the input's y column")
     pr.add_argument("--return-samples", "--samples", dest="return_samples", action="store_true",
                     help="add the weighted samples")
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--seed", type=int, default=0,
+                    help="the IS draws of each row are seeded by (seed, the row's index in the input): the same "
+                         "numbers in this process, with --workers, from the Python API and the model server")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ray = pr.add_argument_group("Ray Data (large Parquet inputs)", "--workers N predicts a Parquet file or dataset "
+                                "split on N Ray Data actors (the model loaded once per actor), streaming the rows "
+                                "with bounded memory into one Parquet --out; the output is the same as without it. "
+                                "Without --workers the input is read into this process (small inputs; image "
+                                "folders, CSV/JSON out). Starting Ray costs ~10 s: worth it from ~10k images")
+    ray.add_argument("--workers", type=int, default=0, metavar="N", help="Ray Data actors (0 = in this process)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (and its torch threads)")
+    ray.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    ray.add_argument("--batch-size", type=int, default=256, help="rows per actor call (and per progress step)")
+    ray.add_argument("--ray-address", default="", help="a running Ray cluster (default: $RAY_ADDRESS, else a local "
+                     "Ray on 127.0.0.1)")
     common(pr)
     pr.set_defaults(func=_predict)
 

@@ -23,6 +23,13 @@ quantile and the interval level strictly inside (0, 1), quantiles distinct, refi
 bounds are :class:`Limits` (environment variables ``EBM_SERVE_*``; see docs/tune_and_serving.md).
 Rows are processed in chunks sized so that the energy head's activations, (rows, 1 + M, hidden)
 floats, stay within ``Limits.chunk_mb``.
+
+Seeding: every row draws its IS samples from its own generators, seeded from (``seed``, the row's
+index in the input, stream) — stream 0 for the predictions, 1 for ``log_p`` (:func:`row_generators`).
+A row's numbers therefore depend on the seed, its index and its own input only: not on the chunk
+size, the other rows of the request, the number of processes or which Ray Data actor computed it
+(``ebm predict --workers N``, :mod:`pipelines.serve.batch`). Row indices count from 0 in each call
+(a request, a file, a dataset split); ``rows`` gives them explicitly.
 """
 from __future__ import annotations
 
@@ -341,25 +348,41 @@ def _rows_not_finite(p: Predictor, xb: torch.Tensor, ids: Sequence[str]) -> list
     return [ids[i] for i in range(len(ids)) if not bool(ok[i])]
 
 
+def row_seed(seed: int, row: int, stream: int) -> int:
+    """The 64-bit seed of one row's generator: (seed, row index, stream) mixed by numpy's SeedSequence
+    (nearby rows and seeds get unrelated streams)."""
+    a, b = np.random.SeedSequence([int(seed), int(row), int(stream)]).generate_state(2, np.uint32)
+    return (int(a) << 32) | int(b)
+
+
+def row_generators(seed: int, rows: Sequence[int], stream: int, device: torch.device | str = "cpu") \
+        -> list[torch.Generator]:
+    """One generator per row (:func:`row_seed`), on the device the samples are drawn on."""
+    return [torch.Generator(device=device).manual_seed(row_seed(seed, r, stream)) for r in rows]
+
+
 def predict_rows(p: Predictor, x: torch.Tensor, y: Sequence[Any] | None = None, *, M: int | None = None,
                  quantiles: Sequence[float] | None = DEFAULT_LEVELS, interval_level: float | None = None,
                  refine_steps: int | None = None, return_samples: bool = False, seed: int = 0,
                  batch_size: int = 256, limits: Limits | None = None,
-                 ids: Sequence[str] | None = None) -> dict[str, list]:
+                 ids: Sequence[str] | None = None, rows: Sequence[int] | None = None) -> dict[str, list]:
     """Column -> per-example values for inputs x (B, ...) (see the module docstring). Deterministic
-    given ``seed``: one generator drawn through the chunks in order for the predictions and a second
-    one for ``log_p``, so adding y to a request does not change the other columns. Parameters are
-    checked by :func:`check_params` (``limits``: default :meth:`Limits.from_env`)."""
+    given ``seed`` and each row's index (``rows``, default 0..B-1): per-row generators, one stream for
+    the predictions and one for ``log_p``, so neither the chunking nor adding y changes a row's other
+    columns. Runs on the model's device. Parameters are checked by :func:`check_params` (``limits``:
+    default :meth:`Limits.from_env`)."""
     lim = limits if limits is not None else Limits.from_env()
     prm = check_params(p, M=M, quantiles=quantiles, interval_level=interval_level, refine_steps=refine_steps,
                        return_samples=return_samples, seed=seed, limits=lim)
     M, qs = prm.M, prm.quantiles
     n = x.shape[0]
     ids = list(ids) if ids is not None else [f"row {i}" for i in range(n)]
+    rows = list(range(n)) if rows is None else [int(r) for r in rows]
+    if len(rows) != n:
+        raise ValueError(f"{len(rows)} row indices for {n} rows")
     D, circ = p.task.D, p.task.circular
+    device = next(p.model.parameters()).device
     ys, given = _targets(y, n, D, ids) if y is not None else (None, None)
-    g = torch.Generator().manual_seed(prm.seed)
-    g_lp = torch.Generator().manual_seed(prm.seed)
     any_y = ys is not None and any(given)
     step = chunk_rows(p, M, lim, batch_size)
     out: dict[str, list] = {k: [] for k in ["mode", "mean", "std", *map(quantile_column, qs), "interval_lo",
@@ -371,10 +394,11 @@ def predict_rows(p: Predictor, x: torch.Tensor, y: Sequence[Any] | None = None, 
 
     with torch.no_grad():
         for s in range(0, n, step):
-            xb = x[s:s + step]
+            xb = x[s:s + step].to(device)
             try:
                 pr = predict(p.model, xb, circ, M=M, levels=qs, interval_level=prm.interval_level,
-                             refine_steps=prm.refine_steps, keep_samples=prm.return_samples, generator=g)
+                             refine_steps=prm.refine_steps, keep_samples=prm.return_samples,
+                             generator=row_generators(prm.seed, rows[s:s + step], 0, device))
             except (RuntimeError, FloatingPointError):   # NaN mixture weights (NonFiniteProposal); else re-raised
                 bad = _rows_not_finite(p, xb, ids[s:s + step])
                 if not bad:
@@ -391,11 +415,12 @@ def predict_rows(p: Predictor, x: torch.Tensor, y: Sequence[Any] | None = None, 
                 out[quantile_column(q)] += _col(pr.quantiles[:, j], D)
             out["interval_lo"] += _col(pr.interval[:, 0], D)
             out["interval_hi"] += _col(pr.interval[:, 1], D)
-            out["ess"] += pr.ess.double().tolist()
+            out["ess"] += pr.ess.detach().cpu().double().tolist()
             if any_y:
                 # every row of the chunk (0 stands in for a missing y): no row's log_p depends on another's y
-                lp = log_density(p.model, xb, ys[s:s + step].unsqueeze(1), M=M, generator=g_lp)[:, 0]
-                lp = lp.double().tolist()
+                lp = log_density(p.model, xb, ys[s:s + step].unsqueeze(1).to(device), M=M,
+                                 generator=row_generators(prm.seed, rows[s:s + step], 1, device))[:, 0]
+                lp = lp.detach().cpu().double().tolist()
                 has_y = given[s:s + step]
                 bad = [ids[s + i] for i, (v, has) in enumerate(zip(lp, has_y)) if has and not math.isfinite(v)]
                 if bad:
@@ -405,9 +430,9 @@ def predict_rows(p: Predictor, x: torch.Tensor, y: Sequence[Any] | None = None, 
             elif ys is not None:
                 out["log_p"] += [None] * xb.shape[0]
             if prm.return_samples:
-                out["samples"] += (pr.samples.double().numpy().tolist() if D > 1
-                                   else pr.samples[..., 0].double().numpy().tolist())
-                out["weights"] += pr.weights.double().numpy().tolist()
+                smp = pr.samples.detach().cpu().double()
+                out["samples"] += smp.numpy().tolist() if D > 1 else smp[..., 0].numpy().tolist()
+                out["weights"] += pr.weights.detach().cpu().double().numpy().tolist()
     return out
 
 

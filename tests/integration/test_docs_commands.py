@@ -52,6 +52,8 @@ SEED_SWEEP = ByTest(IT + "test_docs_commands.py::test_a_seed_sweep_is_registered
 SEEDS = ByTest(IT + "test_local_tracking.py::test_each_seed_is_one_finished_run_with_tags_metrics_and_plot",
                ("--seeds", "--group"))
 RESULTS = ByTest(IT + "test_hardening_cli.py::test_results_reads_only_and_refuses_empty_input", ("results", "--groups"))
+PREDICT_AT_SCALE = ByTest(IT + "test_predict_at_scale.py::test_a_dataset_on_s3_predicts_to_s3_with_the_same_numbers",
+                          ("--workers", "s3://", "ckpt"))
 SERVE = ByTest(IT + "test_your_data.py::run_tutorial", ("mlflow models serve", "/ping"))
 REGISTRY = ByTest(IT + "test_registry.py::test_mlflow_models_serve_answers_http_with_the_same_numbers", ("serve",))
 PAPER = NotHere("the paper-claims reproduction: hours of CPU per table (docs/RESULTS.md); "
@@ -83,6 +85,8 @@ COVERED: dict[str, object] = {
     ".venv/bin/ebm register --best-of PARENT_RUN_ID --name toy2-ebm": SEED_SWEEP,
     ".venv/bin/ebm predict models:/toy2-ebm@champion --input DIR|FILE.parquet --out pred.csv":
         ByTest(IT + "test_registry.py::test_ebm_predict_on_images_and_clear_errors_for_bad_inputs", ("predict", "--input")),
+    ".venv/bin/ebm predict models:/toy2-ebm@champion --input s3://bucket/data --out s3://bucket/pred.parquet --workers 4":
+        PREDICT_AT_SCALE,
     ".venv/bin/ebm evaluate models:/toy2-ebm@champion --data data/toy2": ByTest(
         IT + "test_registry.py::test_ebm_evaluate_and_predict_on_a_parquet_dataset", ("evaluate", "--data")),
     "mlflow models serve -m models:/toy2-ebm@champion --env-manager local -h 127.0.0.1 -p 5001": REGISTRY,
@@ -156,6 +160,8 @@ COVERED: dict[str, object] = {
     "ebm predict models:/star-demo@champion --input imgs/ --out pred.csv": RUN,
     "ebm predict models:/star-demo@champion --input data/star --split test --out pred.parquet --log-density": RUN,
     "ebm predict models:/star-demo@champion --input data/star --limit 1 --out -": RUN,
+    "ebm predict runs/star-demo/checkpoint_2026-… --input s3://bucket/star --out s3://bucket/pred.parquet --workers 4":
+        PREDICT_AT_SCALE,
     "ebm evaluate models:/star-demo@champion --data data/star --out eval/": RUN,
     "PATH=.venv/bin:$PATH MLFLOW_TRACKING_URI=sqlite:///$PWD/mlruns.db mlflow models serve -m "
     "models:/star-demo@champion --env-manager local -h 127.0.0.1 -p 5001": SERVE,
