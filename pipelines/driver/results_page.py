@@ -181,7 +181,7 @@ def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
         best = [min(c, key=lambda sv: sv[1]) for c in curves]
         at = sorted(int(b[0]) for b in best)
         last_step = [int(c[-1][0]) for c in curves]
-        late = sum(b[0] >= 0.8 * (ls + 1) for b, ls in zip(best, last_step))
+        late = sum(b[0] >= min(ls, 0.8 * (ls + 1)) for b, ls in zip(best, last_step))     # the last epoch always counts
         lines.append(f"| `{g.name}` | {len(curves)} | {g.param('optim.epochs')} | {at[len(at) // 2]} [{at[0]}–{at[-1]}] | "
                      f"{_cell([b[1] for b in best])} | {_cell([c[-1][1] for c in curves])} | {late} of {len(curves)} |")
     return "\n".join(lines) + "\n"
