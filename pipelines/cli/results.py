@@ -115,6 +115,6 @@ def add_results_command(sub) -> None:
     rs.add_argument("--runs", default="", metavar="FILE.jsonl",
                     help="read the runs from a compact export (written by --export) instead of the store")
     rs.add_argument("--template", default="", metavar="FILE.md",
-                    help="render this page template: its {{table|calibration|claims|floor ...}} lines become "
-                         "tables (pipelines/driver/results_page.py), the rest is copied")
+                    help="render this page template: its {{table|convergence|calibration|claims|floor ...}} "
+                         "lines become tables (pipelines/driver/results_page.py), the rest is copied")
     rs.set_defaults(func=_results)

@@ -226,7 +226,7 @@ def test_page_is_rebuilt_from_the_export_with_tables_claims_floor_and_calibratio
     assert "**matches (difference < 0.0" in match
     assert "no finished runs in `toy2/p_x`" in text
     floor = bayes_nll("toy2")
-    assert f"| **floor** (Bayes-optimal test NLL" in text and f"| {floor:.3f} | 0 | — |" in text
+    assert "| **floor** (Bayes-optimal test NLL" in text and f"| {floor:.3f} | 0 | — |" in text
     assert f"| `toy2/p_nce_fixed` | 4 | 1.705 ± 0.013 | {1.705 - floor:+.3f} | 0.006 |" in text
     assert "| `toy2/p_learned_K4` | prediction | 4 | 0.500 ± 0.000 | 0.790 ± 0.000 | 0.900 ± 0.000 | 0.960 ± 0.000 |" in text
     # runs that logged only the 90 % interval's coverage fill that column from it
