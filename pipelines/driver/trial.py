@@ -20,10 +20,14 @@ class TrialRuntime(LocalRuntime):
     that also reports every epoch to Tune; with :meth:`restored` and :meth:`report_failure` for the
     worker function."""
 
-    def __init__(self, run_dir: str, uri: str, run_id: str, keep: int = 2):
+    def __init__(self, run_dir: str, uri: str, run_id: str, keep: int = 2, use_gpu: bool = False):
+        import torch
+
         from pipelines import tracking
         super().__init__(run_dir, lambda row, plots: tracking.log_epoch(uri, run_id, row, str(plots)), keep=keep)
         self.uri, self.run_id = uri, run_id
+        # the trial holds the GPU Tune gave it (its CUDA_VISIBLE_DEVICES): the first visible one
+        self.device = torch.device("cuda:0" if use_gpu else "cpu")
         self.grad_comm = "fp32"         # one rank: nothing to communicate
 
     def dataset_shard(self, name: str):
@@ -60,6 +64,6 @@ def train_in_process(cfg, *, name: str, uri: str, run_id: str, job: dict) -> dic
     from pipelines.driver import runs
     from pipelines.driver.train_job import worker_config
     from pipelines.worker import loop
-    rt = TrialRuntime(fs.join(job["train_storage"], name), uri, run_id)
+    rt = TrialRuntime(fs.join(job["train_storage"], name), uri, run_id, use_gpu=job["use_gpu"])
     last = loop.worker_loop(worker_config(cfg, threads=job["threads"], data_meta=job.get("data_meta")), rt)
     return runs.finish(uri, run_id, last, rt.last_dir, cfg.optim.epochs)

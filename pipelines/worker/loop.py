@@ -106,10 +106,6 @@ class RayRuntime(Runtime):
                 density_plot(model, state, self.val_split, Path(d))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-    def log(self, line: str) -> None:
-        if self.rank == 0 and not self.quiet:
-            print(line, flush=True)
-
 
 def register_comm_hook(model, grad_comm: str) -> None:
     """``optim.grad_comm = "bf16"``: DDP all-reduces each gradient bucket in bfloat16 (half the bytes),
