@@ -8,6 +8,8 @@ argument of each epoch's batches, so one LoopData serves every seed of a multi-s
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -92,3 +94,72 @@ def in_memory(task: TaskSpec, splits: dict[str, Split], cfg: Config, rank: int =
 
     return LoopData(task, {k: v for k, v in splits.items() if k != "train"},
                     train.x if not task.is_image else None, epoch_batches)
+
+
+class Prefetch:
+    """Iterate ``batches`` in a background thread, ``depth`` items ahead (a bounded queue), so the next
+    batch's decode (pyarrow, Pillow, numpy: they release the GIL) overlaps the current step.
+
+    ``with Prefetch(batches) as it: for x, y in it: ...`` — an error in the producer is raised in the
+    consumer at the item where it happened; leaving the ``with`` (the epoch ended, early or by an
+    exception) stops the producer and joins it. The items and their order are those of ``batches``.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: Iterable, depth: int = 2):
+        self._source, self._q = batches, queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="ebm-prefetch", daemon=True)
+        self._started = False
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        it = iter(self._source)
+        try:
+            for item in it:
+                if not self._put(item):
+                    return
+            self._put(self._END)
+        except BaseException as e:      # handed to the consumer, raised there
+            self._put(_Raised(e))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Prefetch":
+        return self
+
+    def __iter__(self) -> Iterator:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._started:
+            self._thread.join()
+
+
+@dataclass
+class _Raised:
+    error: BaseException

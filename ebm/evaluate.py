@@ -44,55 +44,73 @@ def _is_mdn(cfg: Config) -> bool:
     return cfg.method.name in ("mdn", "mdn_ebm_teacher")
 
 
+def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The IS / prediction draws of evaluation batch ``batch``: a function of (seed, batch index) only,
+    so a batch gets the same draws whichever rank evaluates it."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch) % 2**63)
+
+
+class Shard:
+    """Which evaluation batches this process takes and how partial results are combined: rank ``rank``
+    of ``world`` takes the batches i with i % world == rank; ``all_reduce(t, "sum")`` and
+    ``gather(obj)`` are the runtime's collectives (:class:`ebm.loop.Runtime` is one)."""
+    rank, world = 0, 1
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return t
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+
 @torch.no_grad()
 def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu", grid_nll: bool | None = None, max_examples: int = 0) -> dict[str, float]:
+             seed: int | None = None, shard=None, device: torch.device | str = "cpu", grid_nll: bool | None = None,
+             max_examples: int = 0) -> dict[str, float]:
     """Mean metrics over a split. ``nll`` is the primary figure: the EBM's grid NLL (or IS NLL when
     there is no grid), and for an MDN (also one trained with a teacher) its exact NLL. Per target dim
-    d (D > 1): ``mae_mean_<name>`` and ``coverage_<name>`` beside the joint figures."""
+    d (D > 1): ``mae_mean_<name>`` and ``coverage_<name>`` beside the joint figures.
+
+    Draws: with ``seed``, batch i draws from :func:`batch_generator` (seed, i); else every batch from
+    ``generator``. ``shard`` (a runtime with rank, world, all_reduce, gather) splits the batches over
+    ranks; every metric is an exact mean over examples, so per-batch sums (float64) are all-reduced into
+    one vector indexed by batch and summed in batch order on every rank: the figures are bit-for-bit
+    those of one rank evaluating everything, on every rank.
+    """
+    shard = shard or Shard()
+    if shard.world > 1 and seed is None:
+        raise ValueError("an evaluation split over ranks needs a seed (per-batch draws)")
     model.eval()
     grid_nll = cfg.eval.grid_nll if grid_nll is None else grid_nll
     grids = [torch.as_tensor(g, dtype=torch.float32, device=device) for g in task.grid()]
     use_grid = grid_nll and model.has_energy and task.D <= MAX_D
-    acc: dict[str, list[torch.Tensor]] = {}
-
-    def add(k, v):
-        acc.setdefault(k, []).append(v.detach().float().cpu())
-
     n = len(split) if not max_examples else min(len(split), max_examples)
     bs = cfg.eval.batch_size
-    for s in range(0, n, bs):
-        x, y = split.x[s:min(s + bs, n)].to(device), split.y[s:min(s + bs, n)].to(device)
-        aux = {k: np.asarray(v)[s:min(s + bs, n)] for k, v in split.aux.items()}
-        if use_grid:
-            add("grid_nll", M.grid_nll(model, x, y, grids, task.cell_volume()))
-        if model.has_energy and model.has_proposal:
-            add("is_nll", M.is_nll(model, x, y, cfg.sampler.M_eval, generator))
-        if model.has_proposal:
-            add("proposal_nll", M.proposal_nll(model, x, y))
-            p = predict(model, x, task.circular, M=cfg.sampler.M_eval, interval_level=cfg.eval.interval_level,
-                        refine_steps=cfg.sampler.refine_steps, keep_samples=True, generator=generator)
-            err_mean, err_mode = M.abs_error(p.mean, y, task.circular), M.abs_error(p.mode, y, task.circular)
-            add("mae_mode", err_mode.mean(1))
-            add("mae_mean", err_mean.mean(1))
-            add("sq_err_mean", (err_mean ** 2).mean(1))
-            add("sq_err_mode", (err_mode ** 2).mean(1))
-            add("crps", M.crps_weighted(p.samples, p.weights, y, task.circular).mean(1))
-            add("coverage", M.interval_covered(p.interval, y, task.circular).float())
-            add("ess", p.ess)
-            if task.D > 1:
-                per_dim = M.interval_covered_per_dim(p.interval, y, task.circular).float()
-                for d, name in enumerate(task.target_names):
-                    add(f"mae_mean_{name}", err_mean[:, d])
-                    add(f"coverage_{name}", per_dim[:, d])
-        if task.has_true_density and task.D == 1 and task.name != "toy1":
-            add_kl(model, task, x, aux, grids[0], add)
+    xg = None
     if task.has_true_density and task.name == "toy1":
         # docs/method.md §6: toy 1 is scored on a 2048-point x-grid over [-3, 3], not on the split's x.
         xg = torch.linspace(-3.0, 3.0, 2048, device=device).unsqueeze(1)
-        for s in range(0, xg.shape[0], bs):
+    starts = [("split", s) for s in range(0, n, bs)] + ([("xgrid", s) for s in range(0, xg.shape[0], bs)]
+                                                       if xg is not None else [])
+    sums: dict[str, dict[int, tuple[float, int]]] = {}
+
+    for i, (where, s) in enumerate(starts):
+        if i % shard.world != shard.rank:
+            continue
+        acc: dict[str, list[torch.Tensor]] = {}
+
+        def add(k, v):
+            acc.setdefault(k, []).append(v.detach().double().cpu())
+
+        if where == "xgrid":
             add_kl(model, task, xg[s:s + bs], {}, grids[0], add)
-    out = {k: torch.cat(v).mean().item() for k, v in acc.items()}
+        else:
+            g = batch_generator(seed, i, device) if seed is not None else generator
+            _evaluate_batch(model, split, task, cfg, s, min(s + bs, n), device, use_grid, grids, g, add)
+        for k, v in acc.items():
+            t = torch.cat(v)
+            sums.setdefault(k, {})[i] = (float(t.sum()), t.numel())
+    out = _reduce(sums, len(starts), shard)
     for k in ("mean", "mode"):
         if f"sq_err_{k}" in out:
             out[f"rmse_{k}"] = math.sqrt(out.pop(f"sq_err_{k}"))
@@ -104,3 +122,54 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
     if kl_key in out:
         out["kl"] = out[kl_key]
     return out
+
+
+def _reduce(sums: dict[str, dict[int, tuple[float, int]]], n_batches: int, shard) -> dict[str, float]:
+    """Per-key means over examples from per-batch (sum, count): one (keys, batches) float64 tensor that
+    each batch's owner fills and the others leave 0, all-reduced (x + 0 = x exactly), then summed in
+    batch order — the same additions on every rank and for any number of ranks."""
+    keys = sorted(set().union(*shard.gather(sorted(sums)))) if shard.world > 1 else sorted(sums)
+    table = torch.zeros(2, len(keys), n_batches, dtype=torch.float64)
+    for j, k in enumerate(keys):
+        for i, (total, count) in sums.get(k, {}).items():
+            table[0, j, i], table[1, j, i] = total, count
+    if shard.world > 1:
+        dev = getattr(shard, "device", torch.device("cpu"))
+        table = shard.all_reduce(table.to(dev), "sum").cpu()
+    out = {}
+    for j, k in enumerate(keys):
+        total = count = 0.0
+        for i in range(n_batches):
+            total, count = total + float(table[0, j, i]), count + float(table[1, j, i])
+        out[k] = total / count if count else float("nan")
+    return out
+
+
+def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e: int, device, use_grid: bool,
+                    grids: list[torch.Tensor], generator, add) -> None:
+    """Per-example figures of the examples s:e, handed to ``add(key, values (B,))``."""
+    x, y = split.x[s:e].to(device), split.y[s:e].to(device)
+    aux = {k: np.asarray(v)[s:e] for k, v in split.aux.items()}
+    if use_grid:
+        add("grid_nll", M.grid_nll(model, x, y, grids, task.cell_volume()))
+    if model.has_energy and model.has_proposal:
+        add("is_nll", M.is_nll(model, x, y, cfg.sampler.M_eval, generator))
+    if model.has_proposal:
+        add("proposal_nll", M.proposal_nll(model, x, y))
+        p = predict(model, x, task.circular, M=cfg.sampler.M_eval, interval_level=cfg.eval.interval_level,
+                    refine_steps=cfg.sampler.refine_steps, keep_samples=True, generator=generator)
+        err_mean, err_mode = M.abs_error(p.mean, y, task.circular), M.abs_error(p.mode, y, task.circular)
+        add("mae_mode", err_mode.mean(1))
+        add("mae_mean", err_mean.mean(1))
+        add("sq_err_mean", (err_mean ** 2).mean(1))
+        add("sq_err_mode", (err_mode ** 2).mean(1))
+        add("crps", M.crps_weighted(p.samples, p.weights, y, task.circular).mean(1))
+        add("coverage", M.interval_covered(p.interval, y, task.circular).float())
+        add("ess", p.ess)
+        if task.D > 1:
+            per_dim = M.interval_covered_per_dim(p.interval, y, task.circular).float()
+            for d, name in enumerate(task.target_names):
+                add(f"mae_mean_{name}", err_mean[:, d])
+                add(f"coverage_{name}", per_dim[:, d])
+    if task.has_true_density and task.D == 1 and task.name != "toy1":
+        add_kl(model, task, x, aux, grids[0], add)

@@ -6,9 +6,9 @@ data-parallel wrapper, and where a report goes) and the :class:`~ebm.data.LoopDa
 Seed discipline (the same on every path, so ``--local`` and a 1-worker Ray run give the same
 numbers): every rank builds the model from ``cfg.seed``; each epoch's data order is a function of
 (seed, epoch); rank r samples from a generator seeded ``seed * 1000 + r + 1``; a resumed run restores
-every rank's generator and torch's RNG. Evaluation draws from a generator seeded afresh each time
-(:func:`eval_generator`), so its figures are a function of the weights alone (the same IS samples at
-every epoch) and evaluating never shifts the training stream.
+every rank's generator and torch's RNG. Evaluation batch i draws from a generator seeded from
+(:func:`eval_seed`, i), so its figures are a function of the weights alone (the same IS samples at
+every epoch, whichever rank evaluates the batch) and evaluating never shifts the training stream.
 
 Divergence: a step whose loss is non-finite on any rank is skipped on every rank (the decision is
 all-reduced). ``max_nonfinite_in_row`` skipped steps in a row — counted across epochs and kept in
@@ -16,21 +16,22 @@ the checkpoint — or an epoch without one successful step fail the run with :cl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from . import checkpoint
 from .config import Config
-from .data import LoopData
+from .data import LoopData, Prefetch
 from .evaluate import evaluate
 from .nets import build_model
-from .steps import StepModule
+from .steps import StepModule, frozen_modules
 from .tasks import TaskSpec
 
 MAX_NONFINITE_IN_ROW = 20
@@ -111,29 +112,64 @@ def set_input_stats(model: torch.nn.Module, cfg: Config, x_train: torch.Tensor) 
             mod.set_input_stats(mean, std)
 
 
+def _micro_batches(data: Iterable, k: int) -> Iterator[list]:
+    """``data``'s batches in groups of ``k`` (the last group may be shorter): one optimiser step each."""
+    group: list = []
+    for batch in data:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def run_epoch(model, opt, data: Iterable, cfg: Config, epoch: int, step: Callable, *,
               all_finite: Callable[[torch.Tensor], bool], device, in_row: int = 0,
               max_in_row: int = MAX_NONFINITE_IN_ROW) -> tuple[dict[str, float], int]:
     """One pass over ``data`` ((x, y) batches) with ``step(x, y, epoch) -> (loss, metrics)``.
-    Returns (mean metrics, examples/s, data-wait fraction, step counts; the non-finite-in-a-row count
-    to carry into the next epoch). Raises :class:`TrainingFailed` at ``max_in_row`` in a row."""
+
+    Each optimiser step takes ``optim.accumulate`` = k micro-batches: each one's loss is weighted by its
+    share of the step's examples, so the gradient is that of the mean loss over all k·b examples (k
+    micro-batches of b equal one batch of k·b up to float rounding, given the same samples). Under a
+    data-parallel wrapper only the last micro-batch's backward communicates (``no_sync`` for the
+    others). The non-finite decision covers the whole step and is the step's one host sync
+    (``all_finite``, all-reduced); metrics stay on the device until the epoch ends.
+
+    Returns (mean metrics per micro-batch, examples/s, data-wait fraction, step counts; the
+    non-finite-in-a-row count to carry into the next epoch). Raises :class:`TrainingFailed` at
+    ``max_in_row`` skipped steps in a row.
+    """
     model.train()
-    sums: dict[str, float] = {}
-    n_steps = n_ex = skipped = 0
+    sums: dict[str, torch.Tensor] = {}
+    n_steps = n_micro = n_ex = skipped = 0
     wait = 0.0
     t0 = t_last = time.perf_counter()
-    for x, y in data:
+    no_sync = getattr(step, "no_sync", contextlib.nullcontext)
+    for group in _micro_batches(data, cfg.optim.accumulate):
         wait += time.perf_counter() - t_last
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        try:
-            loss, mets = step(x, y, epoch)
-        except FloatingPointError as e:
-            # an update made the network non-finite, which breaks the step (sampling from a NaN mixture)
-            # before its loss can be checked: a diverged run, not a crash to retry
-            raise TrainingFailed(f"{e} at epoch {epoch + 1}: the run diverged; lower optim.lr "
-                                 f"({cfg.optim.lr:g})") from e
+        group = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in group]
+        total = sum(y.shape[0] for _, y in group)
+        step_losses: list[torch.Tensor] = []
         opt.zero_grad(set_to_none=True)
-        if not all_finite(loss.detach()):
+        step_mets: list[dict[str, torch.Tensor]] = []
+        for i, (x, y) in enumerate(group):
+            last = i == len(group) - 1
+            with contextlib.nullcontext() if last else no_sync():
+                try:
+                    loss, mets = step(x, y, epoch)
+                except FloatingPointError as e:
+                    # an update made the network non-finite, which breaks the step (sampling from a NaN
+                    # mixture) before its loss can be checked: a diverged run, not a crash to retry
+                    raise TrainingFailed(f"{e} at epoch {epoch + 1}: the run diverged; lower optim.lr "
+                                         f"({cfg.optim.lr:g})") from e
+                step_losses.append(loss.detach())
+                step_mets.append(mets)
+                if last:
+                    break
+                (loss * (y.shape[0] / total)).backward()
+        if not all_finite(torch.stack(step_losses)):
+            opt.zero_grad(set_to_none=True)
             skipped += 1
             in_row += 1
             if in_row >= max_in_row:
@@ -142,17 +178,21 @@ def run_epoch(model, opt, data: Iterable, cfg: Config, epoch: int, step: Callabl
             t_last = time.perf_counter()
             continue
         in_row = 0
-        loss.backward()
+        (loss * (y.shape[0] / total) if len(group) > 1 else loss).backward()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
-        for k, v in mets.items():
-            sums[k] = sums.get(k, 0.0) + v
+        for mets in step_mets:
+            for k, v in mets.items():
+                sums[k] = sums[k] + v if k in sums else v.clone()
         n_steps += 1
-        n_ex += y.shape[0]
+        n_micro += len(group)
+        n_ex += total
         t_last = time.perf_counter()
     elapsed = max(time.perf_counter() - t0, 1e-9)
-    out = {f"train_{k}": v / max(n_steps, 1) for k, v in sums.items()}
+    keys = sorted(sums)
+    means = (torch.stack([sums[k].float() for k in keys]) / max(n_micro, 1)).tolist() if keys else []
+    out = {f"train_{k}": v for k, v in zip(keys, means)}       # the epoch's one read of the step metrics
     out.update(examples_per_s=n_ex / elapsed, data_wait_frac=wait / elapsed, skipped_steps=float(skipped),
                steps=float(n_steps))
     return out, in_row
@@ -191,20 +231,35 @@ def _restore_sampler(g: torch.Generator, samplers: list, cfg: Config, rt: Runtim
            f"bit-for-bit the one an uninterrupted run would give")
 
 
-def eval_generator(cfg: Config, device) -> torch.Generator:
-    """The generator of one evaluation: the same draws every time for the same seed."""
-    return torch.Generator(device=device).manual_seed(cfg.seed * 1000 + 999)
+def eval_seed(cfg: Config) -> int:
+    """The seed of every evaluation's draws (batch i draws from :func:`ebm.evaluate.batch_generator`
+    (this, i)): the same draws every time for the same seed, on any rank."""
+    return cfg.seed * 1000 + 999
 
 
 def _cpu_copy(state_dict: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
+def _set_phase(model: torch.nn.Module, cfg: Config, epoch: int) -> tuple[int, ...]:
+    """``requires_grad`` of every parameter for ``epoch``'s phase (:func:`ebm.steps.frozen_modules` off,
+    the rest on) -> the frozen parameters' ids, to tell when the phase changes."""
+    frozen = {id(p) for m in frozen_modules(model, cfg, epoch) for p in m.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    return tuple(sorted(frozen))
+
+
 def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
           max_nonfinite_in_row: int = MAX_NONFINITE_IN_ROW) -> LoopResult:
-    """Train ``cfg`` on ``data`` from scratch or from a checkpoint dict ``resume``, evaluating on rank 0
-    (val every ``eval.every`` epochs and at the last; test at the last on the selected weights).
-    ``rt.report`` gets every epoch's row and, on rank 0, the checkpoint dict."""
+    """Train ``cfg`` on ``data`` from scratch or from a checkpoint dict ``resume``, evaluating on every
+    rank, each taking its share of the batches (val every ``eval.every`` epochs and at the last; test at
+    the last on the selected weights); the figures, and so the model selection, are identical on every
+    rank. ``rt.report`` gets every epoch's row and, on rank 0, the checkpoint dict.
+
+    Parameters that get no gradient in a phase (``schedule.freeze_backbone_epochs``,
+    ``schedule.proposal_warmup_epochs``) are ``requires_grad=False`` for it, and the data-parallel
+    wrapper is rebuilt (``rt.wrap``) when the phase changes, so nothing is communicated for them."""
     task, evals, device = data.task, data.eval_splits, rt.device
     seed_everything(cfg.seed)               # identical init on every rank
     model = build_model(cfg, task.x_shape, task.D, task.circular)
@@ -222,36 +277,41 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
         _restore_sampler(g, resume["rng"]["samplers"], cfg, rt, start)
         in_row, best = int(resume.get("nonfinite_in_row", 0)), resume.get("best")
     unused = cfg.schedule.freeze_backbone_epochs > 0 or cfg.schedule.proposal_warmup_epochs > 0
-    step = rt.wrap(StepModule(model, cfg, task.circular, proposal_sigmas(task, cfg), g), unused)
+    step, phase = None, None
 
     def all_finite(loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss).all().to(torch.float32).reshape(1).to(device)
         return bool(rt.all_reduce(flag, "min").item() > 0)
+
+    def evaluate_split(m: torch.nn.Module, split: str) -> dict[str, float]:
+        return evaluate(m, evals[split], task, cfg, seed=eval_seed(cfg), shard=rt, device=device)
 
     epochs, history, row = cfg.optim.epochs, [], {}
     last_val = best["val_nll"] if best else NOT_VALIDATED
     t_start = time.perf_counter()
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
-        row, in_row = run_epoch(model, opt, data.train_epoch(epoch, cfg.seed), cfg, epoch, step, all_finite=all_finite,
-                                device=device, in_row=in_row, max_in_row=max_nonfinite_in_row)
+        frozen = _set_phase(model, cfg, epoch)
+        if frozen != phase:
+            phase, step = frozen, None      # the old wrapper (and its gradient hooks) goes before the new one is built
+            step = rt.wrap(StepModule(model, cfg, task.circular, proposal_sigmas(task, cfg), g), unused)
+        with Prefetch(data.train_epoch(epoch, cfg.seed)) as batches:
+            row, in_row = run_epoch(model, opt, batches, cfg, epoch, step, all_finite=all_finite, device=device,
+                                    in_row=in_row, max_in_row=max_nonfinite_in_row)
         if row["steps"] == 0:
             raise TrainingFailed(f"epoch {epoch + 1} had no successful step ({int(row['skipped_steps'])} skipped as "
                                  "non-finite, or no batches); lower optim.lr or check the data")
         row = _mean_over_ranks(row, rt)
         row.update(epoch=epoch, first_epoch=start, param_spread_across_ranks=_param_spread(model, rt))
         last = epoch == epochs - 1
-        if rt.rank == 0:
-            if "val" in evals and ((epoch + 1) % cfg.eval.every == 0 or last):
-                val = evaluate(model, evals["val"], task, cfg, generator=eval_generator(cfg, device), device=device)
-                row.update({f"val_{k}": v for k, v in val.items()})
-                if cfg.eval.select == "best_val" and math.isfinite(val["nll"]) and (best is None or val["nll"] < best["val_nll"]):
-                    best = {"epoch": epoch, "val_nll": float(val["nll"]), "model": _cpu_copy(model.state_dict())}
-            if last and "test" in evals:
-                selected = _selected_model(model, best)
-                row.update({f"test_{k}": v for k, v in evaluate(selected, evals["test"], task, cfg, device=device,
-                                                               generator=eval_generator(cfg, device)).items()})
-                row["selected_epoch"] = best["epoch"] if best else epoch
+        if "val" in evals and ((epoch + 1) % cfg.eval.every == 0 or last):
+            val = evaluate_split(model, "val")
+            row.update({f"val_{k}": v for k, v in val.items()})
+            if cfg.eval.select == "best_val" and math.isfinite(val["nll"]) and (best is None or val["nll"] < best["val_nll"]):
+                best = {"epoch": epoch, "val_nll": float(val["nll"]), "model": _cpu_copy(model.state_dict())}
+        if last and "test" in evals:
+            row.update({f"test_{k}": v for k, v in evaluate_split(_selected_model(model, best), "test").items()})
+            row["selected_epoch"] = best["epoch"] if best else epoch
         row["validated"] = float("val_nll" in row)     # this epoch's own validation, or a carried value
         last_val = row.setdefault("val_nll", last_val)  # Tune's schedulers need one every epoch
         row["epoch_time_s"] = time.perf_counter() - t0
@@ -264,6 +324,8 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
                                       nonfinite_in_row=in_row) if rt.rank == 0 else None
         rt.report(row, state, model)
         history.append(row)
+    for p in model.parameters():
+        p.requires_grad_(True)
     return LoopResult(_selected_model(model, best), history, row, best["epoch"] if best else epochs - 1)
 
 

@@ -110,23 +110,30 @@ class _JointTail(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, e, W_y, a, w, b):
-        z = torch.matmul(e, W_y.t())
-        z.add_(a.unsqueeze(1)).clamp_(min=0)
-        f = torch.matmul(z, w[0]) + b
-        ctx.save_for_backward(e, W_y, z, w)
+        # Under autocast (optim.precision = "bf16") the y-embedding arrives in bf16: the whole tail then
+        # computes in e's dtype, and f comes out fp32 (b is an fp32 parameter). In fp32 the casts are no-ops.
+        dt = e.dtype
+        W_c, w_c = W_y.to(dt), w.to(dt)
+        z = torch.matmul(e, W_c.t())
+        z.add_(a.to(dt).unsqueeze(1)).clamp_(min=0)
+        f = torch.matmul(z, w_c[0]) + b
+        ctx.save_for_backward(e, W_c, z, w_c)
+        ctx.dtypes = (W_y.dtype, a.dtype, w.dtype)
         return f
 
     @staticmethod
     def backward(ctx, gf):
         e, W_y, z, w = ctx.saved_tensors
+        W_dtype, a_dtype, w_dtype = ctx.dtypes
         H, E = W_y.shape
-        dz = gf.unsqueeze(-1) * w[0]
+        g = gf.to(z.dtype)
+        dz = g.unsqueeze(-1) * w[0]
         dz.masked_fill_(z <= 0, 0.0)
         dz2 = dz.reshape(-1, H)
         de = torch.matmul(dz, W_y) if ctx.needs_input_grad[0] else None
-        dW_y = dz2.t() @ e.reshape(-1, E) if ctx.needs_input_grad[1] else None
-        da = dz.sum(1) if ctx.needs_input_grad[2] else None
-        dw = (z.reshape(-1, H).t() @ gf.reshape(-1)).unsqueeze(0) if ctx.needs_input_grad[3] else None
+        dW_y = (dz2.t() @ e.reshape(-1, E)).to(W_dtype) if ctx.needs_input_grad[1] else None
+        da = dz.sum(1).to(a_dtype) if ctx.needs_input_grad[2] else None
+        dw = (z.reshape(-1, H).t() @ g.reshape(-1)).unsqueeze(0).to(w_dtype) if ctx.needs_input_grad[3] else None
         db = gf.sum().reshape(1) if ctx.needs_input_grad[4] else None
         return de, dW_y, da, dw, db
 
@@ -214,6 +221,9 @@ class TeacherPair(nn.Module):
 
     def propose(self, enc: Encoded) -> Mixture:
         return self.mdn.propose(enc)
+
+    def ebm_and_mdn(self) -> tuple[EBMRegressor, EBMRegressor]:
+        return self.ebm, self.mdn
 
     def param_groups(self) -> list[dict]:
         # Two Adams over disjoint parameters equal one Adam with two groups (Adam is per-parameter).

@@ -10,7 +10,7 @@ from ebm import checkpoint
 from ebm.config import Config
 from ebm.data import LoopData, Split, in_memory, load_data
 from ebm.evaluate import evaluate
-from ebm.loop import Runtime, TrainingFailed, eval_generator, make_optimizer, run_epoch, train
+from ebm.loop import Runtime, TrainingFailed, eval_seed, make_optimizer, run_epoch, train
 from ebm.nets import build_model
 from ebm.tasks import get_task
 
@@ -70,7 +70,7 @@ def test_best_val_selection_tests_and_checkpoints_the_best_epoch():
     task, splits = load_data(cfg)
     model = build_model(cfg, task.x_shape, task.D, task.circular)
     model.load_state_dict(checkpoint.selected_weights(final))
-    again = evaluate(model, splits["test"], task, cfg, generator=eval_generator(cfg, "cpu"))
+    again = evaluate(model, splits["test"], task, cfg, seed=eval_seed(cfg))
     assert again["nll"] == res.last["test_nll"] and again["is_nll"] == res.last["test_is_nll"]
 
 
