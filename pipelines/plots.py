@@ -71,6 +71,7 @@ def density_figure(model, task, split, path: str | Path, n: int = 3, title: str 
 SOURCE_STYLE = {"prediction": ("IS prediction", "C0", "-"), "proposal": ("proposal q alone", "C1", "--"),
                 "ebm_grid": ("EBM on the grid", "C2", "-.")}
 MARKED_LEVELS = (0.5, 0.8, 0.9, 0.95)
+CURVE_STYLE = {"EBM": ("C0", "-"), "proposal q": ("C1", "--"), "true density": ("C2", ":")}
 
 
 def calibration_figure(cal: dict, path: str | Path, title: str = "") -> Path:
@@ -179,7 +180,8 @@ def prediction_figure(p, x: torch.Tensor, y: torch.Tensor, aux: dict, path: str 
                                       torch.as_tensor(g, dtype=torch.float32))
                 if lp is not None:
                     curves["true density"] = (torch.softmax(lp.double(), dim=1)[0] / task.cell_volume()).numpy()
-            for (label, dens), (colour, style) in zip(curves.items(), (("C0", "-"), ("C1", "--"), ("C2", ":"))):
+            for label, dens in curves.items():          # one style per curve whichever the model has
+                colour, style = CURVE_STYLE[label]
                 ax.plot(g, dens, style, color=colour, lw=1.3, label=label)
             if pr is not None:
                 lo, hi = float(pr.interval[i, 0, d]), float(pr.interval[i, 1, d])
