@@ -149,3 +149,22 @@ def test_a_one_worker_trial_trains_in_its_own_process_with_the_numbers_of_a_ray_
         assert len(dirs) == 2 and checkpoint.load(dirs[-1])["epoch"] == 1
         got[mode] = history
     assert got["tune-in-process"] == got["tune-ray-train"]
+
+
+def test_an_in_process_trial_that_cannot_train_fails_with_its_reason(ray_tune, tmp_path, monkeypatch):
+    """The failure report of the worker function (FAILURE_KEY) reaches the trial's MLflow run and
+    Tune: from epoch 2 on every batch has NaN targets, so the run stops at 20 non-finite steps in a row."""
+    from mlflow.tracking import MlflowClient
+
+    import faults
+    faults.register_by_value()
+    monkeypatch.setattr("pipelines.driver.tune.train_trial", faults.trial_with_faults(
+        {"nan_rank": 0, "nan_from_epoch": 1}, trial_suffix="_00000"))
+    s = _sweep(tmp_path, "nan", {"proposal.K": {"grid": [2]}}, opts={"scheduler": "fifo"}, max_failures=0)
+    assert s["errors"] == 1 and s["rows"][0]["status"] == "ERROR"
+    c = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    (kid,) = _children(c, s["parent_run_id"])
+    assert kid.info.status == "FAILED" and kid.data.tags["ebm.mode"] == "tune-in-process"
+    assert "non-finite losses in a row (at epoch 2)" in kid.data.tags["ebm.stop_reason"]
+    assert [m.step for m in c.get_metric_history(kid.info.run_id, "train_loss")] == [0]
+    assert "test_nll" not in kid.data.metrics
