@@ -6,8 +6,10 @@ A block is ```` ```LANG ```` ... ```` ``` ```` at the start of a line. Shell blo
 that follow a command, up to the next one, are its expected output."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,3 +98,15 @@ def output_matches(expected: str, got: str) -> bool:
     """A line shown in a console block is in ``got``; ``…`` in it stands for any text (a path, say)."""
     pattern = ".*".join(re.escape(part) for part in expected.strip().split("…"))
     return re.search(pattern, got) is not None
+
+
+def user_env(**extra: str) -> dict:
+    """The environment of a user's shell with the venv activated (its bin first on PATH) and none of the
+    test run's MLflow, storage, console or Ray settings: the documented defaults apply (``./mlruns.db``,
+    ``./runs``, a local Ray). An earlier in-process test's mlflow.set_registry_uri leaves
+    MLFLOW_REGISTRY_URI set, hence the list."""
+    drop = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EBM_STORAGE_PATH", "EBM_QUIET", "EBM_LOG_LEVEL",
+            "EBM_PROGRESS", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "PYTHONPATH")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+            "RAY_USAGE_STATS_ENABLED": "0", "EBM_RAY_TMPDIR": "", **extra}

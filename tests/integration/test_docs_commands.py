@@ -9,7 +9,6 @@ shared by every command that needs one, its dataset, a folder of images and a ma
 docs/your_data.md is run, block by block, by tests/integration/test_your_data.py."""
 from __future__ import annotations
 
-import os
 import re
 import resource
 import subprocess
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from doc_shell import ROOT, SHELL, blocks, commands, documents
+from doc_shell import ROOT, SHELL, blocks, commands, documents, user_env
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -93,7 +92,7 @@ COVERED: dict[str, object] = {
     ".venv/bin/ebm data ingest folder_csv photos --task dials --targets angle,size --circular angle:360 --units size=px "
     "--out data/dials": SAME,
     ".venv/bin/ebm data inspect data/dials --sheet sheet.png": SAME,
-    ".venv/bin/ebm train dials.toml --name dials-ray --set optim.epochs=16 --set optim.batch_size=8": SAME,
+    ".venv/bin/ebm train dials.toml --name dials-ray --set optim.epochs=12 --set optim.batch_size=8": SAME,
     ".venv/bin/ebm train dials.toml --local --threads 1 --name dials-local": SAME,
     ".venv/bin/ebm register --run-name dials-local --name dials-model": SAME,
     ".venv/bin/ebm predict models:/dials-model@champion --input photos --M 256 --seed 3 --out pred.json": SAME,
@@ -246,14 +245,6 @@ STAR = ["--set", "task.data_dir=data/star", "--set", 'features.kind="resnet_slim
         "--set", "eval.batch_size=32"]
 
 
-def _user_env(ws: Path) -> dict:
-    drop = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EBM_STORAGE_PATH", "EBM_QUIET", "EBM_LOG_LEVEL",
-            "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "PYTHONPATH")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-            "EBM_RAY_TMPDIR": ""}
-
-
 def _sh(cmd: str, ws: Path, env: dict, where: str = "") -> subprocess.CompletedProcess:
     """``cmd`` through bash in ``ws``; prints its wall and CPU seconds (pytest -s)."""
     t0, cpu0 = time.monotonic(), _children_cpu()
@@ -277,7 +268,7 @@ def ws(tmp_path_factory):
 
     from ebm.tasks import make_star
     ws = tmp_path_factory.mktemp("docs")
-    env = _user_env(ws)
+    env = user_env()
     (ws / ".venv").symlink_to(BIN.parent)
     (ws / "my.toml").write_text(MY_TOML)
     images, _, _ = make_star(4, seed=5, size=16)

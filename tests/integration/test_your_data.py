@@ -21,7 +21,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from doc_shell import ROOT, blocks, commands, output_matches
+from doc_shell import ROOT, blocks, commands, output_matches, user_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = os.path.dirname(sys.executable)
@@ -43,16 +43,6 @@ def _port():
         return s.getsockname()[1]
 
 
-def _user_env(tmp_path) -> dict:
-    """A user's shell in a fresh folder with the venv activated: none of the test run's MLflow, storage or
-    Ray settings (an earlier in-process test's mlflow.set_registry_uri leaves MLFLOW_REGISTRY_URI set)."""
-    drop = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EBM_STORAGE_PATH", "EBM_QUIET", "EBM_LOG_LEVEL",
-            "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "EBM_PROGRESS", "PYTHONPATH")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, "PATH": BIN + os.pathsep + env.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0",
-            "EBM_RAY_TMPDIR": "", "HOME": env.get("HOME", str(tmp_path))}
-
-
 def _wait_for(url: str, proc, log, seconds=120):
     deadline = time.monotonic() + seconds
     while True:
@@ -67,7 +57,7 @@ def _wait_for(url: str, proc, log, seconds=120):
 
 def run_tutorial(cwd) -> dict:
     """Every sh/python/console block of docs/your_data.md in order -> {opening line of a block: its stdout}."""
-    env, port = _user_env(cwd), str(_port())
+    env, port = user_env(), str(_port())
     out, server, ran = {}, None, 0
     try:
         for b in blocks(DOC):
