@@ -2,6 +2,11 @@
 
     python bench/bench_eval.py                          # train toy 2 here (--epochs, --M-train), then compare
     python bench/bench_eval.py --model models:/NAME@champion   # a registered model (toy or image task)
+    python bench/bench_eval.py --ranks 2                # also: the whole evaluation on 2 ranks vs 1
+
+--ranks N: ``ebm.evaluate.evaluate`` of the test split (every metric, IS and prediction draws per
+batch) in this process vs split over N spawned processes joined by torch.distributed (gloo,
+127.0.0.1), one thread each; prints both wall times, the ratio, and checks the figures are identical.
 
 Grid: −f(y_i) + logsumexp_j f(y_j) + log Δ over the task grid (toy 2: 8192 points), G + 1 energy
 evaluations per example. IS: −f(y_i) + log Ẑ, Ẑ from M proposal samples, M + 1 evaluations. Goal of
@@ -36,7 +41,7 @@ def trained(args):
             mlflow.set_tracking_uri(args.tracking_uri)
         p = load_predictor(args.model)
         _, splits = load_data(p.cfg)             # generated tasks: the test split is regenerated from the config
-        return p.model, p.task, splits["test"], f"{args.model} ({p.task.name})"
+        return p.model, p.task, splits["test"], f"{args.model} ({p.task.name})", p.cfg
     from pipelines.configs import resolve_config
     cfg = Config.from_toml(resolve_config(args.config),
                            [f"optim.epochs={args.epochs}", f"sampler.M_train={args.M_train}", "eval.grid_nll=false",
@@ -47,7 +52,7 @@ def trained(args):
     res = fit(cfg, data=loop_data)
     print(f"trained {cfg.task.name} K={cfg.proposal.K} M_train={cfg.sampler.M_train} for {cfg.optim.epochs} epochs "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
-    return res.model.eval(), data[0], data[1]["test"], f"{cfg.task.name} trained here"
+    return res.model.eval(), data[0], data[1]["test"], f"{cfg.task.name} trained here", cfg
 
 
 def timed(fn, x, y, bs: int) -> tuple[float, float]:
@@ -55,6 +60,77 @@ def timed(fn, x, y, bs: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     out = torch.cat([fn(x[s:s + bs], y[s:s + bs]) for s in range(0, len(y), bs)])
     return out.mean().item(), time.perf_counter() - t0
+
+
+class _GlooShard:
+    """The collectives ``evaluate`` needs, over the default process group."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.device = rank, world, torch.device("cpu")
+
+    def all_reduce(self, t, op="sum"):
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def gather(self, obj):
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def _eval_rank(rank: int, world: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+
+    from ebm.data import Split
+    from ebm.evaluate import evaluate
+    from ebm.nets import build_model
+    from ebm.tasks import TaskSpec
+    torch.set_num_threads(1)
+    job = torch.load(path, weights_only=False)
+    cfg, task = Config.from_flat(job["cfg"]), TaskSpec.from_dict(job["task"])
+    model = build_model(cfg, task.x_shape, task.D, task.circular)
+    model.load_state_dict(job["weights"])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dist.barrier()
+        t0 = time.perf_counter()
+        out = evaluate(model, Split(job["x"], job["y"], job["aux"]), task, cfg, seed=job["seed"],
+                       shard=_GlooShard(rank, world))
+        dist.barrier()
+        if rank == 0:
+            torch.save({"out": out, "s": time.perf_counter() - t0}, path + ".out")
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_scaling(model, cfg: Config, task, test, ranks: int) -> None:
+    """The test split's full evaluation on 1 rank (here) vs ``ranks`` processes; same figures."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from ebm.evaluate import evaluate
+    from ebm.loop import eval_seed
+    seed = eval_seed(cfg)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    one = evaluate(model, test, task, cfg, seed=seed)
+    t_one = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/job.pt"
+        torch.save({"cfg": cfg.to_flat(), "task": task.to_dict(), "weights": model.state_dict(), "x": test.x,
+                    "y": test.y, "aux": test.aux, "seed": seed}, path)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_eval_rank, args=(ranks, port, path), nprocs=ranks, join=True)
+        got = torch.load(path + ".out", weights_only=False)
+    same = got["out"] == one
+    print(f"evaluation of {len(test)} test examples ({len(one)} metrics), 1 thread per rank: 1 rank {t_one:.2f} s, "
+          f"{ranks} ranks {got['s']:.2f} s -> {t_one / got['s']:.2f}x faster; figures identical: {same}")
 
 
 def main(argv=None) -> int:
@@ -68,10 +144,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3, help="IS repetitions (different samples) per M")
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ranks", type=int, default=0, help="also time the whole evaluation on this many ranks vs 1")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, task, test, what = trained(args)
+    model, task, test, what, cfg = trained(args)
+    if args.ranks > 1:
+        rank_scaling(model, cfg, task, test, args.ranks)
+        torch.set_num_threads(args.threads)
     x, y = test.x, test.y
     grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
     G = 1
