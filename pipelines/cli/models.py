@@ -175,7 +175,7 @@ def _evaluate(args) -> int:
         raise UsageError(f"--examples must be >= 1, got {args.examples}")
     _check_input(args.data, "--data")
     p = _load(args)
-    run_id = None if args.no_log else _source_run(args.model_uri)
+    run_id = None if args.no_log else _source_run(args)
     import tempfile
     with tempfile.TemporaryDirectory(prefix="ebm-evaluate-") as tmp:
         out_dir = args.out or (tmp if run_id else None)      # without --out the files go to the run only
@@ -205,12 +205,15 @@ def _print_calibration(cal: dict) -> None:
               + " / ".join(f"{cov[lv]:.3f}" for lv in shown if lv in cov))
 
 
-def _source_run(model_uri: str) -> str | None:
-    """The MLflow run a ``runs:/`` or ``models:/`` model was logged in (None for a file or directory)."""
+def _source_run(args) -> str | None:
+    """The MLflow run a ``runs:/`` or ``models:/`` model was logged in (None for a file or directory),
+    read from the command's store (``--tracking-uri``, $MLFLOW_TRACKING_URI or the project's default)."""
+    model_uri = args.model_uri
     if model_uri.startswith("runs:/"):
         return model_uri[len("runs:/"):].split("/")[0] or None
     if model_uri.startswith("models:/"):
         import mlflow
+        _uri(args, write=False)     # MLflow's own default store is not the project's
         return mlflow.models.get_model_info(model_uri).run_id or None
     return None
 
