@@ -236,10 +236,10 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME, python_model=MODEL_CODE, artifacts={"model": str(model_path), "config": str(cfg_path)},
                 code_paths=_code_copy(Path(d) / "code"), signature=signature(p, example), input_example=example,
-                pip_requirements=_requirements(p.is_image), registered_model_name=name,
+                pip_requirements=_requirements(p.is_image),
                 metadata={"task": p.task.name, "x_shape": list(p.task.x_shape), "target_names": list(p.task.target_names),
                           "source_run_id": run_id})
-    version = str(info.registered_model_version)
+    version = _new_version(client, name, info, run_id)
     client.set_model_version_tag(name, version, "source_run_id", run_id)
     client.set_model_version_tag(name, version, "task", p.task.name)
     client.set_tag(run_id, REGISTERED_TAG, f"{name}/{version}")
@@ -247,6 +247,19 @@ def register(uri: str, name: str, *, run_id: str | None = None, best_of: str | N
         client.set_registered_model_alias(name, alias, version)
     return {"name": name, "version": version, "run_id": run_id,
             "model_uri": f"models:/{name}@{alias}" if alias else f"models:/{name}/{version}"}
+
+
+def _new_version(client, name: str, info, run_id: str) -> str:
+    """A new version of ``name`` (created when missing) from the logged model, through the client: the
+    fluent ``registered_model_name=`` prints "Successfully registered model" / "Created version" lines
+    beside the command's own one."""
+    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code not in (ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(ALREADY_EXISTS)):
+            raise
+    return str(client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id).version)
 
 
 def load_predictor(model_uri: str) -> serving.Predictor:
