@@ -7,11 +7,21 @@ import math
 import numpy as np
 import torch
 
+from . import calibration as C
 from . import metrics as M
 from .config import Config
 from .data import Split
 from .predict import predict
 from .tasks import MAX_D, TaskSpec
+
+
+COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
+
+
+def coverage_key(source: str, level: float) -> str:
+    """The metric of the central interval at ``level`` from one source of ebm.calibration:
+    ``coverage_90`` for the IS prediction, ``coverage_proposal_90``, ``coverage_ebm_grid_90``."""
+    return f"coverage_{'' if source == 'prediction' else source + '_'}{round(level * 100)}"
 
 
 def true_log_density(task: TaskSpec, x: torch.Tensor, aux: dict, grid: torch.Tensor) -> torch.Tensor | None:
@@ -150,8 +160,12 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
     """Per-example figures of the examples s:e, handed to ``add(key, values (B,))``."""
     x, y = split.x[s:e].to(device), split.y[s:e].to(device)
     aux = {k: np.asarray(v)[s:e] for k, v in split.aux.items()}
+    pits = {}       # ebm.calibration's sources -> PIT (B, D), for the coverage at COVERAGE_LEVELS
     if use_grid:
-        add("grid_nll", M.grid_nll(model, x, y, grids, task.cell_volume()))
+        nll, scores = M.grid_nll(model, x, y, grids, task.cell_volume(), with_scores=True)
+        add("grid_nll", nll)
+        if task.D == 1:
+            pits["ebm_grid"] = C.pit_grid(scores, grids[0], y, task.circular)
     if model.has_energy and model.has_proposal:
         add("is_nll", M.is_nll(model, x, y, cfg.sampler.M_eval, generator))
     if model.has_proposal:
@@ -165,11 +179,18 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
         add("sq_err_mode", (err_mode ** 2).mean(1))
         add("crps", M.crps_weighted(p.samples, p.weights, y, task.circular).mean(1))
         add("coverage", M.interval_covered(p.interval, y, task.circular).float())
+        pits["prediction"] = C.pit_weighted(p.samples, p.weights, y, task.circular)
+        pits["proposal"] = C.pit_mixture(model.propose(model.encode(x)), y)
         add("ess", p.ess)
         if task.D > 1:
             per_dim = M.interval_covered_per_dim(p.interval, y, task.circular).float()
             for d, name in enumerate(task.target_names):
                 add(f"mae_mean_{name}", err_mean[:, d])
                 add(f"coverage_{name}", per_dim[:, d])
+    for source, pit in pits.items():
+        # every dim inside its central interval (the ``coverage`` figure's rule), at each level
+        inside = C.in_central_interval(pit, COVERAGE_LEVELS).all(-1).float()         # (B, L)
+        for j, level in enumerate(COVERAGE_LEVELS):
+            add(coverage_key(source, level), inside[:, j])
     if task.has_true_density and task.D == 1 and task.name != "toy1":
         add_kl(model, task, x, aux, grids[0], add)

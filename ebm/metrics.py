@@ -30,12 +30,15 @@ def scores_on_grid(model, enc, grid: torch.Tensor, chunk: int = 8192) -> torch.T
 
 
 @torch.no_grad()
-def grid_nll(model, x: torch.Tensor, y: torch.Tensor, grids: list[torch.Tensor], cell_volume: float) -> torch.Tensor:
-    """Per-example NLL by log-space quadrature: x (B, ...), y (B, D) -> (B,)."""
+def grid_nll(model, x: torch.Tensor, y: torch.Tensor, grids: list[torch.Tensor], cell_volume: float,
+             with_scores: bool = False):
+    """Per-example NLL by log-space quadrature: x (B, ...), y (B, D) -> (B,); with ``with_scores`` also
+    the scores f on the grid points (B, G) it normalised over (for the grid's PIT, ebm.calibration)."""
     enc = model.encode(x)
     f_true = model.score(enc, y.unsqueeze(1))[:, 0]
-    log_norm = torch.logsumexp(scores_on_grid(model, enc, grid_points(grids).to(y)), dim=1)
-    return -f_true + log_norm + math.log(cell_volume)
+    scores = scores_on_grid(model, enc, grid_points(grids).to(y))
+    nll = -f_true + torch.logsumexp(scores, dim=1) + math.log(cell_volume)
+    return (nll, scores) if with_scores else nll
 
 
 @torch.no_grad()

@@ -54,6 +54,13 @@ def test_the_loop_learns_toy1_and_reports_finite_metrics(method):
     assert test["nll"] < untrained["nll"] - 0.2
     if method != "nce_fixed":
         assert {"is_nll", "crps", "coverage", "mae_mode", "ess"} <= set(test)
+        # per-level coverage of each source (ebm.calibration): the IS prediction's 90% is the interval
+        # ebm.predict reports (eval.interval_level = 0.9), and coverage grows with the level
+        sources = ["", "proposal_", "ebm_grid_"]        # both methods have an energy head and a proposal
+        for src in sources:
+            cov = [test[f"coverage_{src}{lv}"] for lv in (50, 80, 90, 95)]
+            assert all(0 <= c <= 1 for c in cov) and cov == sorted(cov), (src, cov)
+        assert test["coverage_90"] == pytest.approx(test["coverage"], abs=1e-12)
 
 
 def test_best_val_selection_tests_and_checkpoints_the_best_epoch():
