@@ -31,7 +31,7 @@ from .config import Config
 from .data import LoopData, Prefetch
 from .evaluate import evaluate
 from .nets import build_model
-from .steps import StepModule, frozen_modules
+from .steps import StepModule, frozen_modules, native_bf16
 from .tasks import TaskSpec
 
 MAX_NONFINITE_IN_ROW = 20
@@ -278,6 +278,9 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
         in_row, best = int(resume.get("nonfinite_in_row", 0)), resume.get("best")
     unused = cfg.schedule.freeze_backbone_epochs > 0 or cfg.schedule.proposal_warmup_epochs > 0
     step, phase = None, None
+    if cfg.optim.precision == "bf16" and not native_bf16(torch.device(device)):
+        rt.log("warning: optim.precision = \"bf16\" on a CPU without native bf16 (no avx512_bf16/amx_bf16): "
+               "torch emulates it, slower than fp32 here; it pays on GPUs and on CPUs that have it")
 
     def all_finite(loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss).all().to(torch.float32).reshape(1).to(device)
