@@ -94,6 +94,7 @@ def _predict(args) -> int:
     if args.workers == 0 and (args.use_gpu or args.ray_address):
         raise UsageError(f"{'--use-gpu' if args.use_gpu else '--ray-address'} applies to the Ray Data path: "
                          "add --workers N")
+    _check_input(args.input, "--input")
     if args.out != "-":
         if args.workers and not args.out.lower().endswith(".parquet"):
             raise UsageError(f"--out {args.out}: --workers writes Parquet: the file must end in .parquet")
@@ -109,14 +110,16 @@ def _predict(args) -> int:
     elif args.workers:
         raise UsageError("--out -: --workers writes a Parquet file, not JSON to stdout")
     quantiles = _floats(args.quantiles, "--quantiles")
-    _check_input(args.input, "--input")
     p = _load(args)
     try:
         lim = serving.Limits.from_env()
-        prm = serving.check_params(p, M=args.M, quantiles=quantiles, interval_level=args.interval_level,
-                                   refine_steps=args.refine_steps, return_samples=args.return_samples,
-                                   seed=args.seed, limits=lim)
+
+        def params():
+            return serving.check_params(p, M=args.M, quantiles=quantiles, interval_level=args.interval_level,
+                                        refine_steps=args.refine_steps, return_samples=args.return_samples,
+                                        seed=args.seed, limits=lim)
         if args.workers:
+            prm = params()
             n = batch.predict_on_ray(p, args.input, args.out, split=args.split, prm=prm, limits=lim,
                                      log_density=args.log_density, limit=args.limit, workers=args.workers,
                                      use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
@@ -126,6 +129,7 @@ def _predict(args) -> int:
         ids, values, y = model_eval.read_inputs(args.input, p, args.split)
         if args.limit:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
+        prm = params()
         out = _predict_in_process(p, ids, values, y if args.log_density else None, prm, lim, args.batch_size)
         if args.out == "-":
             import json

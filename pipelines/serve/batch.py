@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -235,13 +236,11 @@ def predict_on_ray(p: serving.Predictor, src: str, out: str, *, split: str, prm:
     staging = _sibling(storage.absolute(out), "parts")
     try:
         _check_resources(ray.cluster_resources(), workers, cpus_per_worker, use_gpu)
-        ds = _pipeline(p, pl, prm, limits, log_density, workers, use_gpu, cpus_per_worker, batch_size)
         fs, path = storage.resolve(staging)
-        try:
-            with _remote_args_allowed():
-                ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0})
-        except Exception as e:
-            raise _cause(e) from None
+        failure = _write(_pipeline(p, pl, prm, limits, log_density, workers, use_gpu, cpus_per_worker, batch_size),
+                         path, fs)
+        if failure is not None:
+            raise failure
         schema = output_schema(p, prm, log_density)
         n = publish_parquet(out, schema, _in_row_order(staging, pl.rows))
     finally:
@@ -250,6 +249,23 @@ def predict_on_ray(p: serving.Predictor, src: str, out: str, *, split: str, prm:
             ray.shutdown()
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)      # set by ray_init for the Ray it started
     return n
+
+
+def _write(ds, path: str, fs) -> BaseException | None:
+    """Run the pipeline into ``path``; the user's error if it failed (see :func:`_cause`). Ray Data
+    releases a run's actors by reference counting: the dataset and a failure's frames are dropped and
+    collected here, so that a Ray that stays up gets their CPUs back sooner."""
+    failure = None
+    try:
+        with _remote_args_allowed():
+            ds.write_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": 0})
+    except Exception as e:
+        failure = _cause(e)
+        if failure is e:
+            return e
+    del ds
+    gc.collect()
+    return failure
 
 
 def _check_resources(have: dict, workers: int, cpus: float, use_gpu: bool) -> None:
