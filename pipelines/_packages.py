@@ -42,6 +42,18 @@ def _installed_dir(name: str) -> Path | None:
     return None
 
 
+def _project_copy(root: Path) -> bool:
+    """Whether ``root`` is a copy of this project's source (its pyproject.toml names ebm-proposals): a
+    checkout run from its root, or the working directory ``ebm submit`` sends with a Ray job, which Ray
+    puts first on the job's path — the same code by intent, not a clash."""
+    import tomllib
+    try:
+        meta = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return _canonical(str(meta.get("project", {}).get("name", ""))) == DISTRIBUTION
+
+
 @functools.lru_cache(maxsize=1)
 def clash() -> str | None:
     """One line naming a clash of the top-level names with another distribution, or None."""
@@ -60,7 +72,7 @@ def clash() -> str | None:
         if origin is None:
             continue
         got = Path(origin).resolve().parent
-        if got != want:
+        if got != want and not _project_copy(got.parent):
             return (f"the package '{name}' imported from {got} is not the one ebm-proposals installed ({want}): "
                     f"something on sys.path (PYTHONPATH, the current directory) shadows it; remove it, or {_FIX}")
     return None

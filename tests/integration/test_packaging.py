@@ -45,3 +45,20 @@ def test_a_folder_shadowing_cluster_is_refused(tmp_path):
     assert r.returncode == 2, r
     (line,) = r.stderr.strip().splitlines()
     assert "'cluster'" in line and str(site / "cluster") in line and "shadows" in line
+
+
+def test_a_copy_of_the_project_first_on_the_path_is_not_a_clash(tmp_path):
+    """``ebm submit`` sends the project's source as the job's working dir, which Ray puts first on the
+    job's path: the same project, so the job runs (a plain folder named ``cluster`` beside it still
+    does not pass, above)."""
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    copy = tmp_path / "_ray_pkg_0123"
+    for name in ("ebm", "pipelines", "cluster"):
+        shutil.copytree(os.path.join(root, name), copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(root, "pyproject.toml"), copy / "pyproject.toml")
+    r = _ebm_version(tmp_path, copy)
+    assert r.returncode == 0 and r.stdout.startswith("ebm "), r.stderr
+    (copy / "pyproject.toml").write_text('[project]\nname = "someone-else"\n')
+    r = _ebm_version(tmp_path, copy)
+    assert r.returncode == 2 and "shadows" in r.stderr, r
