@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -88,7 +89,7 @@ def _eval_rank(rank: int, world: int, port: int, path: str) -> None:
     from ebm.nets import build_model
     from ebm.tasks import TaskSpec
     torch.set_num_threads(1)
-    job = torch.load(path, weights_only=False)
+    job = torch.load(path, weights_only=True)
     cfg, task = Config.from_flat(job["cfg"]), TaskSpec.from_dict(job["task"])
     model = build_model(cfg, task.x_shape, task.D, task.circular)
     model.load_state_dict(job["weights"])
@@ -122,12 +123,14 @@ def rank_scaling(model, cfg: Config, task, test, ranks: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = f"{d}/job.pt"
         torch.save({"cfg": cfg.to_flat(), "task": task.to_dict(), "weights": model.state_dict(), "x": test.x,
-                    "y": test.y, "aux": test.aux, "seed": seed}, path)
+                    "y": test.y, "seed": seed,
+                    # plain lists: the ranks read the file with weights_only=True like every torch.load here
+                    "aux": {k: np.asarray(v).tolist() for k, v in test.aux.items()}}, path)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         mp.spawn(_eval_rank, args=(ranks, port, path), nprocs=ranks, join=True)
-        got = torch.load(path + ".out", weights_only=False)
+        got = torch.load(path + ".out", weights_only=True)
     same = got["out"] == one
     print(f"evaluation of {len(test)} test examples ({len(one)} metrics), 1 thread per rank: 1 rank {t_one:.2f} s, "
           f"{ranks} ranks {got['s']:.2f} s -> {t_one / got['s']:.2f}x faster; figures identical: {same}")
