@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .circular import TWO_PI, circ_mask, wrap_diff
@@ -126,3 +127,25 @@ def interval_covered_per_dim(interval: torch.Tensor, y: torch.Tensor, circular: 
 def interval_covered(interval: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:
     """Whether y lies in the central interval (B, 2, D) in every dim -> (B,) bool."""
     return interval_covered_per_dim(interval, y, circular).all(dim=1)
+
+
+@torch.no_grad()
+def marginal_density(model, task, x: torch.Tensor, y_grid: np.ndarray | None, dim: int, energy: bool) -> np.ndarray:
+    """p(y_dim | x) of one input x (1, ...) on ``y_grid`` (None: the task's grid): f (or log q) on its
+    product with the other dims' task grids, those dims summed out by quadrature; the EBM's normalised by
+    its quadrature over the whole task grid (:func:`grid_nll`'s log Z). For plots and the Python API."""
+    task_grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
+    grids = list(task_grids)
+    on_task_grid = y_grid is None
+    if not on_task_grid:
+        grids[dim] = torch.as_tensor(y_grid, dtype=torch.float32)
+    lf = model_log_density_on_grid(model, x, grid_points(grids), use_energy=energy)[0].double()
+    if energy:          # log Z: on the task grid (the same points when no other grid was asked for)
+        full = lf if on_task_grid else model_log_density_on_grid(model, x, grid_points(task_grids), use_energy=True)[0].double()
+        lf = lf - (torch.logsumexp(full, 0) + math.log(task.cell_volume()))
+    lf = lf.reshape([len(g) for g in grids])
+    others = [d for d in range(task.D) if d != dim]
+    if others:
+        cells = [float(task_grids[d][1] - task_grids[d][0]) for d in others]
+        lf = torch.logsumexp(lf, dim=others) + sum(math.log(c) for c in cells)
+    return lf.exp().numpy()

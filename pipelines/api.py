@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from ebm.config import Config, ConfigError
+from ebm.metrics import marginal_density
 from pipelines.serve import serving
 from pipelines.serve.serving import InputError
 
@@ -129,7 +130,7 @@ class Model:
         if proposal and not p.model.has_proposal:
             raise InputError(f"proposal=True: this model ({self.config.method.name}) has no learned proposal")
         y_grid = _grid(grid, task, dim)
-        return y_grid.astype(np.float64), _marginal(p, _one(p, x_one), None if grid is None else y_grid, dim,
+        return y_grid.astype(np.float64), marginal_density(p.model, p.task, _one(p, x_one), None if grid is None else y_grid, dim,
                                                     p.model.has_energy and not proposal)
 
     def plot(self, x_one: Any, y_true: float | None = None, ax=None, *, dim: int = 0):
@@ -562,30 +563,6 @@ def _grid(grid: Any, task, dim: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def _marginal(p: serving.Predictor, x: torch.Tensor, y_grid: np.ndarray | None, dim: int, energy: bool) -> np.ndarray:
-    """p(y_dim | x) on ``y_grid`` (None: the task's grid): f (or log q) on its product with the other dims' task
-    grids, those dims summed out by quadrature; the EBM's normalised by its quadrature over the whole
-    task grid (:func:`ebm.metrics.grid_nll`'s log Z)."""
-    from ebm import metrics as M
-    task = p.task
-    task_grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
-    grids = list(task_grids)
-    on_task_grid = y_grid is None
-    if not on_task_grid:
-        grids[dim] = torch.as_tensor(y_grid, dtype=torch.float32)
-    lf = M.model_log_density_on_grid(p.model, x, M.grid_points(grids), use_energy=energy)[0].double()
-    if energy:          # log Z: on the task grid (the same points when no other grid was asked for)
-        full = lf if on_task_grid else \
-            M.model_log_density_on_grid(p.model, x, M.grid_points(task_grids), use_energy=True)[0].double()
-        lf = lf - (torch.logsumexp(full, 0) + math.log(task.cell_volume()))
-    lf = lf.reshape([len(g) for g in grids])
-    others = [d for d in range(task.D) if d != dim]
-    if others:
-        cells = [float(task_grids[d][1] - task_grids[d][0]) for d in others]
-        lf = torch.logsumexp(lf, dim=others) + sum(math.log(c) for c in cells)
-    return lf.exp().numpy()
-
-
 def _plots():
     """:mod:`pipelines.plots`, imported without letting its ``matplotlib.use("Agg")`` replace the
     backend a notebook chose (inline figures would stop showing)."""

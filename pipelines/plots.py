@@ -148,7 +148,7 @@ def prediction_figure(p, x: torch.Tensor, y: torch.Tensor, aux: dict, path: str 
     task knows it, the prediction's central interval shaded and the label marked. Vector inputs are
     named in the row's title. ``p``: a serving Predictor; x (n, ...), y (n, D)."""
     from ebm.predict import predict
-    from pipelines.api import _marginal         # the one marginal-on-the-grid code (the Python API's density)
+    from ebm.metrics import marginal_density     # the one marginal-on-the-grid code (also the Python API's density)
     task, model = p.task, p.model
     n, D = x.shape[0], task.D
     image = x.dim() == 4
@@ -172,9 +172,9 @@ def prediction_figure(p, x: torch.Tensor, y: torch.Tensor, aux: dict, path: str 
             g = grids[d]
             curves = {}
             if model.has_energy:
-                curves["EBM"] = _marginal(p, xi, None, d, True)
+                curves["EBM"] = marginal_density(p.model, p.task, xi, None, d, True)
             if model.has_proposal:
-                curves["proposal q"] = _marginal(p, xi, None, d, False)
+                curves["proposal q"] = marginal_density(p.model, p.task, xi, None, d, False)
             if D == 1:
                 lp = true_log_density(task, xi.cpu(), {k: v[i:i + 1] for k, v in aux.items()},
                                       torch.as_tensor(g, dtype=torch.float32))
