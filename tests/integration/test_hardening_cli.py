@@ -4,6 +4,7 @@ interrupt (Ctrl-C, SIGTERM) is exit 130. Real components throughout: the ``ebm``
 the exit code or the process's own stderr matters) or :func:`pipelines.cli.main` in-process, real
 SQLite MLflow stores and real Parquet datasets under tmp_path, the debug config on ``--local``."""
 import hashlib
+import pathlib
 import os
 import re
 import shutil
@@ -181,6 +182,11 @@ def _unprivileged() -> tuple:
         return ()
     if not shutil.which("setpriv"):
         pytest.skip("running as root without setpriv: file permissions cannot be exercised")
+    # nobody must reach the interpreter and the checkout (a clone under a 0700 mktemp directory: no)
+    for f in (sys.executable, __file__):
+        for d in pathlib.Path(os.path.abspath(f)).parents:
+            if not os.stat(d).st_mode & 0o001:
+                pytest.skip(f"{d} is not searchable by other users: nobody cannot run this checkout's ebm")
     return ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
