@@ -21,3 +21,14 @@ def shared_dir():
     if not os.path.isdir(os.path.join(path, "data")):
         pytest.skip("../shared/data is not beside this checkout")
     return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (a module may define its own): 2 CPUs on loopback, a small
+    object store, the dashboard (Ray Train's placement-group cleanup needs it); shut down after."""
+    import ray
+    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
+             object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -10,16 +10,6 @@ pytestmark = pytest.mark.integration
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             object_store_memory=200 * 1024 * 1024, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _final(tmp_path, name):
     from ebm import checkpoint
     from pipelines.driver import runs

@@ -11,16 +11,6 @@ pytestmark = pytest.mark.integration
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             object_store_memory=200 * 1024 * 1024, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_two_workers_through_the_phase_boundaries_train(ray_local, tmp_path):
     from mlflow.tracking import MlflowClient
 

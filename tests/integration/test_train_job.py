@@ -18,16 +18,6 @@ EBM = os.path.join(os.path.dirname(sys.executable), "ebm")
 FAULT_DRIVER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fault_driver.py")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True, dashboard_host="127.0.0.1",
-             object_store_memory=200 * 1024 * 1024, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _cfg(**over):
     return Config.from_toml(os.path.join(ROOT, "pipelines/configs/debug.toml"),
                             [f"{k}={v}" for k, v in over.items()])
