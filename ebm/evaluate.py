@@ -169,7 +169,8 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
     if model.has_energy and model.has_proposal:
         add("is_nll", M.is_nll(model, x, y, cfg.sampler.M_eval, generator))
     if model.has_proposal:
-        add("proposal_nll", M.proposal_nll(model, x, y))
+        mix = model.propose(model.encode(x))        # once: the NLL and the PIT of the proposal
+        add("proposal_nll", M.proposal_nll(model, x, y, mix))
         p = predict(model, x, task.circular, M=cfg.sampler.M_eval, interval_level=cfg.eval.interval_level,
                     refine_steps=cfg.sampler.refine_steps, keep_samples=True, generator=generator)
         err_mean, err_mode = M.abs_error(p.mean, y, task.circular), M.abs_error(p.mode, y, task.circular)
@@ -180,7 +181,7 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
         add("crps", M.crps_weighted(p.samples, p.weights, y, task.circular).mean(1))
         add("coverage", M.interval_covered(p.interval, y, task.circular).float())
         pits["prediction"] = C.pit_weighted(p.samples, p.weights, y, task.circular)
-        pits["proposal"] = C.pit_mixture(model.propose(model.encode(x)), y)
+        pits["proposal"] = C.pit_mixture(mix, y)
         add("ess", p.ess)
         if task.D > 1:
             per_dim = M.interval_covered_per_dim(p.interval, y, task.circular).float()

@@ -54,9 +54,10 @@ def is_nll(model, x: torch.Tensor, y: torch.Tensor, M: int, generator: torch.Gen
 
 
 @torch.no_grad()
-def proposal_nll(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def proposal_nll(model, x: torch.Tensor, y: torch.Tensor, mix=None) -> torch.Tensor:
     """Exact NLL of the mixture proposal / MDN: −log q(y|x) -> (B,)."""
-    return -model.propose(model.encode(x)).log_prob(y.unsqueeze(1))[:, 0]
+    mix = model.propose(model.encode(x)) if mix is None else mix     # the caller's, when it has it already
+    return -mix.log_prob(y.unsqueeze(1))[:, 0]
 
 
 def kl_on_grid(log_p_true: torch.Tensor, log_p_model: torch.Tensor) -> torch.Tensor:
