@@ -29,17 +29,10 @@ def s3(tmp_path_factory):
     """moto's S3, its credentials in this process's environment before Ray starts (the actors and the
     read/write tasks inherit them)."""
     from clusterlab import s3_server
-    with s3_server(tmp_path_factory.mktemp("moto")) as s3:
-        old = {k: os.environ.get(k) for k in s3["env"]}
-        os.environ.update(s3["env"])
-        try:
-            yield s3
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+
+    from pipelines.cli import _environ      # set for the block, restored after (what each ebm command does)
+    with s3_server(tmp_path_factory.mktemp("moto")) as s3, _environ(s3["env"]):
+        yield s3
 
 
 @pytest.fixture(scope="module")
