@@ -134,9 +134,58 @@ def _store_lock(uri: str):
     fd = os.open(d, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        _seed_new_store(sqlite_file(uri))
         yield
     finally:
         os.close(fd)   # releases the lock
+
+
+def _seed_new_store(f: Path) -> None:
+    """A new SQLite store starts as a copy of an empty store MLflow itself created and migrated once
+    per MLflow version on this machine (:func:`_empty_store`): MLflow builds a new store by running
+    its ~60 schema migrations, 5 s of every first command in a new folder (and of every test that
+    uses a fresh store), where the copy takes milliseconds. The copy has no experiment, so MLflow
+    creates its Default experiment on opening it, with this store's artifact root, exactly as in a
+    store it created. Without a writable cache MLflow creates the store as before. Called under the
+    store's lock."""
+    if f.exists():
+        return
+    template = _empty_store()
+    if template is None:
+        return
+    import shutil
+    part = f.with_name(f".{f.name}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(template, part)
+        os.replace(part, f)
+    except OSError:
+        part.unlink(missing_ok=True)    # MLflow creates the store itself, and reports what is wrong
+
+
+def _empty_store() -> Path | None:
+    """The empty, migrated SQLite store of this MLflow version (created on first use in
+    ``$XDG_CACHE_HOME/ebm-proposals``, default ``~/.cache``); None when it cannot be made."""
+    import mlflow
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ebm-proposals"
+    template = cache / f"mlflow-{mlflow.__version__}-empty-store.db"
+    if template.is_file():
+        return template
+    part = cache / f".{template.name}.{os.getpid()}.part"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        from mlflow.store.db.utils import _initialize_tables, _verify_schema, create_sqlalchemy_engine
+        engine = create_sqlalchemy_engine(f"sqlite:///{part}")
+        try:
+            _initialize_tables(engine)
+            _verify_schema(engine)
+        finally:
+            engine.dispose()
+        os.replace(part, template)      # whole or not at all; two processes racing write the same store
+        return template
+    except Exception:                   # a read-only home, a MLflow without these helpers: no template
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        return None
 
 
 def open_client(uri: str):

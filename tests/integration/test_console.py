@@ -36,7 +36,7 @@ def test_quiet_verbose_and_version(tmp_path):
     r = _ebm([*train, "-q", "--name", "q"], tmp_path)
     assert "epoch 1/2" not in r.stdout and "test nll:" in r.stdout
     r = _ebm(["-v", *train, "--name", "v", "--tracking-uri", f"sqlite:///{tmp_path}/new.db"], tmp_path)
-    assert "epoch 1/2" in r.stdout and "Creating initial MLflow database" in r.stderr
+    assert "epoch 1/2" in r.stdout and "INFO alembic.runtime.migration" in r.stderr      # MLflow's own INFO lines
     assert "give -v or -q, not both" in _ebm(["-v", *train, "-q"], tmp_path, rc=2).stderr
     r = _ebm(["--version"], tmp_path)
     assert r.stdout.startswith("ebm 0.") and "torch" in r.stdout and "ray" in r.stdout

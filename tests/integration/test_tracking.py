@@ -61,10 +61,16 @@ def test_two_concurrent_writers_of_200_metrics_each_lose_nothing(tmp_path):
         assert sorted((m.step, m.value) for m in hist) == [(s, float(s)) for s in range(200)]
 
 
-def test_two_jobs_starting_together_on_a_new_store_both_get_their_run(tmp_path):
+@pytest.mark.parametrize("cache", ["none", "template"])
+def test_two_jobs_starting_together_on_a_new_store_both_get_their_run(tmp_path, monkeypatch, cache):
     """Both create the SQLite schema and the experiment at once; without the store lock one of them
-    failed (alembic CircularDependencyError, or "duplicate column name") in every try."""
+    failed (alembic CircularDependencyError, or "duplicate column name") in every try. Both ways a new
+    store is made: MLflow's migrations (no usable cache: $XDG_CACHE_HOME is a file) and the copy of
+    the empty store (a cache folder that the first of them fills)."""
     from mlflow.tracking import MlflowClient
+    if cache == "none":
+        (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     for attempt in range(2):
         d = tmp_path / str(attempt)
         d.mkdir()
@@ -80,6 +86,48 @@ def test_two_jobs_starting_together_on_a_new_store_both_get_their_run(tmp_path):
         assert len(exps) == 1
         runs = c.search_runs([exps[0].experiment_id])
         assert sorted(r.info.run_id for r in runs) == sorted(ids) and len(set(ids)) == 2
+    assert (tmp_path / "cache").is_file() or len(list((tmp_path / "cache" / "ebm-proposals").glob("*.db"))) == 1
+
+
+def _schema(db) -> tuple[set, list]:
+    import sqlite3
+    with sqlite3.connect(db) as con:
+        sql = {r[0] for r in con.execute("select sql from sqlite_master where sql is not null")}
+        return sql, con.execute("select version_num from alembic_version").fetchall()
+
+
+def test_a_new_store_is_a_copy_of_mlflows_empty_store_and_works_like_one_mlflow_made(tmp_path, monkeypatch):
+    """A new SQLite store starts as a copy of the empty store MLflow migrated once (5 s of MLflow's
+    migrations saved per new store): the same tables and schema revision as a store MLflow creates
+    itself, and MLflow gives it its Default experiment with this store's artifact root on opening."""
+    from mlflow.tracking import MlflowClient
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "own").mkdir()
+    (tmp_path / "ours").mkdir()
+    MlflowClient(f"sqlite:///{tmp_path}/own/mlruns.db").search_experiments()       # MLflow makes it
+    uri = f"sqlite:///{tmp_path}/ours/mlruns.db"
+    run_id = tracking.start_run(uri, "ebm", "job", {"a": 1}, {}, "seed = 0\n")
+    (template,) = (tmp_path / "cache" / "ebm-proposals").glob("mlflow-*-empty-store.db")
+    assert _schema(tmp_path / "ours/mlruns.db") == _schema(tmp_path / "own/mlruns.db") == _schema(template)
+    c = MlflowClient(uri)
+    exps = {e.name: e for e in c.search_experiments()}
+    assert set(exps) == {"Default", "ebm"} and exps["Default"].experiment_id == "0"
+    assert exps["Default"].artifact_location == MlflowClient(f"sqlite:///{tmp_path}/own/mlruns.db").get_experiment(
+        "0").artifact_location                                        # both: ./mlruns/0 of this folder
+    assert exps["ebm"].artifact_location == (tmp_path / "ours" / "mlruns-artifacts").as_uri()
+    tracking.end_run(uri, run_id, "FINISHED")
+    assert c.get_run(run_id).info.status == "FINISHED"
+    # the template is MLflow's empty store: nothing of the stores made from it went back into it
+    import sqlite3
+    with sqlite3.connect(template) as con:
+        assert con.execute("select count(*) from experiments").fetchone() == (0,)
+        assert con.execute("select count(*) from runs").fetchone() == (0,)
+    # an existing store is never replaced
+    before = (tmp_path / "ours/mlruns.db").stat().st_mtime_ns
+    with tracking._store_lock(uri):
+        pass
+    assert (tmp_path / "ours/mlruns.db").stat().st_mtime_ns == before
 
 
 def test_dead_server_and_unwritable_store_fail_fast():
