@@ -258,7 +258,7 @@ def add_model_commands(subparsers) -> None:
                                epilog=EPILOG)
     pr.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model, or a checkpoint "
                     "(directory or file), model.pt or run directory (a local path or a URI)")
-    pr.add_argument("--input", required=True, help="image folder, Parquet file, or dataset directory (a local path "
+    pr.add_argument("--input", required=True, help="image folder, image file, Parquet file, or dataset directory (a local path "
                     "or a URI such as s3://bucket/data)")
     pr.add_argument("--split", default="test", help="with a dataset directory: the split to read")
     pr.add_argument("--out", required=True, help="FILE.csv | FILE.parquet | FILE.json (a local path; Parquet also "

@@ -18,8 +18,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[list[str], list, list | None]:
-    """(ids, input values, y values or None) from an image folder, a Parquet file or a dataset
-    directory (the layout of :mod:`pipelines.data`, split ``split``) — each a local path or a URI."""
+    """(ids, input values, y values or None) from an image folder, one image file, a Parquet file or
+    a dataset directory (the layout of :mod:`pipelines.data`, split ``split``) — each a local path or
+    a URI."""
     from pipelines import storage
     from pipelines.data.layout import METADATA_FILE, DatasetError, open_parquet, read_metadata, shard_paths
     loc = str(path)
@@ -31,6 +32,10 @@ def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[li
             files = shard_paths(loc, meta, split)
             if not files:
                 raise InputError(f"{loc}: the dataset has no {split!r} split")
+        elif storage.is_file(loc) and Path(loc).suffix.lower() in IMAGE_SUFFIXES:
+            if not p.is_image:
+                raise InputError(f"{loc}: an image, but the model takes vector inputs x of size {p.task.x_shape[0]}")
+            return [Path(loc).name], [storage.read_bytes(loc)], None
         elif storage.is_file(loc):
             files = [loc]
         else:
@@ -42,7 +47,8 @@ def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[li
                 with open_parquet(f) as pf:
                     tables.append(pf.read())
             except Exception as e:
-                raise InputError(f"{f}: not a readable Parquet file: {e}") from None
+                what = "a readable Parquet file" if f != loc else f"an image ({', '.join(IMAGE_SUFFIXES)}) or a readable Parquet file"
+                raise InputError(f"{f}: not {what}: {str(e).splitlines()[0] if str(e) else e}") from None
         table = pa.concat_tables(tables)
     except (storage.StorageError, DatasetError) as e:
         raise InputError(str(e)) from None

@@ -185,6 +185,14 @@ def test_ebm_predict_on_images_and_clear_errors_for_bad_inputs(star_model, tmp_p
     assert main(["predict", star_model, "--input", str(good), "--out", "-", "--limit", "1", "--M", "64"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 1 and printed[0]["id"] == "img0.png" and printed[0]["std"] > 0
+    # one image file is an input of one row, predicted as in its folder (same row index, same draws;
+    # float rounding of a batch of 1 vs 3)
+    assert main(["predict", star_model, "--input", str(good / "img0.png"), "--out", "-", "--M", "64"]) == 0
+    (one,) = json.loads(capsys.readouterr().out)
+    assert one["id"] == "img0.png" and one["mean"] == pytest.approx(rows[0]["mean"], abs=1e-5)
+    (tmp_path / "x.txt").write_text("not an image")
+    assert main(["predict", star_model, "--input", str(tmp_path / "x.txt"), "--out", "-"]) == 2
+    assert "x.txt: not an image (.png, .jpg" in capsys.readouterr().err
     cases = {"big.png": (lambda p: _png(p, 20, "L"), ["big.png", "20x20", "16x16"]),
              "rgb.png": (lambda p: _png(p, 16, "RGB"), ["rgb.png", "3 channel", "grey (1 channel)"]),
              "junk.png": (lambda p: p.write_bytes(b"this is not an image"), ["junk.png", "not a readable image"])}
