@@ -18,6 +18,16 @@ from .tasks import MAX_D, TaskSpec
 COVERAGE_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
+PIT_BINS = 10       # the PIT histogram of a 1-D target: fraction of examples per tenth of [0, 1]
+
+
+def pit_key(source: str, b: int) -> str:
+    """The metric of bin ``b`` of the PIT histogram from one source of ebm.calibration: the fraction
+    of examples whose PIT lies in [b/10, (b+1)/10) (``pit_prediction_0``, ``pit_ebm_grid_9``); a
+    calibrated source has 0.1 in every bin."""
+    return f"pit_{source}_{b}"
+
+
 def coverage_key(source: str, level: float) -> str:
     """The metric of the central interval at ``level`` from one source of ebm.calibration:
     ``coverage_90`` for the IS prediction, ``coverage_proposal_90``, ``coverage_ebm_grid_90``."""
@@ -193,5 +203,9 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
         inside = C.in_central_interval(pit, COVERAGE_LEVELS).all(-1).float()         # (B, L)
         for j, level in enumerate(COVERAGE_LEVELS):
             add(coverage_key(source, level), inside[:, j])
+        if task.D == 1:
+            b = (pit[:, 0] * PIT_BINS).long().clamp(0, PIT_BINS - 1)
+            for k in range(PIT_BINS):
+                add(pit_key(source, k), (b == k).float())
     if task.has_true_density and task.D == 1 and task.name != "toy1":
         add_kl(model, task, x, aux, grids[0], add)

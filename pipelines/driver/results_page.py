@@ -6,6 +6,7 @@ A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it i
     {{table GLOB...}}                   the groups' table(s), one per task (pipelines.driver.results.table)
     {{convergence GLOB...}}             from the val_nll curves: best epoch, best and last value per group
     {{calibration GLOB...}}             coverage of the 50/80/90/95 % central intervals per group and source
+    {{pit GLOB...}}                     the PIT histogram (10 bins, mean over seeds) per group and source
     {{claims METRIC A vs B; C vs D}}    each claim decided by Welch's t on METRIC (lower is better)
     {{floor TASK METRIC GLOB...}}       the floor (Bayes-optimal value) and each group's gap to it
 
@@ -22,6 +23,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from ebm.evaluate import PIT_BINS, pit_key
 from pipelines.driver.results import Group, mean_std, select, table
 
 LEVELS = (50, 80, 90, 95)
@@ -165,6 +167,34 @@ def calibration_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def _bar(fraction: float) -> str:
+    """One bin of a PIT histogram as a block: ▄ is the calibrated 1/PIT_BINS, █ twice that or more."""
+    return BARS[max(0, min(len(BARS) - 1, round(fraction * PIT_BINS * (len(BARS) - 1) / 2)))]
+
+
+def pit_table(groups: list[Group]) -> str:
+    """Per group and source: the mean over seeds of each PIT-histogram bin (``test_pit_<source>_<b>``),
+    drawn as a row of blocks and written out, and the largest departure from the flat 1/PIT_BINS.
+    Too many examples in the outer bins: intervals too narrow (under-coverage); a hump in the middle:
+    too wide; a slope: biased."""
+    head = ["group", "source", "seeds", "histogram (bins 0–1)", "fraction per bin", "max |bin − 0.1|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        for source, _ in CALIBRATION_SOURCES:
+            cols = [g.values(f"test_{pit_key(source, b)}") for b in range(PIT_BINS)]
+            if not all(cols):
+                continue
+            means = [sum(c) / len(c) for c in cols]
+            lines.append(f"| `{g.name}` | {source} | {min(len(c) for c in cols)} | `{''.join(_bar(m) for m in means)}` | "
+                         + " ".join(f"{m:.3f}" for m in means) + f" | {max(abs(m - 1 / PIT_BINS) for m in means):.3f} |")
+    if len(lines) == 2:
+        return "*(no run of these groups logged a PIT histogram: runs made before it was logged)*\n"
+    return "\n".join(lines) + "\n"
+
+
 def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
     """From each run's validation curve (an export's ``history``): the epoch of its lowest value, that
     value, the value at the last epoch, and how many runs had their best in the last fifth of the
@@ -194,7 +224,7 @@ def _none(patterns: list[str]) -> str:
 def directive(kind: str, args: str, groups: list[Group]) -> str:
     """The markdown that replaces one ``{{kind args}}`` line; ValueError for a malformed one."""
     words = args.split()
-    if kind in ("table", "calibration", "convergence"):
+    if kind in ("table", "calibration", "convergence", "pit"):
         if not words:
             raise ValueError(f"{{{{{kind}}}}} needs group patterns")
         chosen = [g for g in select(groups, words) if g.runs]
@@ -202,6 +232,8 @@ def directive(kind: str, args: str, groups: list[Group]) -> str:
             return _none(words)
         if kind == "calibration":
             return calibration_table(chosen)
+        if kind == "pit":
+            return pit_table(chosen)
         if kind == "convergence":
             return convergence_table(chosen)
         return "\n".join(table([g for g in chosen if g.task == t]) for t in sorted({g.task for g in chosen}))
@@ -216,7 +248,7 @@ def directive(kind: str, args: str, groups: list[Group]) -> str:
             raise ValueError(f"{{{{floor {args}}}}}: expected TASK METRIC GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return floor_table(chosen, words[0], words[1])
-    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, claims, floor)")
+    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, pit, claims, floor)")
 
 
 def render_page(template: str, groups: list[Group], note: str) -> str:

@@ -138,6 +138,9 @@ def _cells(client, exp_id):
             m = {"test_nll": v, "selected_epoch": 10 + seed, "test_coverage": 0.88}
             if group == "toy2/p_learned_K4":
                 m.update(test_coverage_50=0.5, test_coverage_80=0.79, test_coverage_90=0.9, test_coverage_95=0.96)
+                # an under-covering proposal: too many PITs in the outer bins (seed 0 more so than the rest)
+                m.update({f"test_pit_proposal_{b}": (0.2 if b in (0, 9) else 0.075) if seed else
+                          (0.3 if b in (0, 9) else 0.05) for b in range(10)})
             _run(client, exp_id, group, seed, m, task="toy2")
     _run(client, exp_id, "toy2/p_mdn_K4", 9, {"test_nll": 50.0}, status="FAILED", task="toy2")
     # validation curves over 10 epochs: the learned cell's best at epoch 5 (then overfits), nce_fixed's
@@ -161,6 +164,10 @@ Prose stays as written.
 {{floor toy2 test_nll toy2/p_*}}
 
 {{calibration toy2/p_*}}
+
+{{pit toy2/p_*}}
+
+{{pit toy2/p_nce_fixed}}
 
 {{convergence toy2/p_*}}
 
@@ -232,6 +239,9 @@ def test_page_is_rebuilt_from_the_export_with_tables_claims_floor_and_calibratio
     # runs that logged only the 90 % interval's coverage fill that column from it
     assert "| `toy2/p_nce_fixed` | prediction | 4 | — | — | 0.880 ± 0.000 | — |" in text
     assert "*(no finished runs yet in groups matching `star/*`)*" in text
+    # the PIT histogram: bins averaged over the 4 seeds (0.3, 0.2, 0.2, 0.2 -> 0.225 in the outer bins)
+    assert ("| `toy2/p_learned_K4` | proposal | 4 | `█▃▃▃▃▃▃▃▃█` | 0.225 " + "0.069 " * 8 + "0.225 | 0.125 |") in text
+    assert "*(no run of these groups logged a PIT histogram" in text
     assert "| `toy2/p_learned_K4` | 4 | 75 | 5 [5–5] | 1.000 ± 0.000 | 1.160 ± 0.000 | 0 of 4 |" in text
     assert "| `toy2/p_nce_fixed` | 4 | 75 | 9 [9–9] | 1.550 ± 0.000 | 1.550 ± 0.000 | 4 of 4 |" in text
     assert "| `toy2/p_mdn_K4` | 4 | 75 | no `val_nll` curve logged |" in text

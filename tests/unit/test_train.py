@@ -61,6 +61,13 @@ def test_the_loop_learns_toy1_and_reports_finite_metrics(method):
             cov = [test[f"coverage_{src}{lv}"] for lv in (50, 80, 90, 95)]
             assert all(0 <= c <= 1 for c in cov) and cov == sorted(cov), (src, cov)
         assert test["coverage_90"] == pytest.approx(test["coverage"], abs=1e-12)
+        # the PIT histogram of each source (10 bins): fractions summing to 1, and the central 80%
+        # interval is the PIT's bins 1..8
+        for src in ("prediction", "proposal", "ebm_grid"):
+            bins = [test[f"pit_{src}_{b}"] for b in range(10)]
+            assert sum(bins) == pytest.approx(1, abs=1e-9) and min(bins) >= 0, (src, bins)
+            cov80 = test[f"coverage_{'' if src == 'prediction' else src + '_'}80"]
+            assert sum(bins[1:9]) == pytest.approx(cov80, abs=0.01), (src, bins, cov80)
 
 
 def test_best_val_selection_tests_and_checkpoints_the_best_epoch():
