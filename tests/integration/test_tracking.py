@@ -90,9 +90,12 @@ def test_two_jobs_starting_together_on_a_new_store_both_get_their_run(tmp_path, 
 
 
 def _schema(db) -> tuple[set, list]:
+    """The schema as sets of definition lines per object (alembic's table rebuilds write a table's
+    constraints in varying order: two stores MLflow makes differ in that order) and the revision."""
     import sqlite3
     with sqlite3.connect(db) as con:
-        sql = {r[0] for r in con.execute("select sql from sqlite_master where sql is not null")}
+        sql = {(name, frozenset(ln.strip().rstrip(",") for ln in text.splitlines()))
+               for name, text in con.execute("select name, sql from sqlite_master where sql is not null")}
         return sql, con.execute("select version_num from alembic_version").fetchall()
 
 
