@@ -171,8 +171,9 @@ BARS = "▁▂▃▄▅▆▇█"
 
 
 def _bar(fraction: float) -> str:
-    """One bin of a PIT histogram as a block: ▄ is the calibrated 1/PIT_BINS, █ twice that or more."""
-    return BARS[max(0, min(len(BARS) - 1, round(fraction * PIT_BINS * (len(BARS) - 1) / 2)))]
+    """One bin of a PIT histogram as a block: ▄ is the calibrated 1/PIT_BINS, each block up or down
+    a third of that (▁ below 0.017, █ from 0.233)."""
+    return BARS[max(0, min(len(BARS) - 1, round(fraction * PIT_BINS * 3)))]
 
 
 def pit_table(groups: list[Group]) -> str:
