@@ -13,9 +13,9 @@ Generated tasks only (the toys); image runs log the histogram themselves.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,35 +32,31 @@ def main() -> int:
     from mlflow.entities import Metric
 
     from ebm import checkpoint
-    from ebm.config import Config
     from ebm.data import load_data
     from ebm.evaluate import evaluate
     from ebm.loop import eval_seed
-    from ebm.nets import build_model
     from pipelines import tracking
+    from pipelines.driver.results import collect, select
+    from pipelines.serve.serving import from_state
 
     torch.set_num_threads(1)
     uri = tracking.resolve_uri(args.tracking_uri)
     c = tracking.open_client(uri)
-    exp = c.get_experiment_by_name(args.experiment)
-    runs = c.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000)
-    todo = [r for r in runs if any(fnmatch.fnmatchcase(r.data.tags.get("ebm.group", ""), g) for g in args.groups)
-            and not any(k.startswith("test_pit_") for k in r.data.metrics)]
+    seed = lambda r: (len(r.tags.get("seed", "")), r.tags.get("seed", ""))
+    todo = [(g.name, r) for g in select(collect(uri, args.experiment), args.groups)      # FINISHED runs only
+            for r in sorted(g.runs, key=seed) if not any(k.startswith("test_pit_") for k in r.metrics)]
     print(f"{len(todo)} finished runs without a PIT histogram in {', '.join(args.groups)}")
     bad = 0
-    for r in sorted(todo, key=lambda r: (r.data.tags["ebm.group"], int(r.data.tags.get("seed", 0)))):
-        name = f"{r.data.tags['ebm.group']} seed {r.data.tags.get('seed')}"
-        local = Path(c.download_artifacts(r.info.run_id, "checkpoint/checkpoint.pt"))
-        state = checkpoint.load(local)
-        cfg = Config.from_dict(state["config"])
+    for group, r in todo:
+        name = f"{group} seed {r.tags.get('seed')}"
+        p = from_state(checkpoint.load(c.download_artifacts(r.run_id, "checkpoint/checkpoint.pt")))
+        cfg = p.cfg
         if cfg.task.data_dir:
             print(f"  {name}: skipped (a dataset on disk; only generated tasks are backfilled)")
             continue
         task, splits = load_data(cfg)
-        model = build_model(cfg, task.x_shape, task.D, task.circular)
-        model.load_state_dict(checkpoint.selected_weights(state))
-        got = evaluate(model, splits["test"], task, cfg, seed=eval_seed(cfg))
-        logged = r.data.metrics
+        got = evaluate(p.model, splits["test"], task, cfg, seed=eval_seed(cfg))
+        logged = r.metrics
         same = [k for k in ("nll", "coverage_90", "coverage_ebm_grid_90", "coverage_proposal_90")
                 if f"test_{k}" in logged]
         if not same or any(not math.isclose(got[k], logged[f"test_{k}"], rel_tol=1e-9, abs_tol=1e-12) for k in same):
@@ -70,8 +66,8 @@ def main() -> int:
             continue
         pit = {f"test_{k}": v for k, v in got.items() if k.startswith("pit_")}
         step = int(logged.get("selected_epoch", cfg.optim.epochs - 1))
-        ts = r.info.end_time or 0
-        c.log_batch(r.info.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in sorted(pit.items())])
+        now = int(time.time() * 1000)
+        c.log_batch(r.run_id, metrics=[Metric(k, float(v), now, step) for k, v in sorted(pit.items())])
         print(f"  {name}: {len(pit)} PIT bins logged (test {', '.join(f'{k} {got[k]:.4f}' for k in same)} as logged)")
     return 1 if bad else 0
 
