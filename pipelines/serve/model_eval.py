@@ -33,9 +33,7 @@ def read_inputs(path: str | Path, p: Predictor, split: str = "test") -> tuple[li
             if not files:
                 raise InputError(f"{loc}: the dataset has no {split!r} split")
         elif storage.is_file(loc) and Path(loc).suffix.lower() in IMAGE_SUFFIXES:
-            if not p.is_image:
-                raise InputError(f"{loc}: an image, but the model takes vector inputs x of size {p.task.x_shape[0]}")
-            return [Path(loc).name], [storage.read_bytes(loc)], None
+            return _images(loc, [loc], p, "an image")
         elif storage.is_file(loc):
             files = [loc]
         else:
@@ -71,9 +69,15 @@ def _image_folder(loc: str, p: Predictor) -> tuple[list[str], list, None]:
     if not imgs:
         raise InputError(f"{loc}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no _dataset.json; "
                          f"give an image folder, a Parquet file or a dataset directory")
+    return _images(loc, [storage.join(loc, i.base_name) for i in imgs], p, "an image folder")
+
+
+def _images(loc: str, files: list[str], p: Predictor, what: str) -> tuple[list[str], list, None]:
+    """(file names, encoded images, no y) of image files, for an image model only."""
+    from pipelines import storage
     if not p.is_image:
-        raise InputError(f"{loc}: an image folder, but the model takes vector inputs x of size {p.task.x_shape[0]}")
-    return ([i.base_name for i in imgs], [storage.read_bytes(storage.join(loc, i.base_name)) for i in imgs], None)
+        raise InputError(f"{loc}: {what}, but the model takes vector inputs x of size {p.task.x_shape[0]}")
+    return [storage.name(f) for f in files], [storage.read_bytes(f) for f in files], None
 
 
 def write_table(out: dict[str, list], path: str | Path) -> Path:
