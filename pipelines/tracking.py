@@ -127,14 +127,14 @@ def _store_lock(uri: str):
     its schema, and two processes doing that at once fail (alembic CircularDependencyError): e.g. two
     ``ebm train --local`` started together on a new mlruns.db. Processes on one host only — a SQLite
     store is not shared across hosts. Not re-entrant: do not nest."""
-    d = _sqlite_dir(uri)
-    if d is None or not d.is_dir():     # not SQLite, or MLflow's own error about the path will do
+    f = sqlite_file(uri)
+    if f is None or not f.parent.is_dir():     # not SQLite, or MLflow's own error about the path will do
         yield
         return
-    fd = os.open(d, os.O_RDONLY)
+    fd = os.open(f.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        _seed_new_store(sqlite_file(uri))
+        _seed_new_store(f)
         yield
     finally:
         os.close(fd)   # releases the lock
@@ -165,9 +165,8 @@ def _seed_new_store(f: Path) -> None:
 def _empty_store() -> Path | None:
     """The empty, migrated SQLite store of this MLflow version (created on first use in
     ``$XDG_CACHE_HOME/ebm-proposals``, default ``~/.cache``); None when it cannot be made."""
-    import mlflow
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ebm-proposals"
-    template = cache / f"mlflow-{mlflow.__version__}-empty-store.db"
+    template = cache / f"mlflow-{package_versions()['version.mlflow']}-empty-store.db"
     if template.is_file():
         return template
     part = cache / f".{template.name}.{os.getpid()}.part"
