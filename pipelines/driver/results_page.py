@@ -188,7 +188,7 @@ def pit_table(groups: list[Group]) -> str:
             cols = [g.values(f"test_{pit_key(source, b)}") for b in range(PIT_BINS)]
             if not all(cols):
                 continue
-            means = [sum(c) / len(c) for c in cols]
+            means = [mean_std(c)[0] for c in cols]
             lines.append(f"| `{g.name}` | {source} | {min(len(c) for c in cols)} | `{''.join(_bar(m) for m in means)}` | "
                          + " ".join(f"{m:.3f}" for m in means) + f" | {max(abs(m - 1 / PIT_BINS) for m in means):.3f} |")
     if len(lines) == 2:
