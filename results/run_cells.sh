@@ -10,11 +10,42 @@
 #          EXTRA       more --set arguments, e.g. EXTRA="--set task.data_dir=data/fashion4k"
 #          SEEDS SEED0 seeds SEED0 .. SEED0+SEEDS-1 (default 5 seeds from 0)
 #          EXPERIMENT STORE  MLflow experiment and SQLite store (default paper-claims, results/mlruns.db)
+# A cell resumes: seeds whose run of the group already FINISHED (in the store, or in the committed export
+# results/runs.jsonl when the store is from another machine) are not trained again, so a batch cut by a
+# restart is started again with the same command; the missing seeds run as contiguous ranges, one
+# `ebm train --seeds` each.
 set -u
 cd "$(dirname "$0")/.."
 config=$1; epochs=$2; m=$3; shift 3
 task=${TASK:-$config}
 seeds=${SEEDS:-5}; seed0=${SEED0:-0}
+store=${STORE:-results/mlruns.db}
+
+missing() {  # missing GROUP -> "first count" per contiguous range of seeds seed0.. without a FINISHED run
+  .venv/bin/python - "$store" "$1" "$seed0" "$seeds" <<'PY'
+import json, os, sqlite3, sys
+store, group, seed0, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+done = set()
+if os.path.exists("results/runs.jsonl"):
+    with open("results/runs.jsonl") as f:
+        runs = [json.loads(line) for line in f][1:]          # line 1 is the format header
+    done = {int(r["params"]["seed"]) for r in runs
+            if r["status"] == "FINISHED" and r["tags"].get("ebm.group") == group}
+if os.path.exists(store):
+    with sqlite3.connect(store) as db:
+        done |= {int(v) for (v,) in db.execute(
+            "SELECT p.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'ebm.group' "
+            "JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'seed' "
+            "WHERE t.value = ? AND r.status = 'FINISHED' AND r.lifecycle_stage = 'active'", (group,))}
+todo = [s for s in range(seed0, seed0 + n) if s not in done]
+while todo:
+    k = 1
+    while k < len(todo) and todo[k] == todo[0] + k:
+        k += 1
+    print(todo[0], k)
+    todo = todo[k:]
+PY
+}
 for cell in "$@"; do
   case $cell in
     learned_K*) set_m="method.name=ebm_learned_proposal"; k=${cell#learned_K} ;;
@@ -23,12 +54,16 @@ for cell in "$@"; do
     teacher_K*) set_m="method.name=mdn_ebm_teacher"; k=${cell#teacher_K} ;;
     *) echo "unknown cell $cell" >&2; exit 2 ;;
   esac
-  echo "=== $(date +%T) $task/${PREFIX:-}$cell seeds $seed0..$((seed0 + seeds - 1))"
-  # shellcheck disable=SC2086  # EXTRA is a list of arguments
-  OMP_NUM_THREADS=1 nice -n 19 .venv/bin/ebm train "$config" --local --seeds "$seeds" \
-    --experiment "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" \
-    --group "$task/${PREFIX:-}$cell" --set seed="$seed0" \
-    --set $set_m --set proposal.K=$k --set optim.epochs=$epochs --set sampler.M_train=$m ${EXTRA:-}
-  rc=$?  # before any other expansion: $(date) below would reset $?
-  echo "=== $(date +%T) $task/${PREFIX:-}$cell rc=$rc"
+  ranges=$(missing "$task/${PREFIX:-}$cell") || exit 1
+  [[ -z $ranges ]] && { echo "=== $task/${PREFIX:-}$cell: seeds $seed0..$((seed0 + seeds - 1)) all finished in $store"; continue; }
+  while read -r first count; do
+    echo "=== $(date +%T) $task/${PREFIX:-}$cell seeds $first..$((first + count - 1))"
+    # shellcheck disable=SC2086  # EXTRA is a list of arguments
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/ebm train "$config" --local --seeds "$count" \
+      --experiment "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///$store" \
+      --group "$task/${PREFIX:-}$cell" --set seed="$first" \
+      --set $set_m --set proposal.K=$k --set optim.epochs=$epochs --set sampler.M_train=$m ${EXTRA:-} < /dev/null
+    rc=$?  # before any other expansion: $(date) below would reset $?
+    echo "=== $(date +%T) $task/${PREFIX:-}$cell rc=$rc"
+  done <<< "$ranges"
 done
