@@ -9,6 +9,9 @@ A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it i
     {{pit GLOB...}}                     the PIT histogram (10 bins, mean over seeds) per group and source
     {{claims METRIC A vs B; C vs D}}    each claim decided by Welch's t on METRIC (lower is better)
     {{floor TASK METRIC GLOB...}}       the floor (Bayes-optimal value) and each group's gap to it
+    {{calfigure FILE SOURCES GLOB...}}  a calibration figure (PIT histogram, coverage vs nominal level) of
+                                        the groups, written to FILE beside the page; SOURCES is a comma list
+                                        (e.g. prediction,ebm_grid): per group the first one it logged
 
 Statistics (docs/RESULTS.md states them): per cell mean, sample std (ddof = 1) and standard error
 std/√n; a claim "A vs B" takes d = mean_A − mean_B, Welch's se = √(s_A²/n_A + s_B²/n_B), t = d/se and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ebm.evaluate import PIT_BINS, pit_key
 from pipelines.driver.results import Group, mean_std, select, table
@@ -196,6 +200,54 @@ def pit_table(groups: list[Group]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def calibration_cells(groups: list[Group], sources: list[str]) -> list[dict]:
+    """Per group, of the first of ``sources`` it logged (coverage or PIT), what the calibration figure
+    draws: the PIT bins' means over seeds (None if a bin is missing) and {level: (mean coverage,
+    half-width of its 95 % interval: t quantile × se, NaN with one seed)}. A group drawn from another
+    source than the first is named with it."""
+    from scipy import stats
+    templates = dict(CALIBRATION_SOURCES)
+    cells = []
+    for g in groups:
+        for source in sources:
+            coverage = {}
+            for lv in LEVELS:
+                v = _coverage_values(g, templates[source], lv)
+                if v:
+                    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1)) * standard_error(v) if len(v) > 1 \
+                        else math.nan
+                    coverage[lv / 100] = (mean_std(v)[0], half)
+            cols = [g.values(f"test_{pit_key(source, b)}") for b in range(PIT_BINS)]
+            pit = [mean_std(c)[0] for c in cols] if all(cols) else None
+            if coverage or pit:
+                name = g.name if source == sources[0] else f"{g.name} ({source})"
+                cells.append({"name": name, "pit": pit, "coverage": coverage})
+                break
+    return cells
+
+
+def calibration_figure(groups: list[Group], sources: str, file: str, out_dir: Path | None) -> str:
+    """Draw :func:`pipelines.plots.cells_calibration_figure` for the groups (each from the first of the
+    comma-listed ``sources`` it logged) into ``out_dir / file`` and return the markdown that shows it."""
+    names = [s for s in sources.split(",") if s]
+    unknown = [s for s in names if s not in dict(CALIBRATION_SOURCES)]
+    if unknown or not names:
+        raise ValueError(f"{{{{calfigure}}}}: unknown source {', '.join(map(repr, unknown)) or repr(sources)} "
+                         f"(sources: {', '.join(dict(CALIBRATION_SOURCES))})")
+    if out_dir is None:
+        raise ValueError("{{calfigure}} writes a figure beside the page: give --out a file, not -")
+    cells = calibration_cells(groups, names)
+    if not cells:
+        return f"*(no run of these groups logged the coverage of {' or '.join(f'`{s}`' for s in names)}: no figure)*\n"
+    from pipelines import plots
+    path = out_dir / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seeds = sorted({len(g.runs) for g in groups})
+    plots.cells_calibration_figure(cells, path, f"{' or '.join(names)}, test split, "
+                                                f"{'/'.join(map(str, seeds))} seeds per cell")
+    return f"![calibration of {' or '.join(f'`{s}`' for s in names)}: {', '.join(c['name'] for c in cells)}]({file})\n"
+
+
 def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
     """From each run's validation curve (an export's ``history``): the epoch of its lowest value, that
     value, the value at the last epoch, and how many runs had their best in the last fifth of the
@@ -222,9 +274,15 @@ def _none(patterns: list[str]) -> str:
     return f"*(no finished runs yet in groups matching {', '.join(f'`{p}`' for p in patterns)})*\n"
 
 
-def directive(kind: str, args: str, groups: list[Group]) -> str:
-    """The markdown that replaces one ``{{kind args}}`` line; ValueError for a malformed one."""
+def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = None) -> str:
+    """The markdown that replaces one ``{{kind args}}`` line (figures go under ``out_dir``, the page's
+    folder); ValueError for a malformed one."""
     words = args.split()
+    if kind == "calfigure":
+        if len(words) < 3:
+            raise ValueError(f"{{{{calfigure {args}}}}}: expected FILE SOURCE GLOB...")
+        chosen = [g for g in select(groups, words[2:]) if g.runs]
+        return calibration_figure(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
     if kind in ("table", "calibration", "convergence", "pit"):
         if not words:
             raise ValueError(f"{{{{{kind}}}}} needs group patterns")
@@ -249,11 +307,13 @@ def directive(kind: str, args: str, groups: list[Group]) -> str:
             raise ValueError(f"{{{{floor {args}}}}}: expected TASK METRIC GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return floor_table(chosen, words[0], words[1])
-    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, pit, claims, floor)")
+    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, pit, calfigure, "
+                     "claims, floor)")
 
 
-def render_page(template: str, groups: list[Group], note: str) -> str:
-    """The template with every directive line replaced; ``note`` (how the page was made) goes first."""
+def render_page(template: str, groups: list[Group], note: str, out_dir: Path | None = None) -> str:
+    """The template with every directive line replaced; ``note`` (how the page was made) goes first;
+    figures are written under ``out_dir`` (the page's folder)."""
     out = [f"<!-- {note} -->"]
     for i, line in enumerate(template.splitlines(), start=1):
         m = DIRECTIVE.match(line.strip())
@@ -261,7 +321,7 @@ def render_page(template: str, groups: list[Group], note: str) -> str:
             out.append(line)
             continue
         try:
-            out.append(directive(m.group(1), m.group(2), groups).rstrip("\n"))
+            out.append(directive(m.group(1), m.group(2), groups, out_dir).rstrip("\n"))
         except ValueError as e:
             raise ValueError(f"template line {i}: {e}") from None
     return "\n".join(out) + "\n"

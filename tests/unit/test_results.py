@@ -171,6 +171,12 @@ Prose stays as written.
 
 {{convergence toy2/p_*}}
 
+{{calfigure figs/cal_prediction.png prediction toy2/p_*}}
+
+{{calfigure figs/cal_proposal.png proposal,prediction toy2/p_*}}
+
+{{calfigure figs/none.png ebm_grid toy2/p_*}}
+
 {{table star/*}}
 """
 
@@ -245,6 +251,36 @@ def test_page_is_rebuilt_from_the_export_with_tables_claims_floor_and_calibratio
     assert "| `toy2/p_learned_K4` | 4 | 75 | 5 [5–5] | 1.000 ± 0.000 | 1.160 ± 0.000 | 0 of 4 |" in text
     assert "| `toy2/p_nce_fixed` | 4 | 75 | 9 [9–9] | 1.550 ± 0.000 | 1.550 ± 0.000 | 4 of 4 |" in text
     assert "| `toy2/p_mdn_K4` | 4 | 75 | no `val_nll` curve logged |" in text
+    # the calibration figures, written beside the page, of the groups that logged that source
+    assert "![calibration of `prediction`: toy2/p_learned_K4, toy2/p_mdn_K4, toy2/p_nce_fixed](figs/cal_prediction.png)" in text
+    # a group without the first source is drawn from the next one it logged, named with it
+    assert ("![calibration of `proposal` or `prediction`: toy2/p_learned_K4, toy2/p_mdn_K4 (prediction), "
+            "toy2/p_nce_fixed (prediction)](figs/cal_proposal.png)") in text
+    assert "no run of these groups logged the coverage of `ebm_grid`: no figure" in text
+    for f in ("cal_prediction.png", "cal_proposal.png"):
+        assert (page.parent / "figs" / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (page.parent / "figs" / "none.png").exists()
+
+
+def test_calibration_figure_draws_seed_means_with_their_95_percent_interval(export):
+    from pipelines.driver.results_page import calibration_cells
+    _, path = export
+    groups = results.group_runs(results.read_export(path, "exp"))
+    by = {c["name"]: c for c in calibration_cells(groups, ["proposal"])}
+    assert list(by) == ["toy2/p_learned_K4"]
+    assert by["toy2/p_learned_K4"]["pit"] == pytest.approx([0.225] + [0.06875] * 8 + [0.225])
+    assert by["toy2/p_learned_K4"]["coverage"] == {}
+    pred = {c["name"]: c for c in calibration_cells(groups, ["prediction"])}
+    assert pred["toy2/p_learned_K4"]["coverage"] == {0.5: (0.5, 0.0), 0.8: (0.79, 0.0), 0.9: (0.9, 0.0),
+                                                     0.95: (0.96, 0.0)}
+    assert pred["toy2/p_nce_fixed"]["coverage"] == {0.9: (0.88, 0.0)} and pred["toy2/p_nce_fixed"]["pit"] is None
+    # a spread over seeds gives the t interval of the mean: 4 seeds at 0.8 and 0.9 alternately
+    g = results.group_runs(results.read_export(path, "exp"))
+    learned = next(x for x in g if x.name == "toy2/p_learned_K4")
+    for r, v in zip(learned.runs, (0.8, 0.9, 0.8, 0.9)):
+        r.metrics["test_coverage_90"] = v
+    mean, half = {c["name"]: c for c in calibration_cells([learned], ["prediction"])}["toy2/p_learned_K4"]["coverage"][0.9]
+    assert mean == pytest.approx(0.85) and half == pytest.approx(3.182446 * 0.057735 / 2, rel=1e-5)
 
 
 def test_bad_templates_exports_and_flag_mixes_are_usage_errors(export, tmp_path, capsys):
@@ -257,6 +293,12 @@ def test_bad_templates_exports_and_flag_mixes_are_usage_errors(export, tmp_path,
     tpl.write_text("{{tabel toy2/*}}\n")
     assert cli.main(["results", "exp", "--runs", str(path), "--template", str(tpl), "--out", out]) == 2
     assert "unknown directive" in capsys.readouterr().err
+    tpl.write_text("{{calfigure f.png bogus toy2/*}}\n")
+    assert cli.main(["results", "exp", "--runs", str(path), "--template", str(tpl), "--out", out]) == 2
+    assert "unknown source 'bogus'" in capsys.readouterr().err
+    tpl.write_text("{{calfigure f.png prediction toy2/*}}\n")
+    assert cli.main(["results", "exp", "--runs", str(path), "--template", str(tpl), "--out", "-"]) == 2
+    assert "give --out a file" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"format": "ebm-runs/1"}\n{"run_id": 1}\n')
     assert cli.main(["results", "exp", "--runs", str(bad), "--out", out]) == 2
