@@ -192,11 +192,11 @@ def _unprivileged() -> tuple:
 
 @pytest.mark.parametrize("read_only", ["file", "directory"])
 def test_a_read_only_store_is_one_line_exit_2_before_training(shared_dir, read_only):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client
     store_dir = os.path.join(shared_dir, "store")
     os.mkdir(store_dir)
     db = os.path.join(store_dir, "ro.db")
-    MlflowClient(f"sqlite:///{db}").create_experiment("ebm")
+    open_client(f"sqlite:///{db}").create_experiment("ebm")
     before = hashlib.sha256(open(db, "rb").read()).hexdigest()
     if read_only == "file":
         os.chmod(db, 0o444)
@@ -245,9 +245,9 @@ def test_predict_of_an_unknown_model_creates_nothing_and_exits_2(cwd, toy1_data)
 
 
 def test_predict_checks_its_arguments_before_loading_the_model(cwd, capsys, toy1_data):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client      # a new store from the cached empty one: no migrations
     uri = f"sqlite:///{cwd}/m.db"
-    MlflowClient(uri).create_experiment("ebm")
+    open_client(uri).create_experiment("ebm")
     (cwd / "afile").write_text("x")
     (cwd / "adir.csv").mkdir()
     data = str(toy1_data / "toy1")
@@ -301,9 +301,9 @@ def _interrupt(sig):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_every_command_exits_130_when_interrupted(cwd, capsys, monkeypatch, toy1_data, sig):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client      # a new store from the cached empty one: no migrations
     uri = f"sqlite:///{cwd}/m.db"
-    MlflowClient(uri).create_experiment("ebm")
+    open_client(uri).create_experiment("ebm")
     monkeypatch.setattr("pipelines.cli.results.collect", _interrupt(sig))
     monkeypatch.setattr("pipelines.data.inspect.summary", _interrupt(sig))
     monkeypatch.setattr("pipelines.cli.tune.run_sweep", _interrupt(sig))
@@ -397,9 +397,9 @@ def test_results_reads_only_and_refuses_empty_input(cwd, capsys):
 
 
 def test_register_errors_are_one_line_without_mlflow_warnings(cwd):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client      # a new store from the cached empty one: no migrations
     uri = f"sqlite:///{cwd}/m.db"
-    MlflowClient(uri).create_experiment("ebm")
+    open_client(uri).create_experiment("ebm")
     r = _ebm("register", "--run", "0123456789abcdef", "--name", "m", "--tracking-uri", uri, cwd=cwd)
     assert "0123456789abcdef" in _one_line(2, r.returncode, r.stderr)     # was an MlflowException traceback
     r = _ebm("register", "--run-name", "it's", "--name", "m", cwd=cwd)

@@ -26,9 +26,9 @@ def _run(client, exp_id, group, seed, metrics, status="FINISHED", task="toyX", e
 
 @pytest.fixture
 def store(tmp_path):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client
     uri = f"sqlite:///{tmp_path}/m.db"
-    c = MlflowClient(uri)
+    c = open_client(uri)
     e = c.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri())
     for seed, nll in enumerate([1.0, 2.0, 3.0]):
         _run(c, e, "toyX/a", seed, {"test_nll": nll, "test_kl": 0.1 * (seed + 1), "train_time_s": 10.0})
@@ -69,9 +69,9 @@ def test_cli_writes_the_file_for_the_selected_groups(store, tmp_path):
 
 
 def test_figures_are_the_lowest_seed_density_plots_of_the_matching_groups(tmp_path):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client
     uri = f"sqlite:///{tmp_path}/m.db"
-    c = MlflowClient(uri)
+    c = open_client(uri)
     e = c.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri())
     for group in ("t/a", "t/b"):
         for seed in (1, 0):
@@ -181,14 +181,27 @@ Prose stays as written.
 """
 
 
-@pytest.fixture
-def export(tmp_path):
-    from mlflow.tracking import MlflowClient
-    uri = f"sqlite:///{tmp_path}/m.db"
-    c = MlflowClient(uri)
-    _cells(c, c.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri()))
-    out = tmp_path / "results" / "runs.jsonl"
+@pytest.fixture(scope="module")
+def _exported(tmp_path_factory):
+    """The synthetic store and its export, made once per module (~100 MLflow writes)."""
+    from pipelines.tracking import open_client
+    d = tmp_path_factory.mktemp("exported")
+    uri = f"sqlite:///{d}/m.db"
+    c = open_client(uri)
+    _cells(c, c.create_experiment("exp", artifact_location=(d / "art").as_uri()))
+    out = d / "runs.jsonl"
     assert cli.main(["results", "exp", "--tracking-uri", uri, "--export", str(out)]) == 0
+    return uri, out
+
+
+@pytest.fixture
+def export(tmp_path, _exported):
+    """The store (read only) and a copy of its export of this test's own, which the test may change."""
+    import shutil
+    uri, src = _exported
+    out = tmp_path / "results" / "runs.jsonl"
+    out.parent.mkdir()
+    shutil.copy(src, out)
     return uri, out
 
 
@@ -207,10 +220,10 @@ def test_export_is_one_record_per_run_and_reads_back_like_the_store(export):
 
 
 def test_export_merges_so_an_earlier_batch_survives_its_lost_store(export, tmp_path):
-    from mlflow.tracking import MlflowClient
+    from pipelines.tracking import open_client
     _, path = export
     uri2 = f"sqlite:///{tmp_path}/m2.db"
-    c = MlflowClient(uri2)
+    c = open_client(uri2)
     _run(c, c.create_experiment("exp", artifact_location=(tmp_path / "art2").as_uri()), "star/learned_K4", 0,
          {"test_kl": 0.1}, task="star")
     assert cli.main(["results", "exp", "--tracking-uri", uri2, "--export", str(path)]) == 0
