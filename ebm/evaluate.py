@@ -86,7 +86,7 @@ class Shard:
 @torch.no_grad()
 def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: torch.Generator | None = None,
              seed: int | None = None, shard=None, device: torch.device | str = "cpu", grid_nll: bool | None = None,
-             max_examples: int = 0) -> dict[str, float]:
+             max_examples: int = 0, pits: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
     """Mean metrics over a split. ``nll`` is the primary figure: the EBM's grid NLL (or IS NLL when
     there is no grid), and for an MDN (also one trained with a teacher) its exact NLL. Per target dim
     d (D > 1): ``mae_mean_<name>`` and ``coverage_<name>`` beside the joint figures.
@@ -96,10 +96,16 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
     ranks; every metric is an exact mean over examples, so per-batch sums (float64) are all-reduced into
     one vector indexed by batch and summed in batch order on every rank: the figures are bit-for-bit
     those of one rank evaluating everything, on every rank.
+
+    ``pits`` (one process only): a dict that receives, per source of the predictive distribution
+    (ebm.calibration.SOURCES), each batch's PIT values (B, D) in batch order — the ones the coverage
+    figures come from, for a calibration report without a second pass.
     """
     shard = shard or Shard()
     if shard.world > 1 and seed is None:
         raise ValueError("an evaluation split over ranks needs a seed (per-batch draws)")
+    if shard.world > 1 and pits is not None:
+        raise ValueError("per-example PITs are collected in one process only")
     model.eval()
     grid_nll = cfg.eval.grid_nll if grid_nll is None else grid_nll
     grids = [torch.as_tensor(g, dtype=torch.float32, device=device) for g in task.grid()]
@@ -126,7 +132,7 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
             add_kl(model, task, xg[s:s + bs], {}, grids[0], add)
         else:
             g = batch_generator(seed, i, device) if seed is not None else generator
-            _evaluate_batch(model, split, task, cfg, s, min(s + bs, n), device, use_grid, grids, g, add)
+            _evaluate_batch(model, split, task, cfg, s, min(s + bs, n), device, use_grid, grids, g, add, pits)
         for k, v in acc.items():
             t = torch.cat(v)
             sums.setdefault(k, {})[i] = (float(t.sum()), t.numel())
@@ -166,8 +172,9 @@ def _reduce(sums: dict[str, dict[int, tuple[float, int]]], n_batches: int, shard
 
 
 def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e: int, device, use_grid: bool,
-                    grids: list[torch.Tensor], generator, add) -> None:
-    """Per-example figures of the examples s:e, handed to ``add(key, values (B,))``."""
+                    grids: list[torch.Tensor], generator, add, keep_pits: dict | None = None) -> None:
+    """Per-example figures of the examples s:e, handed to ``add(key, values (B,))``; the PITs also
+    appended to ``keep_pits[source]`` when given."""
     x, y = split.x[s:e].to(device), split.y[s:e].to(device)
     aux = {k: np.asarray(v)[s:e] for k, v in split.aux.items()}
     pits = {}       # ebm.calibration's sources -> PIT (B, D), for the coverage at COVERAGE_LEVELS
@@ -199,6 +206,8 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
                 add(f"mae_mean_{name}", err_mean[:, d])
                 add(f"coverage_{name}", per_dim[:, d])
     for source, pit in pits.items():
+        if keep_pits is not None:
+            keep_pits.setdefault(source, []).append(pit.detach().float().cpu())
         # every dim inside its central interval (the ``coverage`` figure's rule), at each level
         inside = C.in_central_interval(pit, COVERAGE_LEVELS).all(-1).float()         # (B, L)
         for j, level in enumerate(COVERAGE_LEVELS):

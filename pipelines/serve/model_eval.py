@@ -135,29 +135,18 @@ class _Ticking:
 
 
 @torch.no_grad()
-def calibration(p: Predictor, split: Split, M_samples: int, seed: int = 0, batch_size: int = 256,
+def calibration(pits: dict[str, torch.Tensor], M_samples: int, target_names: list[str],
                 levels: tuple[float, ...] = LEVELS) -> dict:
-    """PIT values per example and dim for every source the model has (:func:`ebm.calibration.model_pits`:
-    the IS prediction with ``M_samples``, the proposal alone, the EBM on the task grid for D = 1), and
-    coverage of central intervals at ``levels``: per dim, pooled over dims, and joint (every dim)."""
-    from pipelines import progress
-    g = torch.Generator().manual_seed(seed)
-    grid = torch.as_tensor(p.task.grid()[0], dtype=torch.float32) if p.task.D == 1 else None
-    acc: dict[str, list[torch.Tensor]] = {}
-    with progress.bar(total=len(split), desc="calibration", unit="ex") as b:
-        for s in range(0, len(split), batch_size):
-            x, y = split.x[s:s + batch_size], split.y[s:s + batch_size]
-            for k, v in C.model_pits(p.model, x, y, p.task.circular, M=M_samples, grid=grid, generator=g).items():
-                acc.setdefault(k, []).append(v.float())
-            b.update(len(y))
+    """Coverage of central intervals at ``levels`` from PIT values (N, D) per source (the ones
+    :func:`ebm.evaluate.evaluate` computed its coverage from: the IS prediction with ``M_samples``, the
+    proposal alone, the EBM on the task grid for D = 1): per dim, pooled over dims, and joint (every dim)."""
     sources = {}
-    for k, chunks in acc.items():
-        pit = torch.cat(chunks)
+    for k, pit in pits.items():
         sources[k] = {"pit": pit.numpy(), "coverage": C.coverage(pit, levels).tolist(),
                       "pooled": C.coverage(pit.reshape(-1, 1), levels)[:, 0].tolist(),
                       "joint": C.joint_coverage(pit, levels).tolist(),
                       "calibration_error": C.calibration_error(pit, levels)}
-    return {"levels": list(levels), "M": int(M_samples), "target_names": list(p.task.target_names), "sources": sources}
+    return {"levels": list(levels), "M": int(M_samples), "target_names": list(target_names), "sources": sources}
 
 
 def _input_names(root) -> list[str] | None:
@@ -169,7 +158,7 @@ def _input_names(root) -> list[str] | None:
 def evaluate_dataset(p: Predictor, root: str | Path, split: str = "test", out_dir: str | Path | None = None,
                      M_samples: int | None = None, seed: int = 0, n_examples: int = 4) -> dict:
     """Test NLL (grid and IS), MAE, CRPS, coverage of the model on a dataset split, and its calibration
-    (:func:`calibration`); with ``out_dir`` writes there metrics.json, calibration.json (coverage per
+    (:func:`calibration`, from the same pass and draws); with ``out_dir`` writes there metrics.json, calibration.json (coverage per
     source and level), calibration.png (PIT histograms, coverage against the nominal level) and
     densities.png (``n_examples`` predicted densities beside their inputs, the label marked)."""
     from pipelines import plots, progress
@@ -179,9 +168,11 @@ def evaluate_dataset(p: Predictor, root: str | Path, split: str = "test", out_di
     data = read_split(root, split, p)
     cfg = p.cfg if M_samples is None else p.cfg.with_overrides([f"sampler.M_eval={int(M_samples)}"])
     g = torch.Generator().manual_seed(seed)
+    pits: dict[str, list[torch.Tensor]] = {}
     with progress.bar(total=len(data), desc=f"evaluate {split}", unit="ex") as b:
-        out = evaluate(p.model, Split(_Ticking(data.x, b), data.y, data.aux), p.task, cfg, generator=g)
-    cal = calibration(p, data, cfg.sampler.M_eval, seed)
+        out = evaluate(p.model, Split(_Ticking(data.x, b), data.y, data.aux), p.task, cfg, generator=g, pits=pits)
+    # the calibration report from the same PITs as the coverage figures (one IS pass, not two)
+    cal = calibration({k: torch.cat(v) for k, v in pits.items()}, cfg.sampler.M_eval, p.task.target_names)
     main = cal["sources"].get("prediction") or next(iter(cal["sources"].values()), None)
     if main is not None:
         out["calibration_error"] = main["calibration_error"]

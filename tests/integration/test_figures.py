@@ -74,9 +74,14 @@ def test_evaluate_writes_the_figures_and_logs_them_to_the_models_run(store, name
                  "--M", "64", "--examples", "3", "--tracking-uri", store["uri"]]) == 0
     text, err = capsys.readouterr()
     assert "coverage of the 50/80/90/95% intervals, prediction:" in text and "logged to MLflow run" in text
-    assert "evaluate test" in err and "ex/s" in err and "calibration" in err      # the bars, with a rate
+    assert "evaluate test" in err and "ex/s" in err                # the bar, with a rate
     cal = json.loads((out / "calibration.json").read_text())
     assert set(cal["sources"]) == sources and cal["levels"] == list(LEVELS)
+    # one pass: the calibration report holds the PITs the coverage figures of metrics.json came from
+    metrics = json.loads((out / "metrics.json").read_text())
+    for src, key in (("prediction", "coverage_90"), ("proposal", "coverage_proposal_90"), ("ebm_grid", "coverage_ebm_grid_90")):
+        if src in sources:
+            assert cal["sources"][src]["joint"][LEVELS.index(0.9)] == pytest.approx(metrics[key], abs=1e-6), src   # float32 mean vs float64
     for src in cal["sources"].values():
         cov = np.asarray(src["pooled"])
         assert len(cov) == len(LEVELS) and np.all(np.diff(cov) >= 0) and 0 <= cov[0] and cov[-1] <= 1
