@@ -131,6 +131,8 @@ def _predict(args) -> int:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
         prm = params()
         out = _predict_in_process(p, ids, values, y if args.log_density else None, prm, lim, args.batch_size)
+        if warning := serving.few_samples(out.get("ess", []), prm):
+            print(f"ebm predict: warning: {warning}", file=sys.stderr)
         if args.out == "-":
             import json
             print(json.dumps([dict(zip(["id", *out], row)) for row in zip(ids, *out.values())], indent=1))

@@ -181,7 +181,10 @@ def test_ebm_predict_on_images_and_clear_errors_for_bad_inputs(star_model, tmp_p
     rows = json.loads(out.read_text())
     assert [r["id"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
     assert all(0 <= r["mean"] < 2 * np.pi and r["std"] > 0 and r["interval_lo"] is not None for r in rows)
-    capsys.readouterr()
+    # 64 samples hold at most 3.2 in each 5 % tail of a 90 % interval: the user is told to raise M
+    err = capsys.readouterr().err
+    assert "ebm predict: warning: the 90% intervals of 3 of 3 rows rest on fewer than 10 effective samples" in err
+    assert "raise M" in err
     assert main(["predict", star_model, "--input", str(good), "--out", "-", "--limit", "1", "--M", "64"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 1 and printed[0]["id"] == "img0.png" and printed[0]["std"] > 0

@@ -139,3 +139,15 @@ def test_pyfunc_input_errors_are_http_400_with_their_message():
     from pipelines.serve.serving import InputError
     e = BadInput("row 0: not a readable image")
     assert isinstance(e, InputError) and e.get_http_status_code() == 400 and e.message == "row 0: not a readable image"
+
+
+def test_few_effective_samples_per_tail_is_a_warning_naming_the_m_to_use():
+    from pipelines.serve.serving import Params, few_samples
+    prm = Params(M=256, quantiles=(0.5,), interval_level=0.9, refine_steps=0, return_samples=False, seed=0)
+    assert few_samples([1.0] * 10, prm) == ""                        # 12.8 effective samples per tail
+    assert few_samples([0.9] * 9 + [0.1], prm) == ""                # one hard row of ten: no warning
+    msg = few_samples([0.5] * 10, prm)                               # 6.4 per tail
+    assert msg.startswith("the 90% intervals of 10 of 10 rows rest on fewer than 10 effective samples per tail")
+    assert "median 6.4 at M = 256" in msg and "raise M (about 400 for 90% of these rows)" in msg
+    assert "2 of 10 rows" in few_samples([0.9] * 8 + [0.1] * 2, prm)   # two of ten: over 10 %
+    assert few_samples([], prm) == ""
