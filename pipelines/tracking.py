@@ -19,6 +19,11 @@ from pathlib import Path
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 RUN_NAME_TAG = "ebm.run_name"
+# MLflow params cannot change: a resumed run records each param it now trains with under another value
+# (optim.epochs raised to continue it, or a change --allow-config-change let through) as the tag
+# ebm.param.<key> (pipelines.driver.runs.reopened), and readers of runs (pipelines.driver.results) take
+# those tags over the params
+PARAM_TAG_PREFIX = "ebm.param."
 
 
 def _quiet_store_logs() -> None:

@@ -44,8 +44,14 @@ class RunRecord:
 
     @classmethod
     def from_mlflow(cls, run, experiment: str, history: dict | None = None) -> "RunRecord":
-        return cls(run.info.run_id, experiment, run.info.status, dict(run.data.params), dict(run.data.metrics),
-                   {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")}, history or {})
+        """The run's params are those it trained with: a resumed run's ``ebm.param.<key>`` tags (e.g.
+        optim.epochs raised to continue it; MLflow params cannot change) over its logged params."""
+        from pipelines.tracking import PARAM_TAG_PREFIX
+        tags = dict(run.data.tags)
+        params = {**run.data.params, **{k[len(PARAM_TAG_PREFIX):]: v for k, v in tags.items()
+                                        if k.startswith(PARAM_TAG_PREFIX)}}
+        return cls(run.info.run_id, experiment, run.info.status, params, dict(run.data.metrics),
+                   {k: v for k, v in tags.items() if not k.startswith("mlflow.")}, history or {})
 
 
 @dataclass

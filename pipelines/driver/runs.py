@@ -89,6 +89,7 @@ class Plan:
     checkpoint_dir: str | None = None
     changes: dict = field(default_factory=dict)
     finalize_only: bool = False
+    params_now: dict = field(default_factory=dict)     # flat key -> the value the resumed run trains with
 
 
 def plan(cfg: Config, task, name: str, storage: str, resume: bool, allow_config_change: bool = False,
@@ -120,12 +121,15 @@ def plan(cfg: Config, task, name: str, storage: str, resume: bool, allow_config_
                           f"run's config, or pass --allow-config-change to continue with the new values")
     if any(k.startswith("eval.") or k == "sampler.M_eval" for k in changes):
         state = {**state, "best": None}      # validation figures under other settings do not compare
+    now = {k: n for k, (_, n) in changes.items()}
+    if Config.from_dict(state["config"]).optim.epochs != cfg.optim.epochs:
+        now["optim.epochs"] = cfg.optim.epochs
     if state["epoch"] + 1 >= cfg.optim.epochs:
         if state["epoch"] + 1 == cfg.optim.epochs and not finished():
-            return Plan(state, d, changes, finalize_only=True)
+            return Plan(state, d, changes, finalize_only=True, params_now=now)
         raise ConfigError(f"--resume {name}: the run finished its {state['epoch'] + 1} epochs; raise optim.epochs "
                           f"(--set optim.epochs=N) to continue it")
-    return Plan(state, d, changes)
+    return Plan(state, d, changes, params_now=now)
 
 
 def default_stamp() -> str:
@@ -147,15 +151,18 @@ def finished_in(uri: str | None, name: str) -> Callable[[], bool]:
     return check
 
 
-def reopened(uri: str, run_id: str, changes: dict) -> None:
+def reopened(uri: str, run_id: str, changes: dict, params_now: dict | None = None) -> None:
     """A run (re)starting: the reason an earlier attempt stopped no longer holds; a config change
-    that ``--allow-config-change`` let through is recorded (MLflow params cannot change)."""
+    that ``--allow-config-change`` let through is recorded, and every param the run now trains with
+    under another value (``Plan.params_now``) is tagged ``ebm.param.<key>`` (MLflow params cannot change)."""
     from pipelines import tracking
     client = tracking.open_client(uri)
     if STOP_REASON_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, STOP_REASON_TAG)
     if changes:
         tracking.set_tag(uri, run_id, CONFIG_CHANGE_TAG, json.dumps(changes)[:5000])
+    for k, v in (params_now or {}).items():
+        tracking.set_tag(uri, run_id, tracking.PARAM_TAG_PREFIX + k, str(v)[:5000])
 
 
 def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str | None, epochs: int) -> dict:

@@ -56,11 +56,17 @@ def test_resume_rules(store, capsys):
     (again,) = _runs(c, "r")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
+    # MLflow keeps the first value of a param; the epochs the run now trains for are its tag, which
+    # the results tables read over the param
+    assert again.data.params["optim.epochs"] == "2" and again.data.tags["ebm.param.optim.epochs"] == "3"
+    from pipelines.driver.results import RunRecord
+    assert RunRecord.from_mlflow(again, "ebm").params["optim.epochs"] == "3"
     # a config change with --allow-config-change goes through and is recorded on the run
     assert main(["train", "debug", "--local", "--resume", "r", "--set", "optim.epochs=4", "--set", "optim.lr=0.005",
                  "--allow-config-change", *FAST]) == 0
     (again,) = _runs(c, "r")
     assert '"optim.lr": [0.01, 0.005]' in again.data.tags["ebm.config_change"]
+    assert again.data.tags["ebm.param.optim.lr"] == "0.005" and again.data.tags["ebm.param.optim.epochs"] == "4"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2, 3]
 
 
