@@ -5,7 +5,11 @@
 # `make results` rebuilds docs/RESULTS.md from the committed export without the store.
 #
 #   results/run_issue16.sh list      the batches, their cells and seeds, and the estimated hours
-#   results/run_issue16.sh BATCH     run one batch (toys, star_a, star_b, fashion_a, fashion_b)
+#   results/run_issue16.sh BATCH     run one batch (toys, star_a, star_b, fashion_a, fashion_b); run again
+#                                    after an interruption, it trains only the seeds not yet finished
+#   results/run_issue16.sh extend EPOCHS GLOB...   continue the finished runs of the matching groups to
+#                                    EPOCHS epochs (results/extend_runs.py: an image cell still improving
+#                                    at its last epoch), two queues, then export
 #
 # Protocols (docs/RESULTS.md sections 2 and 3):
 #   toys    paper protocol: 75 epochs, M_train 1024, last epoch (eval.select = last), seeds 0-19
@@ -85,6 +89,17 @@ if [[ ${1:-} == list || -z ${1:-} ]]; then
     while read -r line; do echo "  queue: $line  (~$(hours "$line") h)"; done < <(batch "$b")
   done
   exit 0
+fi
+if [[ $1 == extend ]]; then
+  [[ $# -ge 3 ]] || { echo "usage: $0 extend EPOCHS GLOB..." >&2; exit 2; }
+  epochs=$2; shift 2
+  mkdir -p results/logs
+  rc=0
+  .venv/bin/python results/extend_runs.py --epochs "$epochs" --groups "$@" --queues 2 || rc=1
+  .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" \
+    --export results/runs.jsonl || rc=1
+  echo "$(date +%T) extend to $epochs epochs done (rc=$rc); commit results/runs.jsonl, then: make results"
+  exit $rc
 fi
 lines=$(batch "$1") || exit 2
 if [[ $1 == fashion* && ! -f $FASHION_DATA/_dataset.json ]]; then

@@ -342,3 +342,25 @@ def test_the_run_plan_fits_its_batches_and_makes_the_groups_the_page_asks_for():
     asked = {g for line in template.splitlines() if line.startswith("{{claims ")
              for g in re.findall(r"[A-Za-z0-9]+/[A-Za-z0-9_]+", line)}
     assert asked and asked <= made, sorted(asked - made)
+
+
+def test_a_finished_run_is_continued_with_its_own_command_for_its_one_seed():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "results" / "extend_runs.py"
+    spec = importlib.util.spec_from_file_location("extend_runs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cmd = ("ebm train star --local --seeds 5 --experiment paper-claims --tracking-uri sqlite:///results/mlruns.db "
+           "--group star/conv_learned_K4 --set seed=0 --set method.name=ebm_learned_proposal --set optim.epochs=30 "
+           "--set 'task.data_dir=data/my dir'")
+    assert mod.resume_command(cmd, "star/conv_learned_K4-seed3-x", "3", 60) == [
+        "ebm", "train", "star", "--local", "--experiment", "paper-claims", "--tracking-uri",
+        "sqlite:///results/mlruns.db", "--group", "star/conv_learned_K4", "--set", "seed=3", "--set",
+        "method.name=ebm_learned_proposal", "--set", "optim.epochs=60", "--set", "task.data_dir=data/my dir",
+        "--resume", "star/conv_learned_K4-seed3-x"]
+    # a command without the keys gets them; a command that is not a local training is refused
+    assert mod.resume_command("ebm train toy2 --local", "r", "1", 5)[-6:] == [
+        "--set", "optim.epochs=5", "--set", "seed=1", "--resume", "r"]
+    with pytest.raises(ValueError, match="not an `ebm train --local` command"):
+        mod.resume_command("ebm train toy2 --num-workers 2", "r", "1", 5)

@@ -1,0 +1,117 @@
+"""Continue finished runs to more epochs: each FINISHED run of the matching groups that trained fewer
+than ``--epochs`` epochs is resumed from its last checkpoint with ``ebm train ... --resume RUN_NAME --set
+optim.epochs=N`` — the run's own recorded command (tag ``ebm.command``) for its one seed, so the config
+is the run's and only the epochs change. The same MLflow run continues (its validation curve goes on,
+``eval.select = "best_val"`` keeps its best epoch so far, the tag ``ebm.param.optim.epochs`` says the new
+length). Issue 16: an image cell whose best validation epoch sits in the last fifth was still improving.
+
+Runs are split over ``--queues`` queues (one process each, one torch thread, nice 19; queue N's output
+in ``results/logs/extend.qN.log``), in the order of the groups and seeds; a run already at ``--epochs`` is skipped, so the same command picks up after an
+interruption. Needs the runs' checkpoints (``./runs``, where ``results/run_cells.sh`` trained them).
+
+    results/run_issue16.sh extend 60 'star/conv_*'          # in its own niced session, then exported
+    .venv/bin/python results/extend_runs.py --epochs 60 --groups 'star/conv_*' --dry-run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def resume_command(command: str, run_name: str, seed: str, epochs: int) -> list[str]:
+    """A run's recorded ``ebm train ... --seeds K --set seed=S0 ...`` for its one seed, resumed to ``epochs``."""
+    words = shlex.split(command)
+    if words[:2] != ["ebm", "train"] or "--local" not in words:
+        raise ValueError(f"not an `ebm train --local` command: {command}")
+    out, i = [], 0
+    while i < len(words):
+        w = words[i]
+        if w in ("--seeds", "--resume", "--name"):
+            i += 2
+            continue
+        if w == "--set" and i + 1 < len(words):
+            key = words[i + 1].split("=", 1)[0]
+            if key == "seed":
+                out += ["--set", f"seed={seed}"]
+            elif key == "optim.epochs":
+                out += ["--set", f"optim.epochs={epochs}"]
+            else:
+                out += words[i:i + 2]
+            i += 2
+            continue
+        out.append(w)
+        i += 1
+    if not any(a.startswith("optim.epochs=") for a in out):
+        out += ["--set", f"optim.epochs={epochs}"]
+    if not any(a.startswith("seed=") for a in out):
+        out += ["--set", f"seed={seed}"]
+    return out + ["--resume", run_name]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tracking-uri", default="sqlite:///results/mlruns.db")
+    ap.add_argument("--experiment", default="paper-claims")
+    ap.add_argument("--groups", nargs="+", required=True, help="ebm.group glob patterns")
+    ap.add_argument("--epochs", type=int, required=True, help="the runs' new length")
+    ap.add_argument("--queues", type=int, default=2)
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--logs", default="results/logs", help="queue N's training output goes to LOGS/extend.qN.log")
+    args = ap.parse_args()
+
+    from pipelines import tracking
+    from pipelines.driver.results import collect, select
+    uri = tracking.resolve_uri(args.tracking_uri)
+    todo, skipped = [], 0
+    for g in select(collect(uri, args.experiment), args.groups):
+        for r in sorted(g.runs, key=lambda r: int(r.params.get("seed", "0"))):
+            if int(r.params.get("optim.epochs", "0")) >= args.epochs:
+                skipped += 1
+                continue
+            cmd = resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"], args.epochs)
+            todo.append((f"{g.name} seed {r.params['seed']}", cmd))
+    print(f"{len(todo)} runs to continue to {args.epochs} epochs ({skipped} already there) in "
+          f"{', '.join(args.groups)}", flush=True)
+    if args.dry_run or not todo:
+        for what, cmd in todo:
+            print(f"{what}: {shlex.join(cmd)}")
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ebm = str(Path(sys.executable).parent / "ebm")
+    failed = []
+
+    logs = ROOT / args.logs
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def queue(n, items):
+        with open(logs / f"extend.q{n}.log", "a") as log:
+            for what, cmd in items:
+                for out in (sys.stdout, log):
+                    print(f"=== {what}: {shlex.join(cmd)}", file=out, flush=True)
+                rc = subprocess.run(["nice", "-n", "19", ebm, *cmd[1:]], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT).returncode
+                for out in (sys.stdout, log):
+                    print(f"=== {what}: rc={rc}", file=out, flush=True)
+                if rc:
+                    failed.append(what)
+
+    threads = [threading.Thread(target=queue, args=(q + 1, todo[q::args.queues])) for q in range(args.queues)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
