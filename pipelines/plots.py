@@ -127,25 +127,31 @@ def cells_calibration_figure(cells: list[dict], path: str | Path, title: str = "
         if c.get("pit") is not None:
             pit = np.asarray(c["pit"], dtype=float)
             edges = np.linspace(0, 1, len(pit) + 1)
-            hist.stairs(pit * len(pit), edges, lw=1.8, color=colour)
+            # a cell with no coverage figures is named by its PIT line (the legend is drawn from both panels)
+            hist.stairs(pit * len(pit), edges, lw=1.8, color=colour, label=None if c["coverage"] else c["name"])
         levels = sorted(c["coverage"])
         if levels:
             m = np.array([c["coverage"][lv][0] for lv in levels])
             h = np.array([c["coverage"][lv][1] for lv in levels])
-            cov.errorbar(levels, m, yerr=np.nan_to_num(h), color=colour, marker="o", ms=4, lw=1.4, capsize=3,
+            # one seed has no interval (NaN): no error bar rather than a zero-width one that looks exact
+            cov.errorbar(levels, m, yerr=None if np.isnan(h).all() else np.nan_to_num(h), color=colour, marker="o",
+                         ms=4, lw=1.4, capsize=3,
                          label=f"{c['name']} (90%: {c['coverage'][0.9][0]:.3f})" if 0.9 in c["coverage"] else c["name"])
     hist.axhline(1.0, color="k", lw=1, ls=":")
     hist.set(xlim=(0, 1), xlabel="PIT  u = F(y | x) at the label", ylabel="density (mean over seeds)",
              title="PIT histogram: flat when calibrated\n(∪ = too narrow, ∩ = too wide, tilted = biased)")
     hist.set_ylim(0, max(2.0, hist.get_ylim()[1]))
-    lo = min([0.45] + [c["coverage"][lv][0] - 0.05 for c in cells for lv in c["coverage"]])
+    lo = min([0.45] + [c["coverage"][lv][0] - np.nan_to_num(c["coverage"][lv][1]) - 0.03
+                       for c in cells for lv in c["coverage"]])
     cov.plot([0, 1], [0, 1], color="k", lw=1, ls=":", label="nominal (calibrated)")
     for lv in MARKED_LEVELS:
         cov.axvline(lv, color="0.85", lw=0.8, zorder=0)
     cov.set(xlim=(max(0.0, lo), 1), ylim=(max(0.0, lo), 1), xlabel="nominal level of the central interval",
             ylabel="observed coverage (mean ± 95% over seeds)",
             title="coverage of central intervals\n(below the diagonal = under-covers)")
-    fig.legend(*cov.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8, frameon=False)
+    handles, labels = cov.get_legend_handles_labels()
+    more = hist.get_legend_handles_labels()
+    fig.legend(handles + more[0], labels + more[1], loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)

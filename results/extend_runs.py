@@ -6,8 +6,9 @@ is the run's and only the epochs change. The same MLflow run continues (its vali
 length). Issue 16: an image cell whose best validation epoch sits in the last fifth was still improving.
 
 Runs are split over ``--queues`` queues (one process each, one torch thread, nice 19; queue N's output
-in ``results/logs/extend.qN.log``), in the order of the groups and seeds; a run already at ``--epochs`` is skipped, so the same command picks up after an
-interruption. Needs the runs' checkpoints (``./runs``, where ``results/run_cells.sh`` trained them).
+in ``results/logs/extend.qN.log``), in the order of the groups and seeds; a FINISHED run already at ``--epochs`` is skipped and a run an earlier extension
+left KILLED or FAILED is continued from its latest checkpoint, so the same command picks up after an
+interruption (until then the export lists such a run as unfinished). Needs the runs' checkpoints (``./runs``, where ``results/run_cells.sh`` trained them).
 
     results/run_issue16.sh extend 60 'star/conv_*'          # in its own niced session, then exported
     .venv/bin/python results/extend_runs.py --epochs 60 --groups 'star/conv_*' --dry-run
@@ -34,9 +35,11 @@ def resume_command(command: str, run_name: str, seed: str, epochs: int) -> list[
     out, i = [], 0
     while i < len(words):
         w = words[i]
-        if w in ("--seeds", "--resume", "--name"):
-            i += 2
+        if w.split("=", 1)[0] in ("--seeds", "--resume", "--name"):
+            i += 1 if "=" in w else 2
             continue
+        if w.startswith("--set="):
+            w, words[i + 1:i + 1] = "--set", [w[len("--set="):]]
         if w == "--set" and i + 1 < len(words):
             key = words[i + 1].split("=", 1)[0]
             if key == "seed":
@@ -67,17 +70,26 @@ def main() -> int:
     ap.add_argument("--logs", default="results/logs", help="queue N's training output goes to LOGS/extend.qN.log")
     args = ap.parse_args()
 
+    import fnmatch
+
     from pipelines import tracking
-    from pipelines.driver.results import collect, select
+    from pipelines.driver.results import GROUP_TAG, fetch_records
     uri = tracking.resolve_uri(args.tracking_uri)
     todo, skipped = [], 0
-    for g in select(collect(uri, args.experiment), args.groups):
-        for r in sorted(g.runs, key=lambda r: int(r.params.get("seed", "0"))):
-            if int(r.params.get("optim.epochs", "0")) >= args.epochs:
-                skipped += 1
-                continue
-            cmd = resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"], args.epochs)
-            todo.append((f"{g.name} seed {r.params['seed']}", cmd))
+    # FINISHED runs shorter than N, and runs an earlier extension left KILLED or FAILED (their
+    # ebm.param.optim.epochs tag already says N: they are continued from their latest checkpoint)
+    records = [r for r in fetch_records(uri, args.experiment) if r.status in ("FINISHED", "KILLED", "FAILED")
+               and any(fnmatch.fnmatchcase(r.tags.get(GROUP_TAG, ""), p) for p in args.groups)]
+    for r in sorted(records, key=lambda r: (r.tags[GROUP_TAG], int(r.params.get("seed", "0")))):
+        finished = r.status == "FINISHED" and int(r.params.get("optim.epochs", "0")) >= args.epochs
+        if r.status == "FINISHED" and finished:
+            skipped += 1
+            continue
+        if r.status != "FINISHED" and "ebm.param.optim.epochs" not in r.tags:
+            continue                  # a run that failed before any extension: not this script's to continue
+        cmd = resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"], args.epochs)
+        todo.append((f"{r.tags[GROUP_TAG]} seed {r.params['seed']}" + ("" if r.status == "FINISHED"
+                                                                       else f" ({r.status}, continued)"), cmd))
     print(f"{len(todo)} runs to continue to {args.epochs} epochs ({skipped} already there) in "
           f"{', '.join(args.groups)}", flush=True)
     if args.dry_run or not todo:

@@ -24,13 +24,16 @@
 # grid NLL, IS NLL, prediction, KL) = 17.2 s, below the 19.1 s assumed, so the hours printed are an upper
 # estimate on an idle core. Wall time under other jobs' load is longer (nice 19 yields to them).
 set -u
-cd "$(dirname "$0")/.."
+self=$(realpath "$0")
+cd "$(dirname "$self")/.."
+# Edit this file (and run_cells.sh) by writing a new file and renaming it over this one: bash reads a
+# running script from its open file as it goes, so an in-place edit changes what a running batch does.
 # nice 19 alone does not yield on a Linux desktop/server kernel with autogroups: the scheduler shares the
 # CPU between sessions first and applies nice only inside one, so queues started from another terminal
 # took half the cores from the user's foreground work (seen: a test run twice as slow). A batch therefore
 # runs in its own session whose autogroup is niced to 19 (the user's own session is left as it is).
 if [[ ${1:-list} != list && -z ${EBM_BATCH_SESSION:-} ]]; then
-  EBM_BATCH_SESSION=1 exec setsid -w "$0" "$@"
+  EBM_BATCH_SESSION=1 exec setsid -w "$self" "$@"
 fi
 if [[ -n ${EBM_BATCH_SESSION:-} && -w /proc/self/autogroup ]]; then
   echo 19 > /proc/self/autogroup 2>/dev/null || true
@@ -95,7 +98,8 @@ if [[ $1 == extend ]]; then
   epochs=$2; shift 2
   mkdir -p results/logs
   rc=0
-  .venv/bin/python results/extend_runs.py --epochs "$epochs" --groups "$@" --queues 2 || rc=1
+  .venv/bin/python results/extend_runs.py --epochs "$epochs" --groups "$@" --queues 2 \
+    --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" --experiment "${EXPERIMENT:-paper-claims}" || rc=1
   .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" \
     --export results/runs.jsonl || rc=1
   echo "$(date +%T) extend to $epochs epochs done (rc=$rc); commit results/runs.jsonl, then: make results"

@@ -221,7 +221,8 @@ def calibration_cells(groups: list[Group], sources: list[str]) -> list[dict]:
             pit = [mean_std(c)[0] for c in cols] if all(cols) else None
             if coverage or pit:
                 name = g.name if source == sources[0] else f"{g.name} ({source})"
-                cells.append({"name": name, "pit": pit, "coverage": coverage})
+                seeds = max([len(c) for c in cols] + [len(_coverage_values(g, templates[source], lv)) for lv in LEVELS])
+                cells.append({"name": name, "pit": pit, "coverage": coverage, "seeds": seeds})
                 break
     return cells
 
@@ -242,7 +243,7 @@ def calibration_figure(groups: list[Group], sources: str, file: str, out_dir: Pa
     from pipelines import plots
     path = out_dir / file
     path.parent.mkdir(parents=True, exist_ok=True)
-    seeds = sorted({len(g.runs) for g in groups})
+    seeds = sorted({c["seeds"] for c in cells})        # of the runs behind each drawn cell
     plots.cells_calibration_figure(cells, path, f"{' or '.join(names)}, test split, "
                                                 f"{'/'.join(map(str, seeds))} seeds per cell")
     return f"![calibration of {' or '.join(f'`{s}`' for s in names)}: {', '.join(c['name'] for c in cells)}]({file})\n"

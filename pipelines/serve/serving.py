@@ -379,10 +379,13 @@ def few_samples(ess: Sequence[float], prm: Params) -> str:
         return ""
     # the M at which 90 % of the rows (those above the 10th percentile of ESS / M) reach the minimum
     need = int(np.ceil(round(MIN_TAIL_SAMPLES / max(float(np.quantile(frac, 0.1)), 1e-6) / ((1 - prm.interval_level) / 2), 6)))
-    return (f"the {prm.interval_level:.0%} intervals of {low} of {len(tail)} rows rest on fewer than "
+    cap = Limits.from_env().max_M
+    advice = (f"raise M (about {need} for 90% of these rows)" if need <= cap else
+              f"raise M (up to the limit of {cap}, {Limits.ENV['max_M']}; about {need} would be needed for 90% of "
+              f"these rows) or ask for a lower interval level")
+    return (f"the {prm.interval_level * 100:g}% intervals of {low} of {len(tail)} rows rest on fewer than "
             f"{MIN_TAIL_SAMPLES:g} effective samples per tail (ESS x M x {(1 - prm.interval_level) / 2:g}; median "
-            f"{float(np.median(tail)):.1f} at M = {prm.M}) and come out too narrow: raise M (about {need} for 90% "
-            "of these rows)")
+            f"{float(np.median(tail)):.1f} at M = {prm.M}) and come out too narrow: {advice}")
 
 
 def predict_rows(p: Predictor, x: torch.Tensor, y: Sequence[Any] | None = None, *, M: int | None = None,

@@ -151,3 +151,7 @@ def test_few_effective_samples_per_tail_is_a_warning_naming_the_m_to_use():
     assert "median 6.4 at M = 256" in msg and "raise M (about 400 for 90% of these rows)" in msg
     assert "2 of 10 rows" in few_samples([0.9] * 8 + [0.1] * 2, prm)   # two of ten: over 10 %
     assert few_samples([], prm) == ""
+    # an M beyond the serving limit is not suggested; the level is printed as given
+    tight = Params(M=1024, quantiles=(0.5,), interval_level=0.995, refine_steps=0, return_samples=False, seed=0)
+    msg = few_samples([0.01] * 10, tight)
+    assert msg.startswith("the 99.5% intervals of 10 of 10 rows") and "up to the limit of 16384, EBM_SERVE_MAX_M" in msg
