@@ -58,6 +58,8 @@ REGISTRY = ByTest(IT + "test_registry.py::test_mlflow_models_serve_answers_http_
 PAPER = NotHere("the paper-claims reproduction: hours of CPU per table (docs/RESULTS.md); "
                 "its commands are ebm train --local --seeds and ebm results, run by the tests named for the README")
 
+DIAGNOSE = ByTest(IT + "test_results_scripts.py::test_diagnose_and_extend_finished_runs", ("diagnose_coverage.py", "--seeds"))
+
 # key (doc_shell.Command.key) -> how it is covered. Keep NotHere short and honest.
 COVERED: dict[str, object] = {
     # README.md
@@ -73,7 +75,7 @@ COVERED: dict[str, object] = {
         ByTest(IT + "test_local_tracking.py::test_local_trains_on_a_parquet_dataset_and_tags_its_fingerprint",
                ("--local", "task.data_dir")),
     ".venv/bin/ebm results paper-claims --out results.md [--groups toy2/*] [--figures docs/figures]": RESULTS,
-    ".venv/bin/ebm results paper-claims --export results/runs.jsonl": ByTest("tests/unit/test_results.py::export",
+    ".venv/bin/ebm results paper-claims --export results/runs.jsonl": ByTest("tests/unit/test_results.py::_exported",
                                                                             ("--export",)),
     "make results": ByTest("tests/unit/test_results.py::test_page_is_rebuilt_from_the_export_with_tables_claims_"
                            "floor_and_calibration", ("--runs", "--template")),
@@ -129,6 +131,9 @@ COVERED: dict[str, object] = {
     ".venv/bin/ebm results paper-claims --tracking-uri sqlite:///results/mlruns.db --groups $g --out - --figures /tmp/figs":
         RESULTS,
     "done": PAPER,
+    ".venv/bin/python results/diagnose_coverage.py --groups star/conv_learned_K4 star/conv_nce_fixed --seeds 0": DIAGNOSE,
+    ".venv/bin/python results/diagnose_coverage.py --groups toy1/p20_learned_K4 toy2/p20_learned_K4 --seeds 0 1":
+        DIAGNOSE,
     # docs/scaling.md
     "ray up ray_cluster.yaml && ray dashboard ray_cluster.yaml &": CLOUD,
     "ssh -L 5000:127.0.0.1:5000 ubuntu@HEAD &": CLOUD,

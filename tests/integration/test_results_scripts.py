@@ -1,0 +1,62 @@
+"""The results scripts of issue 16 on real runs: two seeds of a tiny toy run in a SQLite store, then
+``results/diagnose_coverage.py`` (coverage per source of each run's predictive distribution) and
+``results/extend_runs.py`` (the finished runs continued to more epochs, in the same MLflow runs)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines import cli
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--set", "task.n_train=128", "--set", "task.n_val=64", "--set", "task.n_test=64", "--set", "eval.every=1",
+         "--set", "eval.select=best_val", "--set", "sampler.M_eval=64"]
+
+
+def _script(name, *args, cwd=ROOT):
+    r = subprocess.run([sys.executable, str(ROOT / "results" / name), *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert r.returncode == 0, f"{name} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.driver.results import collect
+    torch.set_num_threads(1)
+    monkeypatch.setenv("EBM_STORAGE_PATH", str(tmp_path / "runs"))       # the checkpoints extend_runs resumes
+    uri = f"sqlite:///{tmp_path}/m.db"
+    argv = ["train", "debug", "--local", "--seeds", "2", "--tracking-uri", uri, "--experiment", "e",
+            "--group", "dbg/learned", "--set", "optim.epochs=2", *SMALL]
+    monkeypatch.setattr("sys.argv", ["ebm", *argv])
+    assert cli.main(argv) == 0
+    where = ["--tracking-uri", uri, "--experiment", "e", "--groups", "dbg/*"]
+
+    out = _script("diagnose_coverage.py", *where, "--seeds", "1", "--M", "16", "256")
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| `dbg/learned`")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("`dbg/learned` seed 1 (epoch 1)", s, m) for s, m in
+                                                  (("ebm_grid", ""), ("prediction", "16"), ("prediction", "256"),
+                                                   ("proposal", ""))]
+    for r in rows:
+        cov = [float(v) for v in r[4:]]
+        assert len(cov) == 4 and all(0 <= a <= b <= 1 for a, b in zip(cov, cov[1:]))     # 50 ≤ 80 ≤ 90 ≤ 95 %
+        assert (0 < float(r[3]) <= 1) if r[1] == "prediction" else r[3] == ""            # ESS / M
+
+    out = _script("extend_runs.py", *where, "--epochs", "3", "--logs", str(tmp_path / "logs"))
+    assert out.startswith("2 runs to continue to 3 epochs (0 already there) in dbg/*")
+    assert out.count("rc=0") == 2 and (tmp_path / "logs" / "extend.q1.log").exists()
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("e").experiment_id])
+    assert len(runs) == 2                                              # the same runs went on
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["ebm.param.optim.epochs"] == "3"
+        assert [m.step for m in c.get_metric_history(r.info.run_id, "val_nll")] == [0, 1, 2]
+    (g,) = collect(uri, "e")
+    assert g.param("optim.epochs") == "3"                              # the tables read the new length
+    assert _script("extend_runs.py", *where, "--epochs", "3").startswith(
+        "0 runs to continue to 3 epochs (2 already there)")
