@@ -23,6 +23,7 @@ interval's bound on |difference|.
 from __future__ import annotations
 
 import math
+import statistics
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,25 +250,39 @@ def calibration_figure(groups: list[Group], sources: str, file: str, out_dir: Pa
     return f"![calibration of {' or '.join(f'`{s}`' for s in names)}: {', '.join(c['name'] for c in cells)}]({file})\n"
 
 
+def _trend(curve: list) -> float | None:
+    """Mean of the last fifth of a validation curve's points minus the mean of the fifth before: below 0
+    by more than the curve's noise, the metric was still falling (on a noisy plateau the lowest point
+    falls in the last fifth one time in five, so "best in the last fifth" alone over-calls it)."""
+    k = len(curve) // 5
+    if k < 1:
+        return None
+    vals = [v for _, v in curve]
+    return statistics.fmean(vals[-k:]) - statistics.fmean(vals[-2 * k:-k])
+
+
 def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
     """From each run's validation curve (an export's ``history``): the epoch of its lowest value, that
-    value, the value at the last epoch, and how many runs had their best in the last fifth of the
-    epochs (still improving: train longer)."""
+    value, the value at the last epoch, how many runs had their best in the last fifth of the epochs,
+    and the trend over the last two fifths (:func:`_trend`; clearly below 0: still improving, train
+    longer)."""
     head = ["group", "seeds", "epochs", "best epoch: median [min–max]", f"best `{metric}`", f"last `{metric}`",
-            "best in the last fifth"]
+            "best in the last fifth", "trend: last fifth − the fifth before"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         curves = [sorted(r.history[metric]) for r in g.runs if r.history.get(metric)]
         if not curves:
             lines.append(f"| `{g.name}` | {len(g.runs)} | {g.param('optim.epochs')} | no `{metric}` curve logged |"
-                         " | | |")
+                         " | | | |")
             continue
         best = [min(c, key=lambda sv: sv[1]) for c in curves]
         at = sorted(int(b[0]) for b in best)
         last_step = [int(c[-1][0]) for c in curves]
         late = sum(b[0] >= min(ls, 0.8 * (ls + 1)) for b, ls in zip(best, last_step))     # the last epoch always counts
+        trends = [t for t in (_trend(c) for c in curves) if t is not None]
         lines.append(f"| `{g.name}` | {len(curves)} | {g.param('optim.epochs')} | {at[len(at) // 2]} [{at[0]}–{at[-1]}] | "
-                     f"{_cell([b[1] for b in best])} | {_cell([c[-1][1] for c in curves])} | {late} of {len(curves)} |")
+                     f"{_cell([b[1] for b in best])} | {_cell([c[-1][1] for c in curves])} | {late} of {len(curves)} | "
+                     f"{_cell(trends) if trends else '—'} |")
     return "\n".join(lines) + "\n"
 
 

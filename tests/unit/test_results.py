@@ -261,8 +261,9 @@ def test_page_is_rebuilt_from_the_export_with_tables_claims_floor_and_calibratio
     # the PIT histogram: bins averaged over the 4 seeds (0.3, 0.2, 0.2, 0.2 -> 0.225 in the outer bins)
     assert ("| `toy2/p_learned_K4` | proposal | 4 | `█▃▃▃▃▃▃▃▃█` | 0.225 " + "0.069 " * 8 + "0.225 | 0.125 |") in text
     assert "*(no run of these groups logged a PIT histogram" in text
-    assert "| `toy2/p_learned_K4` | 4 | 75 | 5 [5–5] | 1.000 ± 0.000 | 1.160 ± 0.000 | 0 of 4 |" in text
-    assert "| `toy2/p_nce_fixed` | 4 | 75 | 9 [9–9] | 1.550 ± 0.000 | 1.550 ± 0.000 | 4 of 4 |" in text
+    # trend: mean of epochs 8-9 minus mean of 6-7 (rising 1.125 − 1.025 after its best; still falling −0.100)
+    assert "| `toy2/p_learned_K4` | 4 | 75 | 5 [5–5] | 1.000 ± 0.000 | 1.160 ± 0.000 | 0 of 4 | 0.100 ± 0.000 |" in text
+    assert "| `toy2/p_nce_fixed` | 4 | 75 | 9 [9–9] | 1.550 ± 0.000 | 1.550 ± 0.000 | 4 of 4 | -0.100 ± 0.000 |" in text
     assert "| `toy2/p_mdn_K4` | 4 | 75 | no `val_nll` curve logged |" in text
     # the calibration figures, written beside the page, of the groups that logged that source
     assert "![calibration of `prediction`: toy2/p_learned_K4, toy2/p_mdn_K4, toy2/p_nce_fixed](figs/cal_prediction.png)" in text
