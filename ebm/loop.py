@@ -271,7 +271,12 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
     start, in_row, best = 0, 0, None
     if resume is not None:
         model.load_state_dict(resume["model"])
+        # the optimiser's moments are restored; its hyperparameters are the config's (load_state_dict
+        # would bring back the saved lr and weight decay, silently undoing a change a resume let through)
+        hyper = [{k: grp[k] for k in ("lr", "weight_decay")} for grp in opt.param_groups]
         opt.load_state_dict(resume["optimizer"])
+        for grp, h in zip(opt.param_groups, hyper):
+            grp.update(h)
         start = int(resume["epoch"]) + 1
         torch.set_rng_state(resume["rng"]["torch"])
         _restore_sampler(g, resume["rng"]["samplers"], cfg, rt, start)

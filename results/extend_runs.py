@@ -11,7 +11,10 @@ left KILLED or FAILED is continued from its latest checkpoint, so the same comma
 interruption (until then the export lists such a run as unfinished). Needs the runs' checkpoints (``./runs``, where ``results/run_cells.sh`` trained them).
 
     results/run_issue16.sh extend 60 'star/conv_*'          # in its own niced session, then exported
-    .venv/bin/python results/extend_runs.py --epochs 60 --groups 'star/conv_*' --dry-run
+    .venv/bin/python results/extend_runs.py --epochs 45 --set optim.lr=1e-4 --groups 'star/conv_*' --dry-run
+
+``--set KEY=VALUE`` changes the config for the added epochs (a step decay of the learning rate, say);
+the resumed run records the change (tags ``ebm.config_change`` and ``ebm.param.<key>``).
 """
 from __future__ import annotations
 
@@ -27,8 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def resume_command(command: str, run_name: str, seed: str, epochs: int) -> list[str]:
-    """A run's recorded ``ebm train ... --seeds K --set seed=S0 ...`` for its one seed, resumed to ``epochs``."""
+def resume_command(command: str, run_name: str, seed: str, epochs: int, changes: list[str] = ()) -> list[str]:
+    """A run's recorded ``ebm train ... --seeds K --set seed=S0 ...`` for its one seed, resumed to ``epochs``;
+    ``changes`` (KEY=VALUE, e.g. ``optim.lr=1e-4`` for a step decay) replace the recorded values and are
+    let through by ``--allow-config-change`` (the run records them: ebm.config_change, ebm.param.<key>)."""
+    for c in changes:
+        if "=" not in c or c.split("=", 1)[0] in ("seed", "optim.epochs"):
+            raise ValueError(f"--set {c}: expected KEY=VALUE for a key other than seed and optim.epochs "
+                             "(the run's seed is kept; --epochs sets the length)")
     words = shlex.split(command)
     if words[:2] != ["ebm", "train"] or "--local" not in words:
         raise ValueError(f"not an `ebm train --local` command: {command}")
@@ -42,7 +51,9 @@ def resume_command(command: str, run_name: str, seed: str, epochs: int) -> list[
             w, words[i + 1:i + 1] = "--set", [w[len("--set="):]]
         if w == "--set" and i + 1 < len(words):
             key = words[i + 1].split("=", 1)[0]
-            if key == "seed":
+            if key in {c.split("=", 1)[0] for c in changes}:
+                pass                                    # replaced by the change, added below
+            elif key == "seed":
                 out += ["--set", f"seed={seed}"]
             elif key == "optim.epochs":
                 out += ["--set", f"optim.epochs={epochs}"]
@@ -56,7 +67,9 @@ def resume_command(command: str, run_name: str, seed: str, epochs: int) -> list[
         out += ["--set", f"optim.epochs={epochs}"]
     if not any(a.startswith("seed=") for a in out):
         out += ["--set", f"seed={seed}"]
-    return out + ["--resume", run_name]
+    for c in changes:
+        out += ["--set", c]
+    return out + (["--allow-config-change"] if changes else []) + ["--resume", run_name]
 
 
 def main() -> int:
@@ -65,6 +78,8 @@ def main() -> int:
     ap.add_argument("--experiment", default="paper-claims")
     ap.add_argument("--groups", nargs="+", required=True, help="ebm.group glob patterns")
     ap.add_argument("--epochs", type=int, required=True, help="the runs' new length")
+    ap.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config change for the added epochs (e.g. optim.lr=1e-4: a step decay), recorded on the run")
     ap.add_argument("--queues", type=int, default=2)
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--logs", default="results/logs", help="queue N's training output goes to LOGS/extend.qN.log")
@@ -75,6 +90,10 @@ def main() -> int:
     from pipelines import tracking
     from pipelines.driver.results import GROUP_TAG, fetch_records
     uri = tracking.resolve_uri(args.tracking_uri)
+    try:
+        resume_command("ebm train x --local", "check", "0", args.epochs, args.changes)
+    except ValueError as e:
+        ap.error(str(e))
     todo, skipped = [], 0
     # FINISHED runs shorter than N, and runs an earlier extension left KILLED or FAILED (their
     # ebm.param.optim.epochs tag already says N: they are continued from their latest checkpoint)
@@ -87,7 +106,7 @@ def main() -> int:
             continue
         if r.status != "FINISHED" and "ebm.param.optim.epochs" not in r.tags:
             continue                  # a run that failed before any extension: not this script's to continue
-        cmd = resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"], args.epochs)
+        cmd = resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"], args.epochs, args.changes)
         todo.append((f"{r.tags[GROUP_TAG]} seed {r.params['seed']}" + ("" if r.status == "FINISHED"
                                                                        else f" ({r.status}, continued)"), cmd))
     print(f"{len(todo)} runs to continue to {args.epochs} epochs ({skipped} already there) in "

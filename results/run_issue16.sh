@@ -9,7 +9,8 @@
 #                                    after an interruption, it trains only the seeds not yet finished
 #   results/run_issue16.sh extend EPOCHS GLOB...   continue the finished runs of the matching groups to
 #                                    EPOCHS epochs (results/extend_runs.py: an image cell still improving
-#                                    at its last epoch), two queues, then export
+#                                    at its last epoch), two queues, then export; EXTEND_SET="--set
+#                                    optim.lr=1e-4" changes the config for the added epochs
 #
 # Protocols (docs/RESULTS.md sections 2 and 3):
 #   toys    paper protocol: 75 epochs, M_train 1024, last epoch (eval.select = last), seeds 0-19
@@ -98,7 +99,8 @@ if [[ $1 == extend ]]; then
   epochs=$2; shift 2
   mkdir -p results/logs
   rc=0
-  .venv/bin/python results/extend_runs.py --epochs "$epochs" --groups "$@" --queues 2 \
+  # shellcheck disable=SC2086  # EXTEND_SET is a list of --set KEY=VALUE
+  .venv/bin/python results/extend_runs.py --epochs "$epochs" ${EXTEND_SET:-} --groups "$@" --queues 2 \
     --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" --experiment "${EXPERIMENT:-paper-claims}" || rc=1
   .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" \
     --export results/runs.jsonl || rc=1

@@ -66,6 +66,12 @@ def test_resume_rules(store, capsys):
                  "--allow-config-change", *FAST]) == 0
     (again,) = _runs(c, "r")
     assert '"optim.lr": [0.01, 0.005]' in again.data.tags["ebm.config_change"]
+    # and the new lr is the one the optimiser stepped with (restoring its state must not bring back 0.01)
+    import glob
+
+    from ebm import checkpoint
+    state = checkpoint.load(sorted(glob.glob("runs/r/checkpoint_*/checkpoint.pt"))[-1])
+    assert state["epoch"] == 3 and {g["lr"] for g in state["optimizer"]["param_groups"]} == {0.005}
     assert again.data.tags["ebm.param.optim.lr"] == "0.005" and again.data.tags["ebm.param.optim.epochs"] == "4"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2, 3]
 

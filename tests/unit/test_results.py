@@ -363,5 +363,11 @@ def test_a_finished_run_is_continued_with_its_own_command_for_its_one_seed():
     # a command without the keys gets them; a command that is not a local training is refused
     assert mod.resume_command("ebm train toy2 --local", "r", "1", 5)[-6:] == [
         "--set", "optim.epochs=5", "--set", "seed=1", "--resume", "r"]
+    # a change for the added epochs replaces the recorded value and is let through explicitly
+    assert mod.resume_command(cmd, "r", "3", 45, ["optim.lr=1e-4", "method.name=mdn"])[-13:] == [
+        "--set", "seed=3", "--set", "optim.epochs=45", "--set", "task.data_dir=data/my dir",
+        "--set", "optim.lr=1e-4", "--set", "method.name=mdn", "--allow-config-change", "--resume", "r"]
+    with pytest.raises(ValueError, match="a key other than seed and optim.epochs"):
+        mod.resume_command(cmd, "r", "3", 45, ["optim.epochs=99"])
     with pytest.raises(ValueError, match="not an `ebm train --local` command"):
         mod.resume_command("ebm train toy2 --num-workers 2", "r", "1", 5)
