@@ -73,11 +73,10 @@ FIXED_ON_RESUME = ("task.", "features.", "energy.", "proposal.K", "proposal.hidd
 
 
 def config_changes(old: Config, new: Config) -> dict[str, list]:
-    """{key: [old, new]} of flat keys that differ, ignoring optim.epochs (raising it is how a finished
-    run continues)."""
+    """{key: [old, new]} of flat keys that differ (optim.epochs among them: raising it is how a finished
+    run continues, and needs no --allow-config-change)."""
     a, b = old.to_flat(), new.to_flat()
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
-            if k != "optim.epochs" and a.get(k) != b.get(k)}
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 @dataclass
@@ -89,7 +88,6 @@ class Plan:
     checkpoint_dir: str | None = None
     changes: dict = field(default_factory=dict)
     finalize_only: bool = False
-    params_now: dict = field(default_factory=dict)     # flat key -> the value the resumed run trains with
 
 
 def plan(cfg: Config, task, name: str, storage: str, resume: bool, allow_config_change: bool = False,
@@ -112,24 +110,22 @@ def plan(cfg: Config, task, name: str, storage: str, resume: bool, allow_config_
                           f"{list(task.target_names)}, inputs {list(task.x_shape)}) or a different grid or σ's")
     changes = config_changes(Config.from_dict(state["config"]), cfg)
     fixed = sorted(k for k in changes if k.startswith(FIXED_ON_RESUME) and k != "task.data_dir")
+    other = {k: v for k, v in changes.items() if k != "optim.epochs"}
     if fixed:
         raise ConfigError(f"--resume {name}: {', '.join(fixed)} cannot change on a resumed run (the model or its "
                           f"task would change); start a new run")
-    if changes and not allow_config_change:
-        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
+    if other and not allow_config_change:
+        listed = "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in other.items())
         raise ConfigError(f"--resume {name}: the config differs from the run's ({listed}); resume with the "
                           f"run's config, or pass --allow-config-change to continue with the new values")
     if any(k.startswith("eval.") or k == "sampler.M_eval" for k in changes):
         state = {**state, "best": None}      # validation figures under other settings do not compare
-    now = {k: n for k, (_, n) in changes.items()}
-    if Config.from_dict(state["config"]).optim.epochs != cfg.optim.epochs:
-        now["optim.epochs"] = cfg.optim.epochs
     if state["epoch"] + 1 >= cfg.optim.epochs:
         if state["epoch"] + 1 == cfg.optim.epochs and not finished():
-            return Plan(state, d, changes, finalize_only=True, params_now=now)
+            return Plan(state, d, changes, finalize_only=True)
         raise ConfigError(f"--resume {name}: the run finished its {state['epoch'] + 1} epochs; raise optim.epochs "
                           f"(--set optim.epochs=N) to continue it")
-    return Plan(state, d, changes, params_now=now)
+    return Plan(state, d, changes)
 
 
 def default_stamp() -> str:
@@ -151,18 +147,18 @@ def finished_in(uri: str | None, name: str) -> Callable[[], bool]:
     return check
 
 
-def reopened(uri: str, run_id: str, changes: dict, params_now: dict | None = None) -> None:
-    """A run (re)starting: the reason an earlier attempt stopped no longer holds; a config change
-    that ``--allow-config-change`` let through is recorded, and every param the run now trains with
-    under another value (``Plan.params_now``) is tagged ``ebm.param.<key>`` (MLflow params cannot change)."""
+def reopened(uri: str, run_id: str, changes: dict) -> None:
+    """A run (re)starting: the reason an earlier attempt stopped no longer holds; the config changes of
+    the resume (raised epochs, what ``--allow-config-change`` let through) are recorded, and every param
+    the run now trains with under another value is tagged ``ebm.param.<key>`` (MLflow params cannot change)."""
     from pipelines import tracking
     client = tracking.open_client(uri)
     if STOP_REASON_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, STOP_REASON_TAG)
     if changes:
         tracking.set_tag(uri, run_id, CONFIG_CHANGE_TAG, json.dumps(changes)[:5000])
-    for k, v in (params_now or {}).items():
-        tracking.set_tag(uri, run_id, tracking.PARAM_TAG_PREFIX + k, str(v)[:5000])
+    for k, (_, new) in changes.items():
+        tracking.set_tag(uri, run_id, tracking.PARAM_TAG_PREFIX + k, str(new)[:5000])
 
 
 def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str | None, epochs: int) -> dict:
