@@ -74,6 +74,20 @@ MARKED_LEVELS = (0.5, 0.8, 0.9, 0.95)
 CURVE_STYLE = {"EBM": ("C0", "-"), "proposal q": ("C1", "--"), "true density": ("C2", ":")}
 
 
+def _calibration_axes(hist, cov, hist_ylabel: str, cov_ylabel: str, lo: float = 0.0) -> None:
+    """The two panels of a calibration figure around their curves: the flat line of a calibrated PIT
+    histogram, the diagonal of calibrated coverage (from ``lo``) and the marked levels."""
+    hist.axhline(1.0, color="k", lw=1, ls=":")
+    hist.set(xlim=(0, 1), xlabel="PIT  u = F(y | x) at the label", ylabel=hist_ylabel,
+             title="PIT histogram: flat when calibrated\n(∪ = too narrow, ∩ = too wide, tilted = biased)")
+    hist.set_ylim(0, max(2.0, hist.get_ylim()[1]))
+    cov.plot([0, 1], [0, 1], color="k", lw=1, ls=":", label="nominal (calibrated)")
+    for lv in MARKED_LEVELS:
+        cov.axvline(lv, color="0.85", lw=0.8, zorder=0)
+    cov.set(xlim=(lo, 1), ylim=(lo, 1), xlabel="nominal level of the central interval", ylabel=cov_ylabel,
+            title="coverage of central intervals\n(below the diagonal = under-covers)")
+
+
 def calibration_figure(cal: dict, path: str | Path, title: str = "") -> Path:
     """PIT histograms (left) and coverage of central intervals against their nominal level (right)
     for each source of :func:`pipelines.serve.model_eval.calibration`; the dims are pooled. The grey
@@ -96,16 +110,8 @@ def calibration_figure(cal: dict, path: str | Path, title: str = "") -> Path:
         c = np.asarray(src["pooled"])
         at = ", ".join(f"{lv:.0%}: {c[j]:.2f}" for lv in MARKED_LEVELS for j in np.flatnonzero(np.isclose(levels, lv)))
         cov.plot(levels, c, style, color=colour, marker="o", ms=4, lw=1.6, label=f"{label} — {at}")
-    hist.axhline(1.0, color="k", lw=1, ls=":")
-    hist.set(xlim=(0, 1), xlabel="PIT  u = F(y | x) at the label", ylabel="density",
-             title="PIT histogram: flat when calibrated\n(∪ = too narrow, ∩ = too wide, tilted = biased)")
-    hist.set_ylim(0, max(2.0, hist.get_ylim()[1]))
+    _calibration_axes(hist, cov, "density", "observed coverage")
     hist.legend(fontsize=8, loc="upper center", frameon=False)
-    cov.plot([0, 1], [0, 1], color="k", lw=1, ls=":", label="nominal (calibrated)")
-    for lv in MARKED_LEVELS:
-        cov.axvline(lv, color="0.85", lw=0.8, zorder=0)
-    cov.set(xlim=(0, 1), ylim=(0, 1), xlabel="nominal level of the central interval",
-            ylabel="observed coverage", title="coverage of central intervals\n(below the diagonal = under-covers)")
     fig.legend(*cov.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     suffix = f", {n_dims} target dims pooled" if n_dims > 1 else ""
     fig.suptitle(f"calibration: {title}{suffix}".strip(), fontsize=11)
@@ -137,18 +143,10 @@ def cells_calibration_figure(cells: list[dict], path: str | Path, title: str = "
             cov.errorbar(levels, m, yerr=None if np.isnan(h).all() else np.nan_to_num(h), color=colour, marker="o",
                          ms=4, lw=1.4, capsize=3,
                          label=f"{c['name']} (90%: {c['coverage'][0.9][0]:.3f})" if 0.9 in c["coverage"] else c["name"])
-    hist.axhline(1.0, color="k", lw=1, ls=":")
-    hist.set(xlim=(0, 1), xlabel="PIT  u = F(y | x) at the label", ylabel="density (mean over seeds)",
-             title="PIT histogram: flat when calibrated\n(∪ = too narrow, ∩ = too wide, tilted = biased)")
-    hist.set_ylim(0, max(2.0, hist.get_ylim()[1]))
     lo = min([0.45] + [c["coverage"][lv][0] - np.nan_to_num(c["coverage"][lv][1]) - 0.03
                        for c in cells for lv in c["coverage"]])
-    cov.plot([0, 1], [0, 1], color="k", lw=1, ls=":", label="nominal (calibrated)")
-    for lv in MARKED_LEVELS:
-        cov.axvline(lv, color="0.85", lw=0.8, zorder=0)
-    cov.set(xlim=(max(0.0, lo), 1), ylim=(max(0.0, lo), 1), xlabel="nominal level of the central interval",
-            ylabel="observed coverage (mean ± 95% over seeds)",
-            title="coverage of central intervals\n(below the diagonal = under-covers)")
+    _calibration_axes(hist, cov, "density (mean over seeds)", "observed coverage (mean ± 95% over seeds)",
+                      max(0.0, lo))
     handles, labels = cov.get_legend_handles_labels()
     more = hist.get_legend_handles_labels()
     fig.legend(handles + more[0], labels + more[1], loc="outside lower center", ncol=3, fontsize=8, frameon=False)

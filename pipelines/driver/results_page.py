@@ -211,20 +211,16 @@ def calibration_cells(groups: list[Group], sources: list[str]) -> list[dict]:
     cells = []
     for g in groups:
         for source in sources:
-            coverage = {}
-            for lv in LEVELS:
-                v = _coverage_values(g, templates[source], lv)
-                if v:
-                    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1)) * standard_error(v) if len(v) > 1 \
-                        else math.nan
-                    coverage[lv / 100] = (mean_std(v)[0], half)
+            covs = {lv / 100: v for lv in LEVELS if (v := _coverage_values(g, templates[source], lv))}
             cols = [g.values(f"test_{pit_key(source, b)}") for b in range(PIT_BINS)]
-            pit = [mean_std(c)[0] for c in cols] if all(cols) else None
-            if coverage or pit:
-                name = g.name if source == sources[0] else f"{g.name} ({source})"
-                seeds = max([len(c) for c in cols] + [len(_coverage_values(g, templates[source], lv)) for lv in LEVELS])
-                cells.append({"name": name, "pit": pit, "coverage": coverage, "seeds": seeds})
-                break
+            if not (covs or all(cols)):
+                continue
+            coverage = {lv: (mean_std(v)[0], float(stats.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1)) * standard_error(v)
+                             if len(v) > 1 else math.nan) for lv, v in covs.items()}
+            cells.append({"name": g.name if source == sources[0] else f"{g.name} ({source})",
+                          "pit": [mean_std(c)[0] for c in cols] if all(cols) else None, "coverage": coverage,
+                          "seeds": max(len(c) for c in [*cols, *covs.values()])})
+            break
     return cells
 
 
