@@ -131,7 +131,7 @@ def _predict(args) -> int:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
         prm = params()
         out = _predict_in_process(p, ids, values, y if args.log_density else None, prm, lim, args.batch_size)
-        if warning := serving.few_samples(out.get("ess", []), prm):
+        if warning := serving.few_samples(out.get("ess", []), prm, lim):
             print(f"ebm predict: warning: {warning}", file=sys.stderr)
         if args.out == "-":
             import json

@@ -364,12 +364,12 @@ def row_generators(seed: int, rows: Sequence[int], stream: int, device: torch.de
 MIN_TAIL_SAMPLES = 10.0
 
 
-def few_samples(ess: Sequence[float], prm: Params) -> str:
+def few_samples(ess: Sequence[float], prm: Params, limits: Limits | None = None) -> str:
     """A warning when the central intervals rest on too few effective samples, else "". An interval
     at level ℓ is read from the weighted samples' tails of mass (1 − ℓ)/2 each; with ESS × M × (1 − ℓ)/2
     below ~10 effective samples in a tail the weighted quantiles come out too narrow (issue 16: toy 2,
     ESS/M 0.55, 90 % coverage 0.858 at M = 64 vs 0.912 at M = 1024 and 0.922 for the exact grid density).
-    ``ess`` is the rows' ESS / M (the ``ess`` column)."""
+    ``ess`` is the rows' ESS / M (the ``ess`` column); ``limits`` those ``prm`` was checked with."""
     if not len(ess):
         return ""
     frac = np.asarray(ess, dtype=np.float64)
@@ -379,7 +379,7 @@ def few_samples(ess: Sequence[float], prm: Params) -> str:
         return ""
     # the M at which 90 % of the rows (those above the 10th percentile of ESS / M) reach the minimum
     need = int(np.ceil(round(MIN_TAIL_SAMPLES / max(float(np.quantile(frac, 0.1)), 1e-6) / ((1 - prm.interval_level) / 2), 6)))
-    cap = Limits.from_env().max_M
+    cap = (limits or Limits.from_env()).max_M
     advice = (f"raise M (about {need} for 90% of these rows)" if need <= cap else
               f"raise M (up to the limit of {cap}, {Limits.ENV['max_M']}; about {need} would be needed for 90% of "
               f"these rows) or ask for a lower interval level")
