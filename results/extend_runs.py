@@ -30,14 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def resume_command(command: str, run_name: str, seed: str, epochs: int, changes: list[str] = ()) -> list[str]:
-    """A run's recorded ``ebm train ... --seeds K --set seed=S0 ...`` for its one seed, resumed to ``epochs``;
-    ``changes`` (KEY=VALUE, e.g. ``optim.lr=1e-4`` for a step decay) replace the recorded values and are
-    let through by ``--allow-config-change`` (the run records them: ebm.config_change, ebm.param.<key>)."""
+def check_changes(changes: list[str]) -> None:
+    """ValueError unless every change is KEY=VALUE for a key the extension may change."""
     for c in changes:
         if "=" not in c or c.split("=", 1)[0] in ("seed", "optim.epochs"):
             raise ValueError(f"--set {c}: expected KEY=VALUE for a key other than seed and optim.epochs "
                              "(the run's seed is kept; --epochs sets the length)")
+
+
+def resume_command(command: str, run_name: str, seed: str, epochs: int, changes: list[str] = ()) -> list[str]:
+    """A run's recorded ``ebm train ... --seeds K --set seed=S0 ...`` for its one seed, resumed to ``epochs``;
+    ``changes`` (KEY=VALUE, e.g. ``optim.lr=1e-4`` for a step decay) replace the recorded values and are
+    let through by ``--allow-config-change`` (the run records them: ebm.config_change, ebm.param.<key>)."""
+    check_changes(changes)
     words = shlex.split(command)
     if words[:2] != ["ebm", "train"] or "--local" not in words:
         raise ValueError(f"not an `ebm train --local` command: {command}")
@@ -91,7 +96,7 @@ def main() -> int:
     from pipelines.driver.results import GROUP_TAG, fetch_records
     uri = tracking.resolve_uri(args.tracking_uri)
     try:
-        resume_command("ebm train x --local", "check", "0", args.epochs, args.changes)
+        check_changes(args.changes)
     except ValueError as e:
         ap.error(str(e))
     todo, skipped = [], 0

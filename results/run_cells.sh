@@ -24,25 +24,19 @@ store=${STORE:-results/mlruns.db}
 missing() {  # missing GROUP -> "first count" per contiguous range of seeds seed0.. without a FINISHED run
   # (of this experiment, group and number of epochs: a cell re-run at another length trains again)
   .venv/bin/python - "$store" "$1" "$seed0" "$seeds" "${EXPERIMENT:-paper-claims}" "$epochs" <<'PY'
-import json, os, sqlite3, sys
+import os, sys
+sys.path.insert(0, ".")
+from pipelines.driver.results import GROUP_TAG, fetch_records, read_export
 store, group, seed0, n, experiment, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-done = set()
-if os.path.exists("results/runs.jsonl"):
-    with open("results/runs.jsonl") as f:
-        runs = [json.loads(line) for line in f if line.strip()][1:]          # line 1 is the format header
-    done = {int(r["params"]["seed"]) for r in runs
-            if r["status"] == "FINISHED" and r["tags"].get("ebm.group") == group and r.get("experiment") == experiment
-            and r["params"].get("optim.epochs") == epochs}
+runs = read_export("results/runs.jsonl", experiment) if os.path.exists("results/runs.jsonl") else []
 if os.path.exists(store):
-    with sqlite3.connect(store) as db:
-        done |= {int(v) for (v,) in db.execute(
-            "SELECT p.value FROM runs r JOIN experiments e ON e.experiment_id = r.experiment_id "
-            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'ebm.group' "
-            "JOIN params p ON p.run_uuid = r.run_uuid AND p.key = 'seed' "
-            "JOIN params ep ON ep.run_uuid = r.run_uuid AND ep.key = 'optim.epochs' "
-            "LEFT JOIN tags et ON et.run_uuid = r.run_uuid AND et.key = 'ebm.param.optim.epochs' "
-            "WHERE t.value = ? AND e.name = ? AND COALESCE(et.value, ep.value) = ? "
-            "AND r.status = 'FINISHED' AND r.lifecycle_stage = 'active'", (group, experiment, epochs))}
+    try:
+        runs += fetch_records(f"sqlite:///{store}", experiment)
+    except SystemExit:                   # no such experiment in the store yet
+        pass
+# params as the runs trained (a resumed run's ebm.param.* tags over its params: RunRecord)
+done = {int(r.params["seed"]) for r in runs if r.status == "FINISHED" and r.tags.get(GROUP_TAG) == group
+        and r.params.get("optim.epochs") == epochs}
 todo = [s for s in range(seed0, seed0 + n) if s not in done]
 while todo:
     k = 1
