@@ -120,10 +120,11 @@ def _predict(args) -> int:
                                         seed=args.seed, limits=lim)
         if args.workers:
             prm = params()
-            n = batch.predict_on_ray(p, args.input, args.out, split=args.split, prm=prm, limits=lim,
-                                     log_density=args.log_density, limit=args.limit, workers=args.workers,
-                                     use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                                     batch_size=args.batch_size, address=args.ray_address or None)
+            n, ess = batch.predict_on_ray(p, args.input, args.out, split=args.split, prm=prm, limits=lim,
+                                          log_density=args.log_density, limit=args.limit, workers=args.workers,
+                                          use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                                          batch_size=args.batch_size, address=args.ray_address or None)
+            _warn_few_samples(ess, prm, lim)
             print(f"{n} predictions -> {args.out}")
             return 0
         ids, values, y = model_eval.read_inputs(args.input, p, args.split)
@@ -131,8 +132,7 @@ def _predict(args) -> int:
             ids, values, y = ids[:args.limit], values[:args.limit], (y[:args.limit] if y is not None else None)
         prm = params()
         out = _predict_in_process(p, ids, values, y if args.log_density else None, prm, lim, args.batch_size)
-        if warning := serving.few_samples(out.get("ess", []), prm, lim):
-            print(f"ebm predict: warning: {warning}", file=sys.stderr)
+        _warn_few_samples(out.get("ess", []), prm, lim)
         if args.out == "-":
             import json
             print(json.dumps([dict(zip(["id", *out], row)) for row in zip(ids, *out.values())], indent=1))
@@ -151,6 +151,13 @@ def _predict(args) -> int:
         return 1
     print(f"{len(ids)} predictions -> {path}")
     return 0
+
+
+def _warn_few_samples(ess, prm, lim) -> None:
+    """Either path's rows' ESS / M -> :func:`serving.few_samples`'s warning on stderr, if any."""
+    from pipelines.serve import serving
+    if warning := serving.few_samples(ess, prm, lim):
+        print(f"ebm predict: warning: {warning}", file=sys.stderr)
 
 
 def _predict_in_process(p, ids, values, y, prm, lim, block: int) -> dict[str, list]:

@@ -221,10 +221,12 @@ class BatchPredictor:
 def predict_on_ray(p: serving.Predictor, src: str, out: str, *, split: str, prm: serving.Params,
                    limits: serving.Limits, log_density: bool, limit: int = 0, workers: int = 2,
                    use_gpu: bool = False, cpus_per_worker: float = 1.0, batch_size: int = 256,
-                   address: str | None = None) -> int:
+                   address: str | None = None) -> tuple[int, np.ndarray]:
     """Predict every row of ``src`` (a dataset split or a Parquet file) on ``workers`` Ray Data actors
-    and publish one Parquet file at ``out`` (see the module docstring). Returns the rows written. A
-    local Ray is started (and shut down) unless one is running or ``address`` names a cluster."""
+    and publish one Parquet file at ``out`` (see the module docstring). Returns the rows written and
+    their ``ess`` column (float32, 4 bytes a row, read as the rows are published: what
+    :func:`serving.few_samples` needs, as on the single-process path). A local Ray is started (and shut
+    down) unless one is running or ``address`` names a cluster."""
     files = input_files(src, split)
     pl = plan(p, files, log_density, limit)
     if not pl.units:
@@ -242,13 +244,19 @@ def predict_on_ray(p: serving.Predictor, src: str, out: str, *, split: str, prm:
         if failure is not None:
             raise failure
         schema = output_schema(p, prm, log_density)
-        n = publish_parquet(out, schema, _in_row_order(staging, pl.rows))
+        ess: list[np.ndarray] = []
+
+        def tap(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+            for t in tables:
+                ess.append(t.column("ess").to_numpy().astype(np.float32))
+                yield t
+        n = publish_parquet(out, schema, tap(_in_row_order(staging, pl.rows)))
     finally:
         storage.delete_dir(staging)
         if started:
             ray.shutdown()
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)      # set by ray_init for the Ray it started
-    return n
+    return n, (np.concatenate(ess) if ess else np.empty(0, np.float32))
 
 
 def _write(ds, path: str, fs) -> BaseException | None:

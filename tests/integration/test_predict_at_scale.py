@@ -79,10 +79,15 @@ def test_the_ray_data_path_writes_what_the_single_process_path_writes(star, ray_
     from pipelines.serve import serving
     one, ray_out = tmp_path / "one.parquet", tmp_path / "ray.parquet"
     assert main(["predict", star["ckpt"], "--input", str(star["data"]), "--out", str(one), *FLAGS]) == 0
+    warned = capsys.readouterr().err
     # 2 actors, batches of 50 rows: batches straddle row groups and shards, and neither actor sees all
     assert main(["predict", star["ckpt"], "--input", str(star["data"]), "--out", str(ray_out), *FLAGS,
                  "--workers", "2", "--batch-size", "50"]) == 0
-    assert "700 predictions" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "700 predictions" in said.out
+    # M = 24 leaves ~1 effective sample per 5 % tail: both paths warn, with the same rows' figures
+    assert "ebm predict: warning: the 90% intervals of 700 of 700 rows rest on fewer than 10" in warned
+    assert [ln for ln in said.err.splitlines() if "warning" in ln] == [ln for ln in warned.splitlines() if "warning" in ln]
     assert pq.read_schema(ray_out) == pq.read_schema(one)
     a, b = pd.read_parquet(one), pd.read_parquet(ray_out)
     assert len(a) == 700 and list(a["id"]) == [f"star:test:{i:06d}" for i in range(700)]
@@ -187,6 +192,7 @@ def test_a_bad_row_fails_the_job_naming_it_and_leaves_no_output(star, ray_local,
     out = tmp_path / "ok.parquet"
     assert main(["predict", star["ckpt"], "--input", str(src), "--out", str(out), "--M", "8", "--workers", "2"]) == 0
     assert list(pd.read_parquet(out)["id"][:3]) == ["row 0", "row 1", "row 2"]
+    assert "rest on fewer than 10 effective samples" in capsys.readouterr().err     # M = 8: the warning
     images[430] = b"not an image"
     pq.write_table(pa.table({"image": pa.array(images, pa.binary())}), src, row_group_size=100)
     for extra in ([], ["--workers", "2"]):
