@@ -25,9 +25,7 @@ def ray_init(address: str | None, num_cpus: int | None = None, resources: dict |
     if address:
         ray.init(address=address, log_to_driver=True, logging_config=logging_config)
         return False
-    # A local, single-node Ray is never drained or preempted: no preemption watcher (its actor logs an
-    # error line at every start). Token auth stays on as Ray 2.60 sets it up, without its warning.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Token auth stays on as Ray 2.60 sets it up, without its warning.
     import logging
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Ray 2.60 turns _node_ip_address="127.0.0.1" into the host's IP (services.resolve_ip_for_localhost)
@@ -97,6 +95,12 @@ def build_trainer(cfg: Config, *, name: str, storage_path: str, num_workers: int
     from ray.train.torch import TorchTrainer
 
     from pipelines.worker import loop
+    # No preemption watcher: its actor (restartable, arguments in the object store) makes the controller
+    # log an error line at every start (ray#53727), on a cluster too, and it only hands a drain notice to
+    # the training function, which ours does not read (it checkpoints every epoch). A preempted worker is
+    # still charged to Train's preemption retry budget (RayActorError.preempted). Train passes this
+    # variable from the process that builds the trainer (a driver, a Tune trial) to its controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     datasets = None
     if ray_data and cfg.task.data_dir:
         from pipelines.data.readers import ray_dataset
