@@ -215,8 +215,8 @@ def loopback_head(tmp: Path, object_store_bytes: int = 200_000_000, inherit_env:
     head whose agent cannot bind refuses every job). ``inherit_env``: start from this process's
     environment (else without its RAY_* and MLFLOW_* variables). Log: ``tmp/head.log``.
 
-    Yields ``{"address": dashboard URL (the job server), "env": the head's environment, "tmp": tmp,
-    "pid": the head's pid}``."""
+    Yields ``{"address": dashboard URL (the job server), "gcs": HOST:PORT for ``ray.init`` /
+    ``ebm train --ray-address``, "env": the head's environment, "tmp": tmp, "pid": the head's pid}``."""
     ray_tmp = tempfile.mkdtemp(prefix="ebmh", dir="/tmp")      # short: AF_UNIX paths must fit in 107 bytes
     port, dash = free_port(), free_port()
     base = os.environ if inherit_env else {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
@@ -231,7 +231,7 @@ def loopback_head(tmp: Path, object_store_bytes: int = 200_000_000, inherit_env:
     address = f"http://127.0.0.1:{dash}"
     try:
         _wait(lambda: bool(_get(f"{address}/api/version")), proc, log, "ray head", 120)
-        yield {"address": address, "env": env, "tmp": Path(tmp), "pid": proc.pid}
+        yield {"address": address, "gcs": f"127.0.0.1:{port}", "env": env, "tmp": Path(tmp), "pid": proc.pid}
     finally:
         _stop(proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
