@@ -14,7 +14,7 @@ interruption (until then the export lists such a run as unfinished). Needs the r
     .venv/bin/python results/extend_runs.py --epochs 45 --set optim.lr=1e-4 --groups 'star/conv_*' --dry-run
 
 ``--set KEY=VALUE`` changes the config for the added epochs (a step decay of the learning rate, say);
-the resumed run records the change (tags ``ebm.config_change`` and ``ebm.param.<key>``).
+the resumed run records the change (tags ``ebm.config_change.<epochs before it>`` and ``ebm.param.<key>``; the tables show the lr schedule).
 """
 from __future__ import annotations
 

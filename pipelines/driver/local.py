@@ -137,7 +137,7 @@ def _train_seeds(cfg, name, seeds, resume, allow_config_change, storage, track, 
                         **identity.tags(), GROUP_TAG: group, COMMAND_TAG: command, "ebm.mode": "local",
                         **tracking.package_versions()}
                 run_id = tracking.start_run(uri, experiment, run_name, c.to_flat(), tags, c.to_toml(), reopen=resume)
-                runs.reopened(uri, run_id, plan.changes)
+                runs.reopened(uri, run_id, plan)
             results.append(_one_seed(c, run_name, plan, storage, data, uri, run_id,     # one data load for all seeds
                                      prefix=f"[seed {c.seed}] " if seeds > 1 else ""))
     finally:

@@ -27,8 +27,8 @@ COLUMNS = (("test NLL", "test_nll"), ("IS NLL", "test_is_nll"), ("KL", "test_kl"
            ("90% cover.", "test_coverage"), ("sel. epoch", "selected_epoch"),
            ("wall time (s)", "train_time_s"), ("CPU time (s)", "train_cpu_s"))
 # params shown per group, so that a scaled-down protocol is visible in the table itself
-PARAMS = (("method", "method.name"), ("K", "proposal.K"), ("epochs", "optim.epochs"), ("M", "sampler.M_train"),
-          ("select", "eval.select"))
+PARAMS = (("method", "method.name"), ("K", "proposal.K"), ("epochs", "optim.epochs"), ("lr", "optim.lr"),
+          ("M", "sampler.M_train"), ("select", "eval.select"))
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Group:
         return [r.metrics[metric] for r in self.runs if metric in r.metrics and math.isfinite(r.metrics[metric])]
 
     def param(self, key: str) -> str:
-        vals = sorted({r.params.get(key, "") for r in self.runs})
+        vals = sorted({lr_schedule(r) if key == "optim.lr" else r.params.get(key, "") for r in self.runs})
         return vals[0] if len(vals) == 1 else "mixed: " + "/".join(vals)
 
     def seeds(self) -> list[str]:
@@ -79,6 +79,24 @@ class Group:
         out = [(r.tags.get("seed", "?"), int(r.metrics["selected_epoch"])) for r in self.runs
                if math.isfinite(r.metrics.get("selected_epoch", math.nan))]
         return sorted(out, key=lambda t: (len(t[0]), t[0]))
+
+
+def lr_schedule(r: RunRecord) -> str:
+    """The learning rates a run trained with: ``0.001``, or with a step decay recorded by a resume
+    (``ebm train --resume ... --allow-config-change --set optim.lr=...``) ``0.001, 0.0001 after 30``
+    (epochs)."""
+    from pipelines.driver.runs import config_history
+    steps = [(at, ch["optim.lr"]) for at, ch in config_history(r.tags) if "optim.lr" in ch]
+    if not steps:
+        return _num(r.params.get("optim.lr", ""))
+    return ", ".join([_num(steps[0][1][0])] + [f"{_num(new)} after {'?' if at is None else at}" for at, (_, new) in steps])
+
+
+def _num(v) -> str:
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -147,18 +147,36 @@ def finished_in(uri: str | None, name: str) -> Callable[[], bool]:
     return check
 
 
-def reopened(uri: str, run_id: str, changes: dict) -> None:
+def reopened(uri: str, run_id: str, plan: Plan) -> None:
     """A run (re)starting: the reason an earlier attempt stopped no longer holds; the config changes of
-    the resume (raised epochs, what ``--allow-config-change`` let through) are recorded, and every param
-    the run now trains with under another value is tagged ``ebm.param.<key>`` (MLflow params cannot change)."""
+    a resume (raised epochs, what ``--allow-config-change`` let through) are recorded as
+    ``ebm.config_change.<N>`` (N = the epochs trained before them, so that every resume's changes are
+    kept: a step decay's schedule), and every param the run now trains with under another value is
+    tagged ``ebm.param.<key>`` (MLflow params cannot change)."""
     from pipelines import tracking
     client = tracking.open_client(uri)
     if STOP_REASON_TAG in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, STOP_REASON_TAG)
-    if changes:
-        tracking.set_tag(uri, run_id, CONFIG_CHANGE_TAG, json.dumps(changes)[:5000])
-    for k, (_, new) in changes.items():
+    if plan.changes and plan.state is not None:
+        tracking.set_tag(uri, run_id, f"{CONFIG_CHANGE_TAG}.{plan.state['epoch'] + 1}",
+                         json.dumps(plan.changes)[:5000])
+    for k, (_, new) in plan.changes.items():
         tracking.set_tag(uri, run_id, tracking.PARAM_TAG_PREFIX + k, str(new)[:5000])
+
+
+def config_history(tags: dict) -> list[tuple[int | None, dict]]:
+    """A run's recorded config changes, oldest first: [(epochs trained before them, {key: [old, new]})].
+    Runs recorded before the changes were keyed by epoch hold one ``ebm.config_change`` (the last
+    resume's); its epoch is the old ``optim.epochs`` when that changed (a finished run continued), else
+    unknown (None)."""
+    out = []
+    for k, v in tags.items():
+        if k == CONFIG_CHANGE_TAG or k.startswith(CONFIG_CHANGE_TAG + "."):
+            ch = json.loads(v)
+            at = (int(k.rsplit(".", 1)[1]) if k != CONFIG_CHANGE_TAG else
+                  (int(ch["optim.epochs"][0]) if "optim.epochs" in ch else None))
+            out.append((at, ch))
+    return sorted(out, key=lambda t: (t[0] is None, t[0] or 0))
 
 
 def finish(uri: str | None, run_id: str | None, last: dict, checkpoint_dir: str | None, epochs: int) -> dict:

@@ -201,7 +201,7 @@ def run_job(cfg: Config, *, name: str, resume: bool = False, allow_config_change
         tags = {"git_sha": tracking.git_sha(), "seed": str(cfg.seed), "task": task.name, "method": cfg.method.name,
                 **identity.tags(), "ebm.mode": "ray", **tracking.package_versions()}
         run_id = tracking.start_run(uri, experiment, name, cfg.to_flat(), tags, cfg.to_toml(), reopen=resume)
-        runs.reopened(uri, run_id, plan.changes)
+        runs.reopened(uri, run_id, plan)
         return run_id
 
     status = "FAILED"

@@ -114,7 +114,7 @@ def train_trial(config: dict, job: dict) -> None:
             "ebm.mode": "tune-in-process" if job.get("in_process") else "tune-ray-train"}
     # a rerun of an errored trial (a resumed sweep) continues from its checkpoint and reopens its MLflow run
     run_id = tracking.start_run(uri, job["experiment"], name, cfg.to_flat(), tags, cfg.to_toml(), reopen=True)
-    runs.reopened(uri, run_id, {})
+    runs.reopened(uri, run_id, runs.Plan())
     status = "FAILED"
     try:
         if job.get("in_process"):

@@ -65,7 +65,10 @@ def test_resume_rules(store, capsys):
     assert main(["train", "debug", "--local", "--resume", "r", "--set", "optim.epochs=4", "--set", "optim.lr=0.005",
                  "--allow-config-change", *FAST]) == 0
     (again,) = _runs(c, "r")
-    assert '"optim.lr": [0.01, 0.005]' in again.data.tags["ebm.config_change"]
+    assert '"optim.lr": [0.01, 0.005]' in again.data.tags["ebm.config_change.3"]      # after 3 epochs
+    assert RunRecord.from_mlflow(again, "ebm").params["optim.lr"] == "0.005"
+    from pipelines.driver.results import lr_schedule
+    assert lr_schedule(RunRecord.from_mlflow(again, "ebm")) == "0.01, 0.005 after 3"
     # and the new lr is the one the optimiser stepped with (restoring its state must not bring back 0.01)
     import glob
 

@@ -85,6 +85,23 @@ def test_figures_are_the_lowest_seed_density_plots_of_the_matching_groups(tmp_pa
 
 # --- decided claims: Welch's t with known answers ---------------------------------------------------
 
+def test_the_lr_column_shows_a_step_decay_recorded_by_resumes():
+    def rec(tags, lr="0.001"):
+        return results.RunRecord("r", "e", "FINISHED", {"optim.lr": lr}, {}, tags)
+    assert results.lr_schedule(rec({})) == "0.001"
+    # two resumes, each with its own epoch-keyed change (the second also raised epochs only)
+    two = rec({"ebm.config_change.30": json.dumps({"optim.epochs": [30, 45], "optim.lr": [0.001, 0.0001]}),
+               "ebm.config_change.45": json.dumps({"optim.epochs": [45, 60], "optim.lr": [0.0001, 1e-05]}),
+               "ebm.config_change.50": json.dumps({"optim.epochs": [60, 70]})}, lr="1e-05")
+    assert results.lr_schedule(two) == "0.001, 0.0001 after 30, 1e-05 after 45"
+    # a run recorded before the changes were keyed by epoch: the old optim.epochs says when, if it changed
+    assert results.lr_schedule(rec({"ebm.config_change": json.dumps({"optim.epochs": [30, 45], "optim.lr": [0.001, 0.0001]})},
+                                   lr="0.0001")) == "0.001, 0.0001 after 30"
+    assert results.lr_schedule(rec({"ebm.config_change": json.dumps({"optim.lr": [0.001, 0.0005]})})) == "0.001, 0.0005 after ?"
+    g = results.Group("toyX/a", "toyX", [rec({}), two])
+    assert g.param("optim.lr") == "mixed: 0.001/0.001, 0.0001 after 30, 1e-05 after 45"
+
+
 def test_welch_matches_the_textbook_example_and_scipy():
     from scipy import stats
 
