@@ -14,8 +14,11 @@
 #
 # Protocols (docs/RESULTS.md sections 2 and 3):
 #   toys    paper protocol: 75 epochs, M_train 1024, last epoch (eval.select = last), seeds 0-19
-#   images  converged: $IMAGE_EPOCHS epochs (default 30), validation every epoch, the checkpoint with
-#           the lowest validation NLL (eval.select = best_val) for every method, seeds 0-9 in two halves
+#   images  converged: $IMAGE_EPOCHS epochs (default 30) at lr 1e-3, then a step decay: every run of the
+#           task's cells continued to $DECAY_EPOCHS epochs (default 1.5 x) at lr $DECAY_LR (default 1e-4;
+#           results/extend_runs.py, after both queues; DECAY_EPOCHS=0 skips it); validation every epoch,
+#           the checkpoint with the lowest validation NLL (eval.select = best_val) over all epochs, for
+#           every method alike; seeds 0-9 in two halves
 #
 # Estimates: CPU seconds per seed (toys, 75 epochs) or per seed and epoch (images, with a validation each
 # epoch), one thread. Toys: issue 7's CPU-time columns (a 5-epoch toy 2 learned-proposal run measured
@@ -41,6 +44,8 @@ if [[ -n ${EBM_BATCH_SESSION:-} && -w /proc/self/autogroup ]]; then
 fi
 CELLS="learned_K4 nce_fixed mdn_K4 mdn_K8 teacher_K4 teacher_K8"
 IMAGE_EPOCHS=${IMAGE_EPOCHS:-30}
+DECAY_EPOCHS=${DECAY_EPOCHS:-$((IMAGE_EPOCHS * 3 / 2))}
+DECAY_LR=${DECAY_LR:-1e-4}
 IMAGE_SET="--set eval.every=1 --set eval.select=best_val"
 FASHION_DATA=data/fashion4k
 declare -A TOY_S=([toy2]="learned_K4=49.5 nce_fixed=36.6 mdn_K4=4.9 mdn_K8=4.7 teacher_K4=53.2 teacher_K8=54.0"
@@ -73,7 +78,7 @@ batch() {  # batch NAME -> "config epochs m seed0 seeds queueA | queueB" per que
 hours() {  # hours QUEUE_LINE -> estimated hours of one queue on an otherwise idle core
   read -r config epochs m seed0 seeds cells <<< "$1"
   if [[ $config == toy* ]]; then cost "${TOY_S[$config]}" "$cells" "$seeds"
-  else cost "${IMG_S[$config]}" "$cells" "$((seeds * epochs))"; fi
+  else cost "${IMG_S[$config]}" "$cells" "$((seeds * (DECAY_EPOCHS > epochs ? DECAY_EPOCHS : epochs)))"; fi
 }
 
 queue() {  # queue QUEUE_LINE: the cells one after another
@@ -122,6 +127,13 @@ while read -r line; do
 done <<< "$lines"
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
+if [[ $1 != toys && $DECAY_EPOCHS -gt $IMAGE_EPOCHS ]]; then
+  # the step decay, for the task's finished runs still short of it (this batch's, and any earlier)
+  echo "$(date +%T) batch $1: step decay, runs continued to $DECAY_EPOCHS epochs at lr $DECAY_LR"
+  .venv/bin/python results/extend_runs.py --epochs "$DECAY_EPOCHS" --set "optim.lr=$DECAY_LR" \
+    --groups "${1%_*}/conv_*" --queues 2 --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" \
+    --experiment "${EXPERIMENT:-paper-claims}" || rc=1
+fi
 .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" \
   --export results/runs.jsonl || rc=1
 echo "$(date +%T) batch $1 done (rc=$rc); commit results/runs.jsonl, then: make results"
