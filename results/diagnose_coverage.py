@@ -10,17 +10,21 @@ grid density itself under-covers, the EBM is over-confident (the model). Each ru
 (artifact ``checkpoint/checkpoint.pt``: the selected epoch's model) is evaluated with the same PIT rule
 as training's evaluation (ebm.calibration), the same seed for every M.
 
+The figures are logged to each run as ``diag_*`` metrics (``diag_epoch``: the selected epoch evaluated),
+so that the export keeps them and the results page's ``{{diagnosis GLOB...}}`` table is rebuilt by
+``make results`` without the checkpoints; the table printed here is that one. ``--no-log`` only prints.
+MLflow keeps every metric ever logged: diagnose a run again with the same ``--M`` list.
+
     .venv/bin/python results/diagnose_coverage.py --groups 'star/conv_learned_K4' --seeds 0 1 --M 64 256 1024 4096
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
 def main() -> int:
@@ -31,6 +35,7 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="*", default=[], help="only these seeds (default: every finished run)")
     ap.add_argument("--M", nargs="+", type=int, default=[64, 256, 1024, 4096], help="IS sample counts")
     ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--no-log", action="store_true", help="print the table only; log nothing to the runs")
     args = ap.parse_args()
 
     import torch
@@ -40,25 +45,23 @@ def main() -> int:
     from ebm.data import load_data
     from ebm.predict import predict
     from pipelines import tracking
-    from pipelines.driver.results import collect, select
+    from pipelines.driver.results import Group, collect, select
+    from pipelines.driver.results_page import DIAG_EPOCH, LEVELS, diag_metrics, diagnosis_table
     from pipelines.serve.serving import from_state
 
     torch.set_num_threads(1)
     uri = tracking.resolve_uri(args.tracking_uri)
     c = tracking.open_client(uri)
-    runs = [(g.name, r) for g in select(collect(uri, args.experiment), args.groups) for r in g.runs
-            if not args.seeds or r.tags.get("seed") in args.seeds]
-    if not runs:
+    todo = [(g, r) for g in select(collect(uri, args.experiment), args.groups) for r in g.runs if not args.seeds or r.tags.get("seed") in args.seeds]
+    if not todo:
         print(f"no finished runs in {', '.join(args.groups)}" + (f" with seeds {args.seeds}" if args.seeds else ""))
         return 1
-    head = ["run", "source", "M", "ESS/M"] + [f"{round(lv * 100)}%" for lv in LEVELS]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for group, r in sorted(runs, key=lambda gr: (gr[0], int(gr[1].tags.get("seed", 0)))):
+    shown: dict[str, Group] = {}
+    for g, r in sorted(todo, key=lambda gr: (gr[0].name, int(gr[1].tags.get("seed", 0)))):
         p = from_state(checkpoint.load(c.download_artifacts(r.run_id, "checkpoint/checkpoint.pt")))
         task, splits = load_data(p.cfg)
         test = splits["test"]
         grid = torch.as_tensor(task.grid()[0], dtype=torch.float32) if task.D == 1 else None
-        name = f"`{group}` seed {r.tags.get('seed')} (epoch {int(r.metrics.get('selected_epoch', -1))})"
         pits: dict[tuple[str, int | None], list] = {}
         ess: dict[int, list] = {}
         with torch.no_grad():
@@ -75,10 +78,17 @@ def main() -> int:
                                  generator=torch.Generator().manual_seed(s))
                     pits.setdefault(("prediction", M), []).append(C.pit_weighted(pr.samples, pr.weights, y, task.circular))
                     ess.setdefault(M, []).append(pr.ess)
-        for (k, M), chunks in sorted(pits.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
-            cov = C.coverage(torch.cat(chunks).reshape(-1, 1), LEVELS)[:, 0].tolist()
-            e = f"{torch.cat(ess[M]).float().mean().item():.3f}" if M else ""
-            print(f"| {name} | {k} | {M or ''} | {e} | " + " | ".join(f"{v:.3f}" for v in cov) + " |", flush=True)
+        found = {DIAG_EPOCH: float(r.metrics.get("selected_epoch", -1))}
+        for (k, M), chunks in pits.items():
+            cov = C.coverage(torch.cat(chunks).reshape(-1, 1), [lv / 100 for lv in LEVELS])[:, 0].tolist()
+            found.update(diag_metrics(k, cov, M, torch.cat(ess[M]).float().mean().item() if M else None))
+        if not args.no_log:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            c.log_batch(r.run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(found.items())])
+        r.metrics.update(found)
+        shown.setdefault(g.name, Group(g.name, g.task)).runs.append(r)
+    print(diagnosis_table(list(shown.values())), end="", flush=True)
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 16's long runs in batches that each fit in about 2.5 hours on this 2-core machine: two queues
+# Issue 16's long runs in batches that each take about 2.5-2.75 hours on this 2-core machine: two queues
 # (one per core, one torch thread, nice 19) run side by side, and when both end the batch's runs are
 # exported from the store to results/runs.jsonl (merged with the earlier batches'), so that
 # `make results` rebuilds docs/RESULTS.md from the committed export without the store.

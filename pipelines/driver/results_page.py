@@ -12,6 +12,8 @@ A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it i
     {{calfigure FILE SOURCES GLOB...}}  a calibration figure (PIT histogram, coverage vs nominal level) of
                                         the groups, written to FILE beside the page; SOURCES is a comma list
                                         (e.g. prediction,ebm_grid): per group the first one it logged
+    {{diagnosis GLOB...}}               per run that results/diagnose_coverage.py logged (``diag_*``
+                                        metrics): coverage per source, the prediction at each M with its ESS
 
 Statistics (docs/RESULTS.md states them): per cell mean, sample std (ddof = 1) and standard error
 std/√n; a claim "A vs B" takes d = mean_A − mean_B, Welch's se = √(s_A²/n_A + s_B²/n_B), t = d/se and
@@ -282,6 +284,54 @@ def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
     return "\n".join(lines) + "\n"
 
 
+DIAG_EPOCH = "diag_epoch"        # the selected epoch of the checkpoint results/diagnose_coverage.py evaluated
+
+
+def diag_metrics(source: str, coverages: list[float], M: int | None = None, ess: float | None = None) -> dict:
+    """The ``diag_*`` metrics of one source (``prediction`` with its M and mean ESS / M), coverages at LEVELS."""
+    key = f"diag_coverage_{source}" + (f"_M{M}" if M else "")
+    out = {f"{key}_{lv}": float(v) for lv, v in zip(LEVELS, coverages)}
+    if M and ess is not None:
+        out[f"diag_ess_M{M}"] = float(ess)
+    return out
+
+
+def diagnosis_table(groups: list[Group]) -> str:
+    """One block of rows per diagnosed run: the EBM on its grid, the proposal alone, the IS prediction at
+    each M (with its mean ESS / M). A run whose selected epoch moved since it was diagnosed (continued
+    by extend_runs) is listed as stale instead: its figures are another model's."""
+    head = ["run", "source", "M", "ESS/M"] + [f"{lv}%" for lv in LEVELS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    stale = []
+    for g in groups:
+        for r in sorted(g.runs, key=lambda r: int(r.tags.get("seed", "0"))):
+            m = r.metrics
+            if DIAG_EPOCH not in m:
+                continue
+            name = f"`{g.name}` seed {r.tags.get('seed', '?')}"
+            if int(m[DIAG_EPOCH]) != int(m.get("selected_epoch", m[DIAG_EPOCH])):
+                stale.append(f"{name} (diagnosed at epoch {int(m[DIAG_EPOCH])}, now selects {int(m['selected_epoch'])})")
+                continue
+            rows = []
+            for source in ("ebm_grid", "prediction", "proposal"):
+                ms = sorted({int(k.split("_M")[1].split("_")[0]) for k in m if k.startswith(f"diag_coverage_{source}_M")})
+                for M in ms or [None]:
+                    key = f"diag_coverage_{source}" + (f"_M{M}" if M else "")
+                    if all(f"{key}_{lv}" in m for lv in LEVELS):
+                        ess = f"{m[f'diag_ess_M{M}']:.3f}" if M and f"diag_ess_M{M}" in m else ""
+                        rows.append(f"{source} | {M or ''} | {ess} | " + " | ".join(f"{m[f'{key}_{lv}']:.3f}" for lv in LEVELS))
+            of = f"; {r.params['optim.epochs']} epochs" if r.params.get("optim.epochs") else ""
+            for i, row in enumerate(rows):
+                lines.append(f"| {f'{name} (selected epoch {int(m[DIAG_EPOCH])}{of})' if i == 0 else ''} | {row} |")
+    if len(lines) == 2 and not stale:
+        return "*(no run of these groups was diagnosed: results/diagnose_coverage.py logs its figures to the runs)*\n"
+    text = "\n".join(lines) + "\n" if len(lines) > 2 else ""
+    if stale:
+        text += ("\nDiagnosed before their selected epoch changed (re-run results/diagnose_coverage.py on them): "
+                 + "; ".join(stale) + ".\n")
+    return text
+
+
 def _none(patterns: list[str]) -> str:
     return f"*(no finished runs yet in groups matching {', '.join(f'`{p}`' for p in patterns)})*\n"
 
@@ -295,7 +345,7 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
             raise ValueError(f"{{{{calfigure {args}}}}}: expected FILE SOURCE GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return calibration_figure(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
-    if kind in ("table", "calibration", "convergence", "pit"):
+    if kind in ("table", "calibration", "convergence", "pit", "diagnosis"):
         if not words:
             raise ValueError(f"{{{{{kind}}}}} needs group patterns")
         chosen = [g for g in select(groups, words) if g.runs]
@@ -305,6 +355,8 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
             return calibration_table(chosen)
         if kind == "pit":
             return pit_table(chosen)
+        if kind == "diagnosis":
+            return diagnosis_table(chosen)
         if kind == "convergence":
             return convergence_table(chosen)
         return "\n".join(table([g for g in chosen if g.task == t]) for t in sorted({g.task for g in chosen}))
@@ -320,7 +372,7 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return floor_table(chosen, words[0], words[1])
     raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, pit, calfigure, "
-                     "claims, floor)")
+                     "diagnosis, claims, floor)")
 
 
 def render_page(template: str, groups: list[Group], note: str, out_dir: Path | None = None) -> str:

@@ -38,14 +38,19 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     where = ["--tracking-uri", uri, "--experiment", "e", "--groups", "dbg/*"]
 
     out = _script("diagnose_coverage.py", *where, "--seeds", "1", "--M", "16", "256")
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| `dbg/learned`")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("`dbg/learned` seed 1 (epoch 1)", s, m) for s, m in
-                                                  (("ebm_grid", ""), ("prediction", "16"), ("prediction", "256"),
-                                                   ("proposal", ""))]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| run ")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("`dbg/learned` seed 1 (selected epoch 1; 2 epochs)", "ebm_grid", ""),
+                                                  ("", "prediction", "16"), ("", "prediction", "256"), ("", "proposal", "")]
     for r in rows:
         cov = [float(v) for v in r[4:]]
         assert len(cov) == 4 and all(0 <= a <= b <= 1 for a, b in zip(cov, cov[1:]))     # 50 ≤ 80 ≤ 90 ≤ 95 %
         assert (0 < float(r[3]) <= 1) if r[1] == "prediction" else r[3] == ""            # ESS / M
+    # logged to the run: the page's {{diagnosis}} table, rebuilt from the store (or its export), is the same
+    from pipelines.driver.results_page import directive
+    (g,) = collect(uri, "e")
+    assert directive("diagnosis", "dbg/*", [g]) == out
+    assert "diag_epoch" not in next(r for r in g.runs if r.tags["seed"] == "0").metrics    # seed 0 was not diagnosed
 
     out = _script("extend_runs.py", *where, "--epochs", "3", "--logs", str(tmp_path / "logs"))
     assert out.startswith("2 runs to continue to 3 epochs (0 already there) in dbg/*")
@@ -58,5 +63,13 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
         assert [m.step for m in c.get_metric_history(r.info.run_id, "val_nll")] == [0, 1, 2]
     (g,) = collect(uri, "e")
     assert g.param("optim.epochs") == "3"                              # the tables read the new length
+    # seed 1's diagnosis was of the epoch-1 model: if the continued run now selects another epoch, the
+    # page says its diagnosis is stale instead of showing another model's figures
+    one = next(r for r in g.runs if r.tags["seed"] == "1")
+    page = directive("diagnosis", "dbg/*", [g])
+    if one.metrics["selected_epoch"] != 1:
+        assert "Diagnosed before their selected epoch changed" in page and "| ebm_grid |" not in page
+    else:
+        assert page == out.replace("2 epochs", "3 epochs")
     assert _script("extend_runs.py", *where, "--epochs", "3").startswith(
         "0 runs to continue to 3 epochs (2 already there)")
