@@ -250,6 +250,10 @@ def _set_phase(model: torch.nn.Module, cfg: Config, epoch: int) -> tuple[int, ..
     return tuple(sorted(frozen))
 
 
+# the row's keys that measure time (they differ between two otherwise identical runs)
+TIMING_KEYS = ("epoch_time_s", "examples_per_s", "data_wait_frac", "elapsed_s", "elapsed_cpu_s")
+
+
 def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
           max_nonfinite_in_row: int = MAX_NONFINITE_IN_ROW) -> LoopResult:
     """Train ``cfg`` on ``data`` from scratch or from a checkpoint dict ``resume``, evaluating on every
@@ -296,7 +300,10 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
 
     epochs, history, row = cfg.optim.epochs, [], {}
     last_val = best["val_nll"] if best else NOT_VALIDATED
-    t_start = time.perf_counter()
+    # the run's training time so far, carried on by every checkpoint (a resumed run counts its earlier attempts)
+    before = resume.get("metrics", {}) if resume is not None else {}
+    base_wall, base_cpu = float(before.get("elapsed_s", 0.0)), float(before.get("elapsed_cpu_s", 0.0))
+    t_start, c_start = time.perf_counter(), time.process_time()
     for epoch in range(start, epochs):
         t0 = time.perf_counter()
         frozen = _set_phase(model, cfg, epoch)
@@ -323,6 +330,8 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
         row["validated"] = float("val_nll" in row)     # this epoch's own validation, or a carried value
         last_val = row.setdefault("val_nll", last_val)  # Tune's schedulers need one every epoch
         row["epoch_time_s"] = time.perf_counter() - t0
+        row["elapsed_s"] = base_wall + time.perf_counter() - t_start
+        row["elapsed_cpu_s"] = base_cpu + time.process_time() - c_start
         done = epoch + 1 - start
         eta = (time.perf_counter() - t_start) / done * (epochs - epoch - 1)
         rt.log(f"{format_epoch(row, epochs)} | ETA {eta:.0f} s")

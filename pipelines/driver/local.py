@@ -6,7 +6,7 @@ Ray Train job. Each seed is one run, written from this process only: the flat co
 for git SHA, seed, task, method, data fingerprint, package versions, ``ebm.group`` (what ``ebm
 results`` groups by) and ``ebm.command``; per-epoch metrics and density plots; the final checkpoint
 and ``test_*`` metrics, ``train_time_s`` (wall) and ``train_cpu_s`` (this process's CPU time; both
-include the final test evaluation); status FINISHED, FAILED (reason tagged), or KILLED on
+include the final test evaluation, and a resumed run's earlier attempts up to its checkpoint); status FINISHED, FAILED (reason tagged), or KILLED on
 Ctrl-C/SIGTERM.
 """
 from __future__ import annotations
@@ -155,6 +155,22 @@ def _train_rows(cfg: Config) -> str:
     return str(read_metadata(cfg.task.data_dir)["splits"]["train"]["rows"]) if cfg.task.data_dir else "(generated)"
 
 
+def _earlier_time(plan: runs.Plan, uri: str | None, run_id: str | None) -> tuple[float, float]:
+    """Wall and CPU seconds a resumed run trained before this attempt: what its checkpoint carries
+    (``elapsed_s``, ``elapsed_cpu_s``), or for a checkpoint written before those were recorded, the
+    times its finished attempt logged (a killed attempt logged none)."""
+    if plan.state is None:
+        return 0.0, 0.0
+    m = plan.state.get("metrics", {})
+    if "elapsed_s" in m:
+        return float(m["elapsed_s"]), float(m.get("elapsed_cpu_s", 0.0))
+    if not (uri and run_id):
+        return 0.0, 0.0
+    from pipelines import tracking
+    logged = tracking.open_client(uri).get_run(run_id).data.metrics
+    return float(logged.get("train_time_s", 0.0)), float(logged.get("train_cpu_s", 0.0))
+
+
 def _one_seed(cfg: Config, name: str, plan: runs.Plan, storage: str, data, uri, run_id, prefix: str) -> dict:
     from pipelines import tracking
     from pipelines import storage as fs
@@ -164,10 +180,13 @@ def _one_seed(cfg: Config, name: str, plan: runs.Plan, storage: str, data, uri, 
     status = "FAILED"
     try:
         t0, c0 = time.perf_counter(), time.process_time()
+        earlier = _earlier_time(plan, uri, run_id)
         # a run stopped after its last checkpoint and before it was marked FINISHED is only finalised
         last = dict(plan.state["metrics"]) if plan.finalize_only else dict(train(cfg, data, rt, plan.state).last)
-        # wall time depends on what else the machine runs; CPU time of this process much less so
-        last.update(train_time_s=time.perf_counter() - t0, train_cpu_s=time.process_time() - c0)
+        # wall time depends on what else the machine runs; CPU time of this process much less so; a
+        # resumed run's earlier attempts count (up to the checkpoint it resumed from)
+        last.update(train_time_s=earlier[0] + time.perf_counter() - t0,
+                    train_cpu_s=earlier[1] + time.process_time() - c0)
         final = rt.last_dir or plan.checkpoint_dir      # what this run wrote last, or the one it finalises
         runs.finish(uri, run_id, last, str(final) if final else None, cfg.optim.epochs)
         if uri:

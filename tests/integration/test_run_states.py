@@ -56,6 +56,11 @@ def test_resume_rules(store, capsys):
     (again,) = _runs(c, "r")
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [0, 1, 2]
+    # its training time counts both attempts: the checkpoints carry the time so far on, epoch by epoch
+    elapsed = [m.value for m in sorted(c.get_metric_history(run.info.run_id, "elapsed_s"), key=lambda m: m.step)]
+    assert len(elapsed) == 3 and elapsed[0] < elapsed[1] < elapsed[2]
+    assert again.data.metrics["train_time_s"] > max(elapsed[1], run.data.metrics["train_time_s"] - 1e-9)
+    assert again.data.metrics["train_cpu_s"] > run.data.metrics["train_cpu_s"]
     # MLflow keeps the first value of a param; the epochs the run now trains for are its tag, which
     # the results tables read over the param
     assert again.data.params["optim.epochs"] == "2" and again.data.tags["ebm.param.optim.epochs"] == "3"
