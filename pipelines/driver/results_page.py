@@ -259,16 +259,26 @@ def _trend(curve: list) -> float | None:
     return statistics.fmean(vals[-k:]) - statistics.fmean(vals[-2 * k:-k])
 
 
+def _final_lr_phase(r, curve: list) -> list:
+    """The points of a run's curve trained at its final learning rate: after its last recorded lr
+    change (a step decay), else all of them. A trend across the change would read the decay's drop as
+    the run still improving."""
+    from pipelines.driver.runs import config_history
+    steps = [at for at, ch in config_history(r.tags) if "optim.lr" in ch and at is not None]
+    return [sv for sv in curve if sv[0] >= steps[-1]] if steps else curve
+
+
 def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
     """From each run's validation curve (an export's ``history``): the epoch of its lowest value, that
     value, the value at the last epoch, how many runs had their best in the last fifth of the epochs,
-    and the trend over the last two fifths (:func:`_trend`; clearly below 0: still improving, train
-    longer)."""
+    and the trend over the last two fifths of the epochs at the final learning rate (:func:`_trend`,
+    :func:`_final_lr_phase`; clearly below 0: still improving, train longer)."""
     head = ["group", "seeds", "epochs", "best epoch: median [min–max]", f"best `{metric}`", f"last `{metric}`",
-            "best in the last fifth", "trend: last fifth − the fifth before"]
+            "best in the last fifth", "trend: last fifth − the fifth before (at the final lr)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        curves = [sorted(r.history[metric]) for r in g.runs if r.history.get(metric)]
+        runs = [r for r in g.runs if r.history.get(metric)]
+        curves = [sorted(r.history[metric]) for r in runs]
         if not curves:
             lines.append(f"| `{g.name}` | {len(g.runs)} | {g.param('optim.epochs')} | no `{metric}` curve logged |"
                          " | | | |")
@@ -277,7 +287,7 @@ def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
         at = sorted(int(b[0]) for b in best)
         last_step = [int(c[-1][0]) for c in curves]
         late = sum(b[0] >= min(ls, 0.8 * (ls + 1)) for b, ls in zip(best, last_step))     # the last epoch always counts
-        trends = [t for t in (_trend(c) for c in curves) if t is not None]
+        trends = [t for t in (_trend(_final_lr_phase(r, c)) for r, c in zip(runs, curves)) if t is not None]
         lines.append(f"| `{g.name}` | {len(curves)} | {g.param('optim.epochs')} | {at[len(at) // 2]} [{at[0]}–{at[-1]}] | "
                      f"{_cell([b[1] for b in best])} | {_cell([c[-1][1] for c in curves])} | {late} of {len(curves)} | "
                      f"{_cell(trends) if trends else '—'} |")

@@ -119,6 +119,20 @@ def test_the_diagnosis_table_shows_diagnosed_runs_and_names_stale_ones():
     assert "no run of these groups was diagnosed" in diagnosis_table([results.Group("star/y", "star", [never])])
 
 
+def test_the_convergence_trend_is_taken_at_the_final_learning_rate():
+    from pipelines.driver.results_page import convergence_table
+    # 30 flat epochs at lr 1e-3, then 15 flat ones lower after a step decay: the fifth before the last
+    # (epochs 27-35) straddles the drop; at the final lr the curve is flat
+    curve = [[e, 1.0 if e < 30 else 0.8] for e in range(45)]
+    decayed = {"ebm.config_change.30": json.dumps({"optim.epochs": [30, 45], "optim.lr": [0.001, 0.0001]})}
+    rec = results.RunRecord("r", "e", "FINISHED", {"optim.epochs": "45"}, {}, decayed, {"val_nll": curve})
+    row = convergence_table([results.Group("star/d", "star", [rec])]).splitlines()[2]
+    assert row.endswith("| 0.000 ± 0.000 |"), row
+    undecayed = results.RunRecord("r", "e", "FINISHED", {"optim.epochs": "45"}, {}, {}, {"val_nll": curve})
+    row = convergence_table([results.Group("star/d", "star", [undecayed])]).splitlines()[2]
+    assert row.endswith("| -0.067 ± 0.000 |"), row            # the drop, read as still improving
+
+
 def test_welch_matches_the_textbook_example_and_scipy():
     from scipy import stats
 
