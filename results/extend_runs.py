@@ -15,6 +15,12 @@ interruption (until then the export lists such a run as unfinished). Needs the r
 
 ``--set KEY=VALUE`` changes the config for the added epochs (a step decay of the learning rate, say);
 the resumed run records the change (tags ``ebm.config_change.<epochs before it>`` and ``ebm.param.<key>``; the tables show the lr schedule).
+
+``--interrupted`` (no ``--epochs``): continue the runs of the groups that an interruption stopped — KILLED
+ones, and RUNNING ones no process of this machine trains any more (their trainer was ended with the
+session or the machine; they are marked KILLED first) — each to its own recorded length and config,
+unless a FINISHED run of the same group and seed exists. It refuses while an ``ebm train`` of those
+groups runs here (the store is this machine's). ``results/run_issue16.sh BATCH`` starts with it.
 """
 from __future__ import annotations
 
@@ -77,12 +83,54 @@ def resume_command(command: str, run_name: str, seed: str, epochs: int, changes:
     return out + (["--allow-config-change"] if changes else []) + ["--resume", run_name]
 
 
+def live_trainers(groups: list[str]) -> list[tuple[int, str]]:
+    """(pid, command line) of the ``ebm train`` processes on this machine whose ``--group`` matches one
+    of ``groups`` (glob patterns), or that resume a run of such a group (``--resume GROUP-...``)."""
+    import fnmatch
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "train" not in argv or not any(a.endswith("ebm") for a in argv[:3]):
+            continue
+        names = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--group", "--resume")]
+        if any(fnmatch.fnmatchcase(n.rsplit("-seed", 1)[0], p) or fnmatch.fnmatchcase(n, p) for n in names for p in groups):
+            found.append((int(d.name), " ".join(argv).strip()))
+    return found
+
+
+def interrupted(records: list, groups: list[str]) -> tuple[list, list]:
+    """-> (runs to continue: KILLED or RUNNING runs of ``groups`` with no FINISHED run of the same group
+    and seed, RUNNING ones among them to be marked KILLED first). Each is continued to its own recorded
+    length with its recorded values (the ``ebm.param.<key>`` tags of earlier resumes)."""
+    import fnmatch
+
+    from pipelines.driver.results import GROUP_TAG
+    ours = [r for r in records if any(fnmatch.fnmatchcase(r.tags.get(GROUP_TAG, ""), p) for p in groups)]
+    done = {(r.tags[GROUP_TAG], r.params.get("seed")) for r in ours if r.status == "FINISHED"}
+    todo = [r for r in ours if r.status in ("KILLED", "RUNNING") and (r.tags[GROUP_TAG], r.params.get("seed")) not in done]
+    return todo, [r for r in todo if r.status == "RUNNING"]
+
+
+def recorded_changes(r) -> list[str]:
+    """KEY=VALUE for every value an earlier resume changed (tags ``ebm.param.<key>``), epochs aside."""
+    from pipelines.tracking import PARAM_TAG_PREFIX
+    return [f"{k[len(PARAM_TAG_PREFIX):]}={v}" for k, v in sorted(r.tags.items())
+            if k.startswith(PARAM_TAG_PREFIX) and k != PARAM_TAG_PREFIX + "optim.epochs"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tracking-uri", default="sqlite:///results/mlruns.db")
     ap.add_argument("--experiment", default="paper-claims")
     ap.add_argument("--groups", nargs="+", required=True, help="ebm.group glob patterns")
-    ap.add_argument("--epochs", type=int, required=True, help="the runs' new length")
+    ap.add_argument("--epochs", type=int, help="the runs' new length")
+    ap.add_argument("--interrupted", action="store_true",
+                    help="continue the runs an interruption stopped, each to its own length (no --epochs)")
     ap.add_argument("--set", dest="changes", action="append", default=[], metavar="KEY=VALUE",
                     help="a config change for the added epochs (e.g. optim.lr=1e-4: a step decay), recorded on the run")
     ap.add_argument("--queues", type=int, default=2)
@@ -99,6 +147,10 @@ def main() -> int:
         check_changes(args.changes)
     except ValueError as e:
         ap.error(str(e))
+    if args.interrupted == (args.epochs is not None) or (args.interrupted and args.changes):
+        ap.error("give --epochs N (with --set changes), or --interrupted alone")
+    if args.interrupted:
+        return continue_interrupted(args, uri)
     todo, skipped = [], 0
     # FINISHED runs shorter than N, and runs an earlier extension left KILLED or FAILED (their
     # ebm.param.optim.epochs tag already says N: they are continued from their latest checkpoint)
@@ -116,6 +168,36 @@ def main() -> int:
                                                                        else f" ({r.status}, continued)"), cmd))
     print(f"{len(todo)} runs to continue to {args.epochs} epochs ({skipped} already there) in "
           f"{', '.join(args.groups)}", flush=True)
+    return run_queues(args, todo)
+
+
+def continue_interrupted(args, uri: str) -> int:
+    from pipelines import tracking
+    from pipelines.driver.results import GROUP_TAG, fetch_records
+    from pipelines.driver.runs import STOP_REASON_TAG
+    live = live_trainers(args.groups)
+    if live:
+        print(f"an ebm train of {', '.join(args.groups)} runs on this machine (pid {live[0][0]}: {live[0][1][:200]}): "
+              "its runs are not interrupted; nothing done")
+        return 1
+    todo, orphans = interrupted(fetch_records(uri, args.experiment), args.groups)
+    if orphans and not args.dry_run:
+        c = tracking.open_client(uri)
+        for r in orphans:
+            c.set_tag(r.run_id, STOP_REASON_TAG, "interrupted: RUNNING with no trainer left on this machine (the "
+                                                 "session or the machine ended); continued from its latest checkpoint")
+            c.set_terminated(r.run_id, "KILLED")
+    items = [(f"{r.tags[GROUP_TAG]} seed {r.params['seed']} ({r.status}, continued to {r.params['optim.epochs']})",
+              resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"],
+                             int(r.params["optim.epochs"]), recorded_changes(r)))
+             for r in sorted(todo, key=lambda r: (r.tags[GROUP_TAG], int(r.params.get("seed", "0"))))]
+    print(f"{len(items)} interrupted runs to continue in {', '.join(args.groups)} ({len(orphans)} left RUNNING "
+          f"{'would be' if args.dry_run else 'were'} marked KILLED)", flush=True)
+    return run_queues(args, items)
+
+
+def run_queues(args, todo: list) -> int:
+    """Run the (description, command) items over ``args.queues`` queues; 1 if any failed."""
     if args.dry_run or not todo:
         for what, cmd in todo:
             print(f"{what}: {shlex.join(cmd)}")

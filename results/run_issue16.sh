@@ -6,7 +6,8 @@
 #
 #   results/run_issue16.sh list      the batches, their cells and seeds, and the estimated hours
 #   results/run_issue16.sh BATCH     run one batch (toys, star_a, star_b, fashion_a, fashion_b); run again
-#                                    after an interruption, it trains only the seeds not yet finished
+#                                    after an interruption, it first continues the interrupted runs from
+#                                    their checkpoints, then trains only the seeds not yet finished
 #   results/run_issue16.sh extend EPOCHS GLOB...   continue the finished runs of the matching groups to
 #                                    EPOCHS epochs (results/extend_runs.py: an image cell still improving
 #                                    at its last epoch), two queues, then export; EXTEND_SET="--set
@@ -117,6 +118,14 @@ if [[ $1 == fashion* && ! -f $FASHION_DATA/_dataset.json ]]; then
   .venv/bin/ebm data ingest fashion_rotation --out "$FASHION_DATA" --n-train 4000 --n-val 500 --n-test 1000 || exit 1
 fi
 mkdir -p results/logs
+# first the runs an interruption stopped (the end of a session, a restart): continued from their latest
+# checkpoints to their own length; refused (and the batch not started) while a trainer of these groups runs
+groups=()
+while read -r config _; do
+  if [[ $config == toy* ]]; then groups+=("$config/p20_*"); else groups+=("$config/conv_*"); fi
+done <<< "$lines"
+.venv/bin/python results/extend_runs.py --interrupted --groups "${groups[@]}" --queues 2 \
+  --tracking-uri "sqlite:///${STORE:-results/mlruns.db}" --experiment "${EXPERIMENT:-paper-claims}" || exit 1
 pids=()
 i=0
 while read -r line; do

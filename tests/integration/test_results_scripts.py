@@ -73,3 +73,55 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
         assert page == out.replace("2 epochs", "3 epochs")
     assert _script("extend_runs.py", *where, "--epochs", "3").startswith(
         "0 runs to continue to 3 epochs (2 already there)")
+
+
+def test_a_batch_continues_the_runs_an_interruption_stopped(tmp_path, monkeypatch):
+    """A trainer killed mid-run (SIGKILL: the session ended) leaves its MLflow run RUNNING. While a trainer
+    of the group lives, ``extend_runs.py --interrupted`` refuses; once none does, it marks the run KILLED
+    and continues it from its latest checkpoint to its own length, in the same MLflow run."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/m.db"
+    ebm = os.path.join(os.path.dirname(sys.executable), "ebm")
+    env = {**os.environ, "EBM_STORAGE_PATH": str(tmp_path / "runs"), "RAY_USAGE_STATS_ENABLED": "0"}
+    monkeypatch.setenv("EBM_STORAGE_PATH", str(tmp_path / "runs"))
+    epochs = 4
+    trainer = subprocess.Popen([ebm, "train", "debug", "--local", "--seeds", "1", "--tracking-uri", uri, "--experiment",
+                                "e", "--group", "dbg/cut", "--set", f"optim.epochs={epochs}", *SMALL, "--threads", "1"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "runs" / "dbg").glob("cut-seed0-*/checkpoint_*")):
+            assert trainer.poll() is None and time.monotonic() < deadline, "no checkpoint from the trainer"
+            time.sleep(0.02)
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("e").experiment_id])
+    cut = len(c.get_metric_history(run.info.run_id, "train_loss"))
+    # stopped mid-run (maybe before its first epoch reached MLflow: the checkpoint is written first), never ended
+    assert run.info.status == "RUNNING" and cut < epochs
+    where = ["--tracking-uri", uri, "--experiment", "e", "--groups", "dbg/*"]
+    # a trainer of the group alive on this machine (another batch): nothing is touched
+    other = subprocess.Popen([ebm, "train", "debug", "--local", "--tracking-uri", uri, "--experiment", "e", "--group",
+                              "dbg/other", "--set", "optim.epochs=500", "--no-track"], cwd=tmp_path, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        r = subprocess.run([sys.executable, str(ROOT / "results" / "extend_runs.py"), "--interrupted", *where],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"pid {other.pid}" in r.stdout and "nothing done" in r.stdout, r.stdout + r.stderr
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()
+    assert c.get_run(run.info.run_id).info.status == "RUNNING"
+    out = _script("extend_runs.py", "--interrupted", *where, "--logs", str(tmp_path / "logs"))
+    assert out.startswith("1 interrupted runs to continue in dbg/* (1 left RUNNING were marked KILLED)")
+    (again,) = c.search_runs([c.get_experiment_by_name("e").experiment_id])
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")][-1] == epochs - 1
+    assert "ebm.stop_reason" not in again.data.tags and "test_nll" in again.data.metrics
+    assert _script("extend_runs.py", "--interrupted", *where).startswith("0 interrupted runs")
