@@ -86,8 +86,8 @@ def crps_weighted(samples: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
     """CRPS per example and dim from weighted samples: E|X − y| − ½E|X − X'|.
 
     samples (B, M, D), w (B, M) summing to 1, y (B, D) -> (B, D). Linear dims use the sorted O(M log M)
-    form of E|X − X'|; circular dims use the geodesic distance (a valid kernel score on the circle)
-    with the exact pairwise form.
+    form of E|X − X'|; circular dims use the geodesic distance (a valid kernel score on the circle),
+    also in a sorted O(M log M) form (:func:`_geodesic_pair_mean`).
     """
     B, M, D = samples.shape
     wd = w.unsqueeze(-1).expand(B, M, D)
@@ -99,12 +99,30 @@ def crps_weighted(samples: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
     # E|X − X'| = 2 Σ_i w_i x_(i) (2 F_i − w_i − 1) for sorted samples with cumulative weight F_i.
     e2 = 2.0 * (ws * xs * (2.0 * cum - ws - 1.0)).sum(1)
     if any(circular):
-        circ = circ_mask(circular, samples.device)
+        e2 = e2.clone()
         for d in [i for i, c in enumerate(circular) if c]:
-            diff = wrap_diff(samples[:, :, d].unsqueeze(2) - samples[:, :, d].unsqueeze(1), (True,)).abs()
-            e2_c = torch.einsum("bi,bij,bj->b", w, diff, w)
-            e2 = torch.where(circ & (torch.arange(D, device=circ.device) == d), e2_c.unsqueeze(1), e2)
+            e2[:, d] = _geodesic_pair_mean(samples[:, :, d], w).to(e2.dtype)
     return e1 - 0.5 * e2
+
+
+def _geodesic_pair_mean(theta: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_i Σ_j w_i w_j d(θ_i, θ_j) for angles (B, M) and weights (B, M), d the geodesic distance on the
+    circle, in O(M log M) (the pairwise form costs M² differences: most of a star validation's time).
+    Sorted on [0, 2π) and unrolled twice: from each θ_j the points less than π ahead are at θ_i − θ_j,
+    the rest at θ_j + 2π − θ_i, both sums read off prefix sums of w and w·θ (float64)."""
+    B, M = theta.shape
+    t, order = torch.sort(torch.remainder(theta.double(), TWO_PI), dim=1)
+    ws = torch.gather(w.double(), 1, order)
+    te, we = torch.cat([t, t + TWO_PI], 1), torch.cat([ws, ws], 1)
+    zero = torch.zeros(B, 1, dtype=te.dtype, device=te.device)
+    pw = torch.cat([zero, torch.cumsum(we, 1)], 1)                  # pw[:, k] = Σ_{i<k} we_i
+    px = torch.cat([zero, torch.cumsum(we * te, 1)], 1)
+    k = torch.searchsorted(te, t + math.pi)                          # first point at least π ahead: j < k ≤ j + M
+    j = torch.arange(M, device=te.device).expand(B, M)
+    g = lambda a, idx: torch.gather(a, 1, idx)  # noqa: E731
+    ahead = (g(px, k) - g(px, j + 1)) - t * (g(pw, k) - g(pw, j + 1))
+    behind = (t + TWO_PI) * (g(pw, j + M) - g(pw, k)) - (g(px, j + M) - g(px, k))
+    return (ws * (ahead + behind)).sum(1)
 
 
 def abs_error(pred: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...]) -> torch.Tensor:

@@ -110,6 +110,23 @@ def test_circular_crps_uses_the_geodesic_distance():
     torch.testing.assert_close(M.crps_weighted(s, w, y, (True,)), torch.tensor([[0.05]]))
 
 
+def test_circular_crps_in_sorted_form_equals_the_pairwise_definition():
+    from ebm.circular import wrap_diff
+    g = torch.Generator().manual_seed(3)
+    s = torch.rand(4, 257, 2, generator=g) * 14 - 7          # angles far outside [0, 2π) too, and a linear dim
+    s[0, :40, 0] = 1.0                                        # ties
+    s[1, :100, 0], s[1, 100:200, 0] = 0.5, 0.5 + math.pi      # antipodal points, at distance π exactly
+    s[2, :, 0] = torch.remainder(s[2, :, 0], 0.3)             # all within a short arc
+    w = torch.softmax(torch.randn(4, 257, generator=g) * 3, 1)
+    y = torch.randn(4, 2, generator=g)
+    diff = wrap_diff(s[:, :, 0].unsqueeze(2) - s[:, :, 0].unsqueeze(1), (True,)).abs()
+    pairs = torch.einsum("bi,bij,bj->b", w.double(), diff.double(), w.double())      # the definition, M² terms
+    e1 = (w * wrap_diff(s[:, :, 0] - y[:, :1], (True,)).abs()).sum(1)
+    got = M.crps_weighted(s, w, y, (True, False))
+    torch.testing.assert_close(got[:, 0].double(), (e1.double() - 0.5 * pairs), rtol=0, atol=2e-6)
+    torch.testing.assert_close(got[:, 1], M.crps_weighted(s[:, :, 1:], w, y[:, 1:], (False,))[:, 0])
+
+
 def test_circular_summaries_wrap_through_zero():
     s = torch.tensor([[[0.1], [2 * math.pi - 0.1], [0.05], [2 * math.pi - 0.05]]])
     out = summarize(s, torch.zeros(1, 4), (True,), (0.5,), 0.9)
