@@ -137,6 +137,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--logs", default="results/logs", help="queue N's training output goes to LOGS/extend.qN.log")
     args = ap.parse_args()
+    args.groups = list(dict.fromkeys(args.groups))          # a batch's two queues may name the same task
 
     import fnmatch
 
