@@ -131,7 +131,7 @@ COVERED: dict[str, object] = {
     ".venv/bin/ebm results paper-claims --tracking-uri sqlite:///results/mlruns.db --groups $g --out - --figures /tmp/figs":
         RESULTS,
     "done": PAPER,
-    ".venv/bin/python results/diagnose_coverage.py --groups star/conv_learned_K4 star/conv_nce_fixed --seeds 0": DIAGNOSE,
+    ".venv/bin/python results/diagnose_coverage.py --groups star/conv_learned_K4 star/conv_nce_fixed": DIAGNOSE,
     ".venv/bin/python results/diagnose_coverage.py --groups toy1/p20_learned_K4 toy2/p20_learned_K4 --seeds 0 1":
         DIAGNOSE,
     # docs/scaling.md
