@@ -10,6 +10,7 @@
 #          EXTRA       more --set arguments, e.g. EXTRA="--set task.data_dir=data/fashion4k"
 #          SEEDS SEED0 seeds SEED0 .. SEED0+SEEDS-1 (default 5 seeds from 0)
 #          EXPERIMENT STORE  MLflow experiment and SQLite store (default paper-claims, results/mlruns.db)
+#          DRY_RUN=1   print the ranges of seeds each cell would train, train nothing
 # A cell resumes: seeds whose run of the group already FINISHED (in the store, or in the committed export
 # results/runs.jsonl when the store is from another machine) are not trained again, so a batch cut by a
 # restart is started again with the same command; the missing seeds run as contiguous ranges, one
@@ -22,7 +23,8 @@ seeds=${SEEDS:-5}; seed0=${SEED0:-0}
 store=${STORE:-results/mlruns.db}
 
 missing() {  # missing GROUP -> "first count" per contiguous range of seeds seed0.. without a FINISHED run
-  # (of this experiment, group and number of epochs: a cell re-run at another length trains again)
+  # (of this experiment and group, started at this number of epochs: a cell re-run at another length
+  # trains again; a run continued since, by the step decay, is done)
   .venv/bin/python - "$store" "$1" "$seed0" "$seeds" "${EXPERIMENT:-paper-claims}" "$epochs" <<'PY'
 import os, sys
 sys.path.insert(0, ".")
@@ -34,9 +36,10 @@ if os.path.exists(store):
         runs += fetch_records(f"sqlite:///{store}", experiment)
     except SystemExit:                   # no such experiment in the store yet
         pass
-# params as the runs trained (a resumed run's ebm.param.* tags over its params: RunRecord)
+# done: a FINISHED run of the seed started at this length (one continued since, by the step decay or an
+# extension, still counts: it is this cell's run for that seed)
 done = {int(r.params["seed"]) for r in runs if r.status == "FINISHED" and r.tags.get(GROUP_TAG) == group
-        and r.params.get("optim.epochs") == epochs}
+        and r.started_epochs() == int(epochs)}
 todo = [s for s in range(seed0, seed0 + n) if s not in done]
 while todo:
     k = 1
@@ -58,6 +61,7 @@ for cell in "$@"; do
   [[ -z $ranges ]] && { echo "=== $task/${PREFIX:-}$cell: seeds $seed0..$((seed0 + seeds - 1)) all finished in $store"; continue; }
   while read -r first count; do
     echo "=== $(date +%T) $task/${PREFIX:-}$cell seeds $first..$((first + count - 1))"
+    [[ -n ${DRY_RUN:-} ]] && continue
     # shellcheck disable=SC2086  # EXTRA is a list of arguments
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/ebm train "$config" --local --seeds "$count" \
       --experiment "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///$store" \

@@ -54,6 +54,16 @@ class RunRecord:
                    {k: v for k, v in tags.items() if not k.startswith("mlflow.")}, history or {})
 
 
+    def started_epochs(self) -> int | None:
+        """The number of epochs the run was started with (its protocol's first phase), whatever later
+        resumes raised it to: the old value of its first recorded ``optim.epochs`` change, else its
+        ``optim.epochs``."""
+        from pipelines.driver.runs import config_history
+        first = next((ch["optim.epochs"][0] for _, ch in config_history(self.tags) if "optim.epochs" in ch),
+                     self.params.get("optim.epochs"))
+        return int(first) if first not in (None, "") else None
+
+
 @dataclass
 class Group:
     name: str

@@ -32,7 +32,7 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("EBM_STORAGE_PATH", str(tmp_path / "runs"))       # the checkpoints extend_runs resumes
     uri = f"sqlite:///{tmp_path}/m.db"
     argv = ["train", "debug", "--local", "--seeds", "2", "--tracking-uri", uri, "--experiment", "e",
-            "--group", "dbg/learned", "--set", "optim.epochs=2", *SMALL]
+            "--group", "dbg/learned_K4", "--set", "optim.epochs=2", *SMALL]
     monkeypatch.setattr("sys.argv", ["ebm", *argv])
     assert cli.main(argv) == 0
     where = ["--tracking-uri", uri, "--experiment", "e", "--groups", "dbg/*"]
@@ -40,7 +40,7 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     out = _script("diagnose_coverage.py", *where, "--seeds", "1", "--M", "16", "256")
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
             if line.startswith("| ") and not line.startswith("| run ")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("`dbg/learned` seed 1 (selected epoch 1; 2 epochs)", "ebm_grid", ""),
+    assert [(r[0], r[1], r[2]) for r in rows] == [("`dbg/learned_K4` seed 1 (selected epoch 1; 2 epochs)", "ebm_grid", ""),
                                                   ("", "prediction", "16"), ("", "prediction", "256"), ("", "proposal", "")]
     for r in rows:
         cov = [float(v) for v in r[4:]]
@@ -73,6 +73,14 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
         assert page == out.replace("2 epochs", "3 epochs")
     assert _script("extend_runs.py", *where, "--epochs", "3").startswith(
         "0 runs to continue to 3 epochs (2 already there)")
+    # a batch run again counts the continued seeds as done (they were started at its length, 2 epochs):
+    # only seed 2 of 0..2 is missing
+    r = subprocess.run(["bash", str(ROOT / "results" / "run_cells.sh"), "debug", "2", "128", "learned_K4"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "DRY_RUN": "1", "TASK": "dbg", "SEEDS": "3", "STORE": str(tmp_path / "m.db"),
+                            "EXPERIMENT": "e"})
+    assert r.returncode == 0 and [ln.split(" ", 2)[2] for ln in r.stdout.splitlines()] == ["dbg/learned_K4 seeds 2..2"], \
+        r.stdout + r.stderr
 
 
 def test_a_batch_continues_the_runs_an_interruption_stopped(tmp_path, monkeypatch):
