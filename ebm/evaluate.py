@@ -49,9 +49,10 @@ def true_log_density(task: TaskSpec, x: torch.Tensor, aux: dict, grid: torch.Ten
 
 
 def add_kl(model, task: TaskSpec, x: torch.Tensor, aux: dict, grid: torch.Tensor, add,
-           ebm_scores: torch.Tensor | None = None) -> None:
+           ebm_scores: torch.Tensor | None = None, mix=None) -> None:
     """KL(p_true || model) on the task's 1-D grid for a batch of inputs, for the EBM and the proposal.
-    ``ebm_scores``: the EBM's scores f on this grid (B, G) when the caller has them (the grid NLL's)."""
+    ``ebm_scores`` (the EBM's scores f on this grid, (B, G)) and ``mix`` (the proposal of x): what the
+    caller has computed already (the grid NLL's scores, the proposal NLL's mixture)."""
     lp_true = true_log_density(task, x.cpu(), aux, grid.cpu())
     if lp_true is None:
         return
@@ -60,7 +61,7 @@ def add_kl(model, task: TaskSpec, x: torch.Tensor, aux: dict, grid: torch.Tensor
         f = ebm_scores if ebm_scores is not None else M.model_log_density_on_grid(model, x, g, True)
         add("kl_ebm", M.kl_on_grid(lp_true, f.cpu()))
     if model.has_proposal:
-        add("kl_proposal", M.kl_on_grid(lp_true, M.model_log_density_on_grid(model, x, g, False).cpu()))
+        add("kl_proposal", M.kl_on_grid(lp_true, M.model_log_density_on_grid(model, x, g, False, mix=mix).cpu()))
 
 
 def _is_mdn(cfg: Config) -> bool:
@@ -181,7 +182,7 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
     x, y = split.x[s:e].to(device), split.y[s:e].to(device)
     aux = {k: np.asarray(v)[s:e] for k, v in split.aux.items()}
     pits = {}       # ebm.calibration's sources -> PIT (B, D), for the coverage at COVERAGE_LEVELS
-    scores = None   # the EBM's scores on the grid, once: the grid NLL, its PIT and the KL read them
+    scores = mix = None     # the EBM's scores on the grid and the proposal, once: the NLLs, PITs and KL read them
     if use_grid:
         nll, scores = M.grid_nll(model, x, y, grids, task.cell_volume(), with_scores=True)
         add("grid_nll", nll)
@@ -221,4 +222,4 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
             for k in range(PIT_BINS):
                 add(pit_key(source, k), (b == k).float())
     if task.has_true_density and task.D == 1 and task.name != "toy1":
-        add_kl(model, task, x, aux, grids[0], add, ebm_scores=scores)
+        add_kl(model, task, x, aux, grids[0], add, ebm_scores=scores, mix=mix)

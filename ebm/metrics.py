@@ -72,12 +72,13 @@ def kl_on_grid(log_p_true: torch.Tensor, log_p_model: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def model_log_density_on_grid(model, x: torch.Tensor, grid: torch.Tensor, use_energy: bool = True) -> torch.Tensor:
-    """Unnormalised log density of the EBM (f) or the proposal (log q) on grid (G, D) -> (B, G)."""
-    enc = model.encode(x)
+def model_log_density_on_grid(model, x: torch.Tensor, grid: torch.Tensor, use_energy: bool = True,
+                              mix=None) -> torch.Tensor:
+    """Unnormalised log density of the EBM (f) or the proposal (log q) on grid (G, D) -> (B, G);
+    ``mix``: the proposal of x when the caller has it already."""
     if use_energy and model.has_energy:
-        return scores_on_grid(model, enc, grid)
-    mix = model.propose(enc)
+        return scores_on_grid(model, model.encode(x), grid)
+    mix = model.propose(model.encode(x)) if mix is None else mix
     return mix.log_prob(grid.unsqueeze(0).expand(x.shape[0], -1, -1))
 
 

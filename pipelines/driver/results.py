@@ -54,6 +54,11 @@ class RunRecord:
                    {k: v for k, v in tags.items() if not k.startswith("mlflow.")}, history or {})
 
 
+    def lr_steps(self) -> list[tuple[int | None, tuple]]:
+        """The run's recorded learning-rate changes, oldest first: [(epochs trained before, (old, new))]."""
+        from pipelines.driver.runs import config_history
+        return [(at, tuple(ch["optim.lr"])) for at, ch in config_history(self.tags) if "optim.lr" in ch]
+
     def started_epochs(self) -> int | None:
         """The number of epochs the run was started with (its protocol's first phase), whatever later
         resumes raised it to: the old value of its first recorded ``optim.epochs`` change, else its
@@ -95,8 +100,7 @@ def lr_schedule(r: RunRecord) -> str:
     """The learning rates a run trained with: ``0.001``, or with a step decay recorded by a resume
     (``ebm train --resume ... --allow-config-change --set optim.lr=...``) ``0.001, 0.0001 after 30``
     (epochs)."""
-    from pipelines.driver.runs import config_history
-    steps = [(at, ch["optim.lr"]) for at, ch in config_history(r.tags) if "optim.lr" in ch]
+    steps = r.lr_steps()
     if not steps:
         return _num(r.params.get("optim.lr", ""))
     return ", ".join([_num(steps[0][1][0])] + [f"{_num(new)} after {'?' if at is None else at}" for at, (_, new) in steps])

@@ -263,8 +263,7 @@ def _final_lr_phase(r, curve: list) -> list:
     """The points of a run's curve trained at its final learning rate: after its last recorded lr
     change (a step decay), else all of them. A trend across the change would read the decay's drop as
     the run still improving."""
-    from pipelines.driver.runs import config_history
-    steps = [at for at, ch in config_history(r.tags) if "optim.lr" in ch and at is not None]
+    steps = [at for at, _ in r.lr_steps() if at is not None]
     return [sv for sv in curve if sv[0] >= steps[-1]] if steps else curve
 
 
