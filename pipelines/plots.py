@@ -156,6 +156,41 @@ def cells_calibration_figure(cells: list[dict], path: str | Path, title: str = "
     return Path(path)
 
 
+def cells_curves_figure(cells: list[dict], path: str | Path, metric: str, title: str = "") -> Path:
+    """A results page's learning-curve figure: per cell (a group of seeds) the mean over seeds of a
+    validation metric at each epoch with the band from its lowest to its highest seed, a dotted line at
+    each learning-rate change, and a dot at the epochs the seeds selected. Each cell is a dict with
+    ``name``, ``epochs`` (E,), ``mean``, ``lo``, ``hi`` (E,), ``seeds`` (how many runs have each epoch,
+    (E,)), ``lr_changes`` (epochs at which the rate changed) and ``selected`` ([(epoch, value)])."""
+    fig, ax = plt.subplots(figsize=(10, 5), layout="constrained")
+    changes = sorted({e for c in cells for e in c["lr_changes"]})
+    for e in changes:
+        ax.axvline(e - 0.5, color="0.5", ls=":", lw=1)
+    tops = []
+    for i, c in enumerate(cells):
+        colour = f"C{i % 10}"
+        ep, m = np.asarray(c["epochs"]), np.asarray(c["mean"], dtype=float)
+        n = np.asarray(c["seeds"])
+        ax.fill_between(ep, c["lo"], c["hi"], color=colour, alpha=0.15, lw=0)
+        ax.plot(ep, m, color=colour, lw=1.6, label=f"{c['name']} ({n.max()} seeds)")
+        if c["selected"]:
+            sx, sy = zip(*c["selected"])
+            ax.plot(sx, sy, "o", color=colour, ms=3.5, alpha=0.8)
+        tops.append(np.nanmax(m[len(m) // 5:]) if len(m) >= 5 else np.nanmax(m))
+    lows = [np.nanmin(c["lo"]) for c in cells]
+    if tops and lows:        # the first fifth's steep fall is cut off: the plateau and the decay are the point
+        lo, hi = min(lows), max(tops)
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+    ax.set_xlabel("epoch (counted from 0; dotted: learning-rate change; dots: the seeds' selected epochs)")
+    ax.set_ylabel(f"{metric} (mean over seeds; band: lowest to highest seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2, frameon=False)
+    ax.set_title(title, fontsize=11)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def _x_text(x: torch.Tensor, names: list[str] | None) -> str:
     vals = x.reshape(-1).tolist()
     names = names or (["x"] if len(vals) == 1 else [f"x{j}" for j in range(len(vals))])

@@ -12,6 +12,9 @@ A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it i
     {{calfigure FILE SOURCES GLOB...}}  a calibration figure (PIT histogram, coverage vs nominal level) of
                                         the groups, written to FILE beside the page; SOURCES is a comma list
                                         (e.g. prediction,ebm_grid): per group the first one it logged
+    {{curves FILE METRIC GLOB...}}      the groups' validation curves of METRIC (an exported history, e.g.
+                                        val_nll): mean over seeds per epoch, lowest–highest seed band, the
+                                        lr changes and the selected epochs, written to FILE beside the page
     {{diagnosis GLOB...}}               per run that results/diagnose_coverage.py logged (``diag_*``
                                         metrics): coverage per source, the prediction at each M with its ESS
 
@@ -248,6 +251,48 @@ def calibration_figure(groups: list[Group], sources: str, file: str, out_dir: Pa
     return f"![calibration of {' or '.join(f'`{s}`' for s in names)}: {', '.join(c['name'] for c in cells)}]({file})\n"
 
 
+def curve_cells(groups: list[Group], metric: str) -> list[dict]:
+    """Per group with ``metric`` curves in its runs' history, what the curves figure draws
+    (:func:`pipelines.plots.cells_curves_figure`): per epoch the mean, lowest and highest value over the
+    runs that reached it, the epochs at which the runs' learning rate changed, and each run's selected
+    epoch with its value."""
+    cells = []
+    for g in groups:
+        runs = [r for r in g.runs if r.history.get(metric)]
+        if not runs:
+            continue
+        by_epoch: dict[int, list[float]] = {}
+        selected = []
+        for r in runs:
+            curve = {int(s): v for s, v in r.history[metric]}
+            for s, v in curve.items():
+                by_epoch.setdefault(s, []).append(v)
+            e = r.metrics.get("selected_epoch", math.nan)
+            if math.isfinite(e) and int(e) in curve:
+                selected.append((int(e), curve[int(e)]))
+        epochs = sorted(by_epoch)
+        cells.append({"name": g.name, "epochs": epochs, "mean": [statistics.fmean(by_epoch[e]) for e in epochs],
+                      "lo": [min(by_epoch[e]) for e in epochs], "hi": [max(by_epoch[e]) for e in epochs],
+                      "seeds": [len(by_epoch[e]) for e in epochs], "selected": selected,
+                      "lr_changes": sorted({at for r in runs for at, _ in r.lr_steps() if at is not None})})
+    return cells
+
+
+def curves_figure(groups: list[Group], metric: str, file: str, out_dir: Path | None) -> str:
+    """Draw the groups' ``metric`` curves (:func:`curve_cells`) into ``out_dir / file`` and return the
+    markdown that shows it."""
+    if out_dir is None:
+        raise ValueError("{{curves}} writes a figure beside the page: give --out a file, not -")
+    cells = curve_cells(groups, metric)
+    if not cells:
+        return f"*(no run of these groups has a `{metric}` curve in the export: no figure)*\n"
+    from pipelines import plots
+    path = out_dir / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plots.cells_curves_figure(cells, path, metric, f"validation curves: {', '.join(sorted({g.task for g in groups}))}")
+    return f"![`{metric}` per epoch: {', '.join(c['name'] for c in cells)}]({file})\n"
+
+
 def _trend(curve: list) -> float | None:
     """Mean of the last fifth of a validation curve's points minus the mean of the fifth before: below 0
     by more than the curve's noise, the metric was still falling (on a noisy plateau the lowest point
@@ -354,6 +399,11 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
             raise ValueError(f"{{{{calfigure {args}}}}}: expected FILE SOURCE GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return calibration_figure(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
+    if kind == "curves":
+        if len(words) < 3:
+            raise ValueError(f"{{{{curves {args}}}}}: expected FILE METRIC GLOB...")
+        chosen = [g for g in select(groups, words[2:]) if g.runs]
+        return curves_figure(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
     if kind in ("table", "calibration", "convergence", "pit", "diagnosis"):
         if not words:
             raise ValueError(f"{{{{{kind}}}}} needs group patterns")
@@ -380,8 +430,8 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
             raise ValueError(f"{{{{floor {args}}}}}: expected TASK METRIC GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
         return floor_table(chosen, words[0], words[1])
-    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, calibration, pit, calfigure, "
-                     "diagnosis, claims, floor)")
+    raise ValueError(f"unknown directive {{{{{kind}}}}} (known: table, convergence, curves, calibration, pit, "
+                     "calfigure, diagnosis, claims, floor)")
 
 
 def render_page(template: str, groups: list[Group], note: str, out_dir: Path | None = None) -> str:

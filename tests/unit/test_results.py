@@ -133,6 +133,33 @@ def test_the_convergence_trend_is_taken_at_the_final_learning_rate():
     assert row.endswith("| -0.067 ± 0.000 |"), row            # the drop, read as still improving
 
 
+def test_the_curves_figure_draws_each_cell_mean_band_decay_and_selected_epochs(tmp_path):
+    from pipelines.driver.results_page import curve_cells, directive
+    decayed = {"ebm.config_change.30": json.dumps({"optim.epochs": [30, 45], "optim.lr": [0.001, 0.0001]})}
+    a = results.RunRecord("a", "e", "FINISHED", {}, {"selected_epoch": 31.0}, decayed,
+                          {"val_nll": [[e, 1.0 - 0.01 * e] for e in range(45)]})
+    b = results.RunRecord("b", "e", "FINISHED", {}, {"selected_epoch": 2.0}, decayed,
+                          {"val_nll": [[e, 2.0 - 0.01 * e] for e in range(40)]})        # 5 epochs short
+    flat = results.RunRecord("c", "e", "FINISHED", {}, {}, {}, {"val_nll": [[e, 0.5] for e in range(30)]})
+    bare = results.RunRecord("d", "e", "FINISHED", {}, {}, {})                          # no curve exported
+    cells = curve_cells([results.Group("star/a", "star", [a, b]), results.Group("star/c", "star", [flat]),
+                         results.Group("star/d", "star", [bare])], "val_nll")
+    assert [c["name"] for c in cells] == ["star/a", "star/c"]
+    ab = cells[0]
+    assert ab["epochs"] == list(range(45)) and ab["seeds"][:40] == [2] * 40 and ab["seeds"][40:] == [1] * 5
+    assert ab["mean"][10] == pytest.approx(1.4) and ab["lo"][10] == pytest.approx(0.9) and ab["hi"][10] == pytest.approx(1.9)
+    assert ab["mean"][42] == pytest.approx(0.58)            # only the run that reached epoch 42
+    assert ab["lr_changes"] == [30] and ab["selected"] == [(31, pytest.approx(0.69)), (2, pytest.approx(1.98))]
+    assert cells[1]["lr_changes"] == [] and cells[1]["selected"] == []
+    md = directive("curves", "figs/c.png val_nll star/*", [results.Group("star/a", "star", [a, b])], tmp_path)
+    assert md.startswith("![`val_nll` per epoch: star/a](figs/c.png)") and (tmp_path / "figs/c.png").stat().st_size > 10000
+    assert "no figure" in directive("curves", "n.png val_kl star/*", [results.Group("star/a", "star", [a])], tmp_path)
+    with pytest.raises(ValueError, match="give --out a file"):
+        directive("curves", "c.png val_nll star/*", [results.Group("star/a", "star", [a])], None)
+    with pytest.raises(ValueError, match="expected FILE METRIC GLOB"):
+        directive("curves", "c.png val_nll", [], tmp_path)
+
+
 def test_welch_matches_the_textbook_example_and_scipy():
     from scipy import stats
 
