@@ -146,17 +146,18 @@ def calibration_error(pit: torch.Tensor, levels: tuple[float, ...] = LEVELS) -> 
 
 
 @torch.no_grad()
-def model_pits(model, x: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...], *, M: int,
+def model_pits(model, x: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ...], *, M: int | None,
                grid: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """PIT values (B, D) of a batch x (B, ...), y (B, D) for every source the model has: ``prediction``
-    and ``proposal`` with a learned proposal (M IS samples), ``ebm_grid`` with an energy head and a
-    1-D ``grid`` (G,) (the task's; ebm.metrics computes the density on it)."""
+    (M IS samples; skipped with M None) and ``proposal`` with a learned proposal, ``ebm_grid`` with an
+    energy head and a 1-D ``grid`` (G,) (the task's; ebm.metrics computes the density on it)."""
     from . import metrics
     from .predict import predict
     out = {}
     if model.has_proposal:
-        pr = predict(model, x, circular, M=M, keep_samples=True, generator=generator)
-        out["prediction"] = pit_weighted(pr.samples, pr.weights, y, circular)
+        if M is not None:
+            pr = predict(model, x, circular, M=M, keep_samples=True, generator=generator)
+            out["prediction"] = pit_weighted(pr.samples, pr.weights, y, circular)
         out["proposal"] = pit_mixture(model.propose(model.encode(x)), y)
     if model.has_energy and grid is not None and y.shape[1] == 1:
         f = metrics.model_log_density_on_grid(model, x, grid.to(y).unsqueeze(1), use_energy=True)

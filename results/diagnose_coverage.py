@@ -67,10 +67,9 @@ def main() -> int:
         with torch.no_grad():
             for s in range(0, len(test), args.batch_size):
                 x, y = test.x[s:s + args.batch_size], test.y[s:s + args.batch_size]
-                # the proposal alone and the EBM on its grid (M does not enter; M = 1 for the unused prediction)
-                for k, v in C.model_pits(p.model, x, y, task.circular, M=1, grid=grid).items():
-                    if k != "prediction":
-                        pits.setdefault((k, None), []).append(v)
+                # the proposal alone and the EBM on its grid (no M: the prediction at each M follows)
+                for k, v in C.model_pits(p.model, x, y, task.circular, M=None, grid=grid).items():
+                    pits.setdefault((k, None), []).append(v)
                 for M in args.M:
                     if not p.model.has_proposal:
                         break

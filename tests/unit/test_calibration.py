@@ -60,6 +60,8 @@ def test_every_source_gives_the_exact_coverage_of_a_gaussian_prediction(s):
         assert np.abs(pit[:, 0].numpy() - want_pit).max() < tol, source
         cov = C.coverage(pit, LEVELS)[:, 0].numpy()
         assert np.abs(cov - want).max() < (2.0 / N if source != "prediction" else 0.02), (source, cov, want)
+    without = C.model_pits(model, x, Y, (False,), M=None, grid=grid)       # no M: no IS prediction
+    assert set(without) == {"proposal", "ebm_grid"} and torch.equal(without["proposal"], pits["proposal"])
     if s == 1.0:        # calibrated: PIT uniform (the labels are N(0, 1)'s quantiles, so exactly (i + ½)/N)
         hist = np.histogram(pits["proposal"].numpy(), bins=20, range=(0, 1))[0]
         assert (hist == N // 20).all()
