@@ -341,12 +341,25 @@ def convergence_table(groups: list[Group], metric: str = "val_nll") -> str:
 DIAG_EPOCH = "diag_epoch"        # the selected epoch of the checkpoint results/diagnose_coverage.py evaluated
 
 
+# diag_coverage_<source>[_M<M>]_<level>: written by diag_metrics, read back by _diagnosed
+DIAG_COVERAGE = re.compile(r"^diag_coverage_([a-z_]+?)(?:_M(\d+))?_(\d+)$")
+
+
 def diag_metrics(source: str, coverages: list[float], M: int | None = None, ess: float | None = None) -> dict:
     """The ``diag_*`` metrics of one source (``prediction`` with its M and mean ESS / M), coverages at LEVELS."""
     key = f"diag_coverage_{source}" + (f"_M{M}" if M else "")
     out = {f"{key}_{lv}": float(v) for lv, v in zip(LEVELS, coverages)}
     if M and ess is not None:
         out[f"diag_ess_M{M}"] = float(ess)
+    return out
+
+
+def _diagnosed(metrics: dict) -> dict[tuple[str, int | None], dict[int, float]]:
+    """A run's ``diag_coverage_*`` metrics (:func:`diag_metrics`) as {(source, M or None): {level: coverage}}."""
+    out: dict[tuple[str, int | None], dict[int, float]] = {}
+    for k, v in metrics.items():
+        if m := DIAG_COVERAGE.match(k):
+            out.setdefault((m.group(1), int(m.group(2)) if m.group(2) else None), {})[int(m.group(3))] = v
     return out
 
 
@@ -367,13 +380,13 @@ def diagnosis_table(groups: list[Group]) -> str:
                 stale.append(f"{name} (diagnosed at epoch {int(m[DIAG_EPOCH])}, now selects {int(m['selected_epoch'])})")
                 continue
             rows = []
-            for source in ("ebm_grid", "prediction", "proposal"):
-                ms = sorted({int(k.split("_M")[1].split("_")[0]) for k in m if k.startswith(f"diag_coverage_{source}_M")})
-                for M in ms or [None]:
-                    key = f"diag_coverage_{source}" + (f"_M{M}" if M else "")
-                    if all(f"{key}_{lv}" in m for lv in LEVELS):
-                        ess = f"{m[f'diag_ess_M{M}']:.3f}" if M and f"diag_ess_M{M}" in m else ""
-                        rows.append(f"{source} | {M or ''} | {ess} | " + " | ".join(f"{m[f'{key}_{lv}']:.3f}" for lv in LEVELS))
+            found = _diagnosed(m)
+            order = {"ebm_grid": 0, "prediction": 1, "proposal": 2}
+            for source, M in sorted(found, key=lambda sm: (order.get(sm[0], 3), sm[0], sm[1] or 0)):
+                cov = found[(source, M)]
+                if all(lv in cov for lv in LEVELS):
+                    ess = f"{m[f'diag_ess_M{M}']:.3f}" if M and f"diag_ess_M{M}" in m else ""
+                    rows.append(f"{source} | {M or ''} | {ess} | " + " | ".join(f"{cov[lv]:.3f}" for lv in LEVELS))
             of = f"; {r.params['optim.epochs']} epochs" if r.params.get("optim.epochs") else ""
             for i, row in enumerate(rows):
                 lines.append(f"| {f'{name} (selected epoch {int(m[DIAG_EPOCH])}{of})' if i == 0 else ''} | {row} |")
