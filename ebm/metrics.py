@@ -94,15 +94,17 @@ def crps_weighted(samples: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
     wd = w.unsqueeze(-1).expand(B, M, D)
     d_obs = wrap_diff(samples - y.unsqueeze(1), circular).abs()
     e1 = (wd * d_obs).sum(1)
-    xs, order = torch.sort(samples, dim=1)
-    ws = torch.gather(wd, 1, order)
-    cum = torch.cumsum(ws, dim=1)
-    # E|X − X'| = 2 Σ_i w_i x_(i) (2 F_i − w_i − 1) for sorted samples with cumulative weight F_i.
-    e2 = 2.0 * (ws * xs * (2.0 * cum - ws - 1.0)).sum(1)
-    if any(circular):
-        e2 = e2.clone()
-        for d in [i for i, c in enumerate(circular) if c]:
-            e2[:, d] = _geodesic_pair_mean(samples[:, :, d], w).to(e2.dtype)
+    circ = [bool(circular[d]) if d < len(circular) else False for d in range(D)]
+    lin = [d for d in range(D) if not circ[d]]
+    e2 = torch.empty_like(e1)
+    if lin:         # only the linear dims are sorted on the line (a star or Fashion-MNIST target has none)
+        xs, order = torch.sort(samples[:, :, lin], dim=1)
+        ws = torch.gather(wd[:, :, lin], 1, order)
+        cum = torch.cumsum(ws, dim=1)
+        # E|X − X'| = 2 Σ_i w_i x_(i) (2 F_i − w_i − 1) for sorted samples with cumulative weight F_i.
+        e2[:, lin] = 2.0 * (ws * xs * (2.0 * cum - ws - 1.0)).sum(1)
+    for d in (d for d in range(D) if circ[d]):
+        e2[:, d] = _geodesic_pair_mean(samples[:, :, d], w).to(e2.dtype)
     return e1 - 0.5 * e2
 
 
