@@ -66,6 +66,7 @@ def run_tutorial(cwd) -> dict:
             assert b.lang in ("sh", "python", "console"), f"{b.where}: a ```{b.lang} block: which shell runs it?"
             text = b.text.replace(DOC_PORT, port)
             first = text.strip().splitlines()[0]
+            t0 = time.monotonic()
             if b.lang == "sh" and "mlflow models serve" in text:        # "in a second terminal": in the background
                 assert server is None
                 log = cwd / "serve.log"
@@ -90,6 +91,7 @@ def run_tutorial(cwd) -> dict:
                 assert r.returncode == 0, f"{b.where}: {first} -> {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
                 out[first] = r.stdout
             ran += 1
+            print(f"{b.where}: {first[:60]} ({time.monotonic() - t0:.1f} s)")      # shown when the test fails
     finally:
         if server is not None and server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
