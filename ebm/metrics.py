@@ -20,14 +20,19 @@ def grid_points(grids: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([m.reshape(-1) for m in mesh], dim=-1)
 
 
-def scores_on_grid(model, enc, grid: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """f(x_b, g_j) for all examples and grid points: grid (G, D) -> (B, G), chunked over G."""
+GRID_CHUNK_PAIRS = 8192     # about this many (example, grid point) pairs scored at once, so that the
+                            # (B, chunk, hidden) activations stay in cache (image head, B = 50: 74 ms for
+                            # 1024 points in one piece, 19 ms in chunks of 128)
+
+
+def scores_on_grid(model, enc, grid: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """f(x_b, g_j) for all examples and grid points: grid (G, D) -> (B, G), in chunks of ``chunk`` grid
+    points (default GRID_CHUNK_PAIRS // B rounded down to a multiple of 64, at least 64: a ragged chunk
+    took another matmul kernel path and moved the KL in the 11th digit), the grid's y-side terms computed
+    once for all examples (``score_shared``)."""
     B = next(t for t in enc if t is not None).shape[0]
-    out = []
-    for s in range(0, grid.shape[0], chunk):
-        g = grid[s:s + chunk].unsqueeze(0).expand(B, -1, -1)
-        out.append(model.score(enc, g))
-    return torch.cat(out, dim=1)
+    chunk = chunk or max(64, GRID_CHUNK_PAIRS // max(B, 1) // 64 * 64)
+    return torch.cat([model.score_shared(enc, grid[s:s + chunk]) for s in range(0, grid.shape[0], chunk)], dim=1)
 
 
 @torch.no_grad()

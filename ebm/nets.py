@@ -87,6 +87,23 @@ class EnergyHead(nn.Module):
         c = F.linear(e, W_y)                                                   # (B, S, hidden)
         return self._tail(F.relu(c + a.unsqueeze(1)))
 
+    def forward_shared(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """h (B, H), y (S, D) the same S points for every example (a task grid) -> scores f (B, S).
+
+        The y-embedding and its joint-layer term W_y·e(y) depend on y alone: computed once for the S
+        points instead of B times (B·S·(hidden·E + the y-MLP) multiply-adds saved; for the image head
+        that is all but the output layer's). The arithmetic per score is :meth:`forward`'s, in the same order."""
+        W = self.joint.weight
+        a = F.linear(h, W[:, : self.feat_dim].contiguous(), self.joint.bias)   # (B, hidden)
+        e = self.embed_y(y)                                                    # (S, E)
+        W_y = W[:, self.feat_dim:].contiguous()
+        if not self.blocks:         # _JointTail.forward's steps with its (B, S, E) @ W_yᵀ done once, (S, E) @ W_yᵀ
+            dt = e.dtype
+            z = torch.matmul(e, W_y.to(dt).t()).unsqueeze(0) + a.to(dt).unsqueeze(1)
+            z.clamp_(min=0)
+            return torch.matmul(z, self.out.weight.to(dt)[0]) + self.out.bias
+        return self._tail(F.relu(F.linear(e, W_y).unsqueeze(0) + a.unsqueeze(1)))
+
     def forward_concat(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The straightforward form: h replicated per sample and concatenated (tests, benchmarks)."""
         e = self.embed_y(y)
@@ -198,6 +215,10 @@ class EBMRegressor(nn.Module):
         """y (B, S, D) -> f (B, S)."""
         return self.energy_head(enc.h_energy, y)
 
+    def score_shared(self, enc: Encoded, y: torch.Tensor) -> torch.Tensor:
+        """y (S, D), the same points for every example (a grid) -> f (B, S): ``score`` of them, cheaper."""
+        return self.energy_head.forward_shared(enc.h_energy, y)
+
     def propose(self, enc: Encoded) -> Mixture:
         h = enc.h_proposal
         return self.proposal_head(h.detach() if self.detach_proposal_features else h)
@@ -218,6 +239,9 @@ class TeacherPair(nn.Module):
 
     def score(self, enc: Encoded, y: torch.Tensor) -> torch.Tensor:
         return self.ebm.score(enc, y)
+
+    def score_shared(self, enc: Encoded, y: torch.Tensor) -> torch.Tensor:
+        return self.ebm.score_shared(enc, y)
 
     def propose(self, enc: Encoded) -> Mixture:
         return self.mdn.propose(enc)

@@ -19,6 +19,29 @@ def test_split_first_layer_equals_concatenated_layer(circular):
     torch.testing.assert_close(head(h, y), head.forward_concat(h, y), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_scores_of_shared_points_equal_the_per_example_scores(blocks):
+    """score_shared (the grid's y-terms once for all examples) and scores_on_grid's chunking give the
+    numbers of score() on the grid repeated per example, for a joint model and a teacher pair."""
+    from ebm import metrics as M
+    torch.manual_seed(0)
+    head = EnergyHead(32, 1, (True,), [16, 32, 64, 128], 64, residual_blocks=blocks)
+    h, grid = torch.randn(7, 32), torch.linspace(0, 6.28, 300).unsqueeze(1)
+    with torch.no_grad():
+        per_example = head(h, grid.unsqueeze(0).expand(7, -1, -1))
+        torch.testing.assert_close(head.forward_shared(h, grid), per_example, rtol=1e-6, atol=1e-6)
+    cfg = Config.from_dict({"task": {"name": "toy2"}, "energy": {"residual_blocks": blocks}})
+    for method in ("ebm_learned_proposal", "mdn_ebm_teacher"):
+        cfg.method.name = method
+        model = build_model(cfg, x_shape=(1,), D=1, circular=(False,)).eval()
+        x, g = torch.randn(9, 1), torch.linspace(-3, 3, 1000).unsqueeze(1)
+        with torch.no_grad():
+            enc = model.encode(x)
+            want = model.score(enc, g.unsqueeze(0).expand(9, -1, -1))
+            for chunk in (None, 64, 1000):
+                torch.testing.assert_close(M.scores_on_grid(model, enc, g, chunk=chunk), want, rtol=1e-6, atol=1e-6)
+
+
 def test_circular_dims_make_the_energy_periodic():
     head = EnergyHead(8, 2, (True, False), [10, 10], 10, 1)
     h, y = torch.randn(3, 8), torch.randn(3, 4, 2)

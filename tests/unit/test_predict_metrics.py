@@ -31,6 +31,9 @@ class BimodalModel:
                              for m, w in zip(MODES, W)], -1)
         return torch.logsumexp(comps, -1) + enc.h_energy[:, :1] * 5.0
 
+    def score_shared(self, enc, y):         # the same points y (S, D) for every example
+        return self.score(enc, y.unsqueeze(0).expand(enc.h_energy.shape[0], -1, -1))
+
     def propose(self, enc):
         B = enc.h_proposal.shape[0]
         return Mixture(torch.full((B, 1, 1), 0.5), torch.full((B, 1, 1), math.log(9.0)), torch.zeros(B, 1),
