@@ -3,6 +3,12 @@
     python bench/bench_eval.py                          # train toy 2 here (--epochs, --M-train), then compare
     python bench/bench_eval.py --model models:/NAME@champion   # a registered model (toy or image task)
     python bench/bench_eval.py --ranks 2                # also: the whole evaluation on 2 ranks vs 1
+    python bench/bench_eval.py --grid-scores --config star --epochs 1   # also: grid scoring, per example vs shared
+
+--grid-scores: the energy on the task grid for a batch of --batch examples, as ``model.score`` of the
+grid repeated per example (the form before the shared one) vs ``ebm.metrics.scores_on_grid`` (the
+grid's y-side terms once for all examples, chunked to stay in cache); prints both times, the ratio and
+whether the scores are identical.
 
 --ranks N: ``ebm.evaluate.evaluate`` of the test split (every metric, IS and prediction draws per
 batch) in this process vs split over N spawned processes joined by torch.distributed (gloo,
@@ -136,6 +142,27 @@ def rank_scaling(model, cfg: Config, task, test, ranks: int) -> None:
           f"{ranks} ranks {got['s']:.2f} s -> {t_one / got['s']:.2f}x faster; figures identical: {same}")
 
 
+def grid_scoring(model, task, test, batch: int, reps: int = 5) -> None:
+    """Per-example vs shared grid scores of one batch: times, ratio, identical or the largest difference."""
+    grid = MET.grid_points([torch.as_tensor(g, dtype=torch.float32) for g in task.grid()])
+    with torch.no_grad():
+        enc = model.encode(test.x[:batch])
+        B = test.x[:batch].shape[0]
+        forms = {"per example": lambda: model.score(enc, grid.unsqueeze(0).expand(B, -1, -1)),
+                 "shared": lambda: MET.scores_on_grid(model, enc, grid)}
+        out, secs = {}, {}
+        for name, fn in forms.items():
+            out[name] = fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            secs[name] = (time.perf_counter() - t0) / reps
+    a, b = out["per example"], out["shared"]
+    same = "identical" if torch.equal(a, b) else f"largest difference {(a - b).abs().max().item():.2e}"
+    print(f"grid scores, {B} examples x {grid.shape[0]} grid points: per example {secs['per example'] * 1e3:.1f} ms, "
+          f"shared {secs['shared'] * 1e3:.1f} ms -> {secs['per example'] / secs['shared']:.2f}x faster; scores {same}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="toy2")
@@ -148,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranks", type=int, default=0, help="also time the whole evaluation on this many ranks vs 1")
+    ap.add_argument("--grid-scores", action="store_true", help="also time grid scoring per example vs shared")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -155,6 +183,8 @@ def main(argv=None) -> int:
     if args.ranks > 1:
         rank_scaling(model, cfg, task, test, args.ranks)
         torch.set_num_threads(args.threads)
+    if args.grid_scores:
+        grid_scoring(model, task, test, 50)
     x, y = test.x, test.y
     grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
     G = 1
