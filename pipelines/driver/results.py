@@ -73,8 +73,9 @@ class RunRecord:
 class Group:
     name: str
     task: str
-    runs: list = field(default_factory=list)       # RunRecords, FINISHED only
+    runs: list = field(default_factory=list)       # RunRecords, FINISHED only, at the group's protocol
     unfinished: int = 0
+    other_protocol: list = field(default_factory=list)     # FINISHED runs at another one (group_runs)
 
     def values(self, metric: str) -> list[float]:
         return [r.metrics[metric] for r in self.runs if metric in r.metrics and math.isfinite(r.metrics[metric])]
@@ -118,8 +119,26 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def protocol(r: RunRecord) -> str:
+    """How long and at what learning rates a run trained: ``45 epochs, lr 0.001, 0.0001 after 30``."""
+    lr = lr_schedule(r)
+    return f"{r.params.get('optim.epochs', '?')} epochs" + (f", lr {lr}" if lr else "")
+
+
+def _epochs(r: RunRecord) -> int:
+    try:
+        return int(r.params.get("optim.epochs", ""))
+    except ValueError:
+        return -1
+
+
 def group_runs(records: list[RunRecord]) -> list[Group]:
-    """Records grouped by ``ebm.group`` (records without the tag are skipped), sorted by name."""
+    """Records grouped by ``ebm.group`` (records without the tag are skipped), sorted by name.
+
+    A group's statistics pool one protocol (:func:`protocol`): when its FINISHED runs differ in length
+    or learning-rate schedule (a batch part-way: some seeds continued by the step decay, others not yet),
+    ``runs`` keeps those at the longest protocol (the most runs among equals) and ``other_protocol``
+    the rest, which the tables name instead of averaging them in."""
     groups: dict[str, Group] = {}
     for r in records:
         name = r.tags.get(GROUP_TAG)
@@ -130,6 +149,14 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
             g.runs.append(r)
         else:
             g.unfinished += 1
+    for g in groups.values():
+        by: dict[str, list[RunRecord]] = {}
+        for r in g.runs:
+            by.setdefault(protocol(r), []).append(r)
+        if len(by) > 1:
+            keep = max(by, key=lambda k: (_epochs(by[k][0]), len(by[k])))
+            g.runs = by.pop(keep)
+            g.other_protocol = [r for runs in by.values() for r in runs]
     return [groups[k] for k in sorted(groups)]
 
 
@@ -224,6 +251,12 @@ def table(groups: list[Group]) -> str:
     lines.append("")
     for g in groups:
         note = f"; {g.unfinished} unfinished run(s) left out" if g.unfinished else ""
+        if g.other_protocol:
+            by_protocol: dict[str, list[str]] = {}
+            for r in g.other_protocol:
+                by_protocol.setdefault(protocol(r), []).append(r.tags.get("seed", "?"))
+            note += "; left out, at another protocol than the row's: " + "; ".join(
+                f"seed(s) {', '.join(sorted(seeds, key=lambda t: (len(t), t)))} at {p}" for p, seeds in sorted(by_protocol.items()))
         lines.append(f"- `{g.name}` (seeds {', '.join(g.seeds())}{note}):")
         lines += [f"  `{c}`" for c in g.commands()]
         if g.selected_epochs():

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ebm.evaluate import PIT_BINS, pit_key
-from pipelines.driver.results import Group, mean_std, select, table
+from pipelines.driver.results import Group, mean_std, protocol, select, table
 
 LEVELS = (50, 80, 90, 95)
 # metric names per source of a predictive distribution (ebm.calibration's sources): coverage of the
@@ -114,6 +114,11 @@ def claims_table(groups: list[Group], metric: str, pairs: list[tuple[str, str]])
         if ga is None or gb is None:
             missing = " and ".join(f"`{n}`" for n, g in ((a, ga), (b, gb)) if g is None)
             lines.append(f"| `{a}` vs `{b}` | | | | | | | | | | no finished runs in {missing} |")
+            continue
+        pa, pb = ({protocol(r) for r in g.runs} for g in (ga, gb))
+        if pa != pb:        # one protocol per group (group_runs); a batch part-way may not have decayed both yet
+            lines.append(f"| `{a}` vs `{b}` | {len(ga.runs)} | {len(gb.runs)} | | | | | | | | not compared: A at "
+                         f"{' / '.join(sorted(pa))}, B at {' / '.join(sorted(pb))} |")
             continue
         va, vb = ga.values(metric), gb.values(metric)
         c = welch(va, vb)

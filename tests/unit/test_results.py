@@ -46,15 +46,17 @@ def test_groups_hold_finished_runs_only_and_aggregate_mean_and_sample_std(store)
     a = groups["toyX/a"]
     assert len(a.runs) == 3 and a.unfinished == 1
     assert results.mean_std(a.values("test_nll")) == (2.0, statistics.stdev([1.0, 2.0, 3.0]))
-    assert groups["toyX/b"].param("optim.epochs") == "mixed: 20/30"
-    assert groups["toyX/b"].commands() == ["ebm train y", "ebm train z"]
+    b = groups["toyX/b"]            # one run at 20 epochs, one at 30: the row pools the longer protocol
+    assert b.param("optim.epochs") == "30" and b.commands() == ["ebm train z"]
+    assert [r.params["optim.epochs"] for r in b.other_protocol] == ["20"]
 
 
 def test_markdown_has_a_table_per_task_with_only_the_columns_present(store):
     text = results.render(results.collect(store, "exp"), "exp", store)
     x, y = text.split("### toyX")[1].split("### toyY")
     assert "| `toyX/a` | 3 | m | 4 | 75 | 128 | 2.000 ± 1.000 | 0.200 ± 0.100 | 10.0 ± 0.0 |" in x
-    assert "| `toyX/b` | 2 | m | 4 | mixed: 20/30 | 128 | 6.000 ± 1.414 | — | — |" in x
+    assert "| `toyX/b` | 1 | m | 4 | 30 | 128 | 7.000 ± 0.000 | — | — |" in x
+    assert "left out, at another protocol than the row's: seed(s) 0 at 20 epochs):" in x
     assert "KL" in x and "CRPS" not in x and "KL" not in y and "CRPS" in y
     assert "1 unfinished run(s) left out" in x and "`ebm train z`" in x
     assert "9.000" not in text and "100.000" not in text
@@ -158,6 +160,31 @@ def test_the_curves_figure_draws_each_cell_mean_band_decay_and_selected_epochs(t
         directive("curves", "c.png val_nll star/*", [results.Group("star/a", "star", [a])], None)
     with pytest.raises(ValueError, match="expected FILE METRIC GLOB"):
         directive("curves", "c.png val_nll", [], tmp_path)
+
+
+def test_a_group_pools_one_protocol_and_names_the_runs_at_another():
+    """A batch part-way: seeds 0-1 continued by the step decay to 45 epochs, seed 2 still at 30. The row
+    and the claims pool the decayed runs only; seed 2 is named under the table; a claim between a
+    decayed cell and one not yet decayed is not computed."""
+    from pipelines.driver.results_page import claims_table
+    decay = {"ebm.config_change.30": json.dumps({"optim.epochs": [30, 45], "optim.lr": [0.001, 0.0001]})}
+
+    def rec(group, seed, kl, epochs="45", status="FINISHED", tags=decay):
+        return results.RunRecord(f"{group}{seed}", "e", status, {"optim.epochs": epochs, "optim.lr": "0.001"},
+                                 {"test_kl": kl}, {results.GROUP_TAG: group, "seed": str(seed), "task": "star", **tags})
+    runs = [rec("star/a", 0, 0.1), rec("star/a", 1, 0.2), rec("star/a", 2, 9.0, epochs="30", tags={}),
+            rec("star/a", 3, 9.0, epochs="30", status="RUNNING", tags={}),
+            rec("star/b", 0, 0.3, epochs="30", tags={}), rec("star/b", 1, 0.3, epochs="30", tags={}),
+            rec("star/c", 0, 0.1), rec("star/c", 1, 0.3)]
+    a, b, c = results.group_runs(runs)
+    assert [r.tags["seed"] for r in a.runs] == ["0", "1"] and [r.tags["seed"] for r in a.other_protocol] == ["2"]
+    assert a.unfinished == 1 and not b.other_protocol and results.protocol(a.runs[0]) == "45 epochs, lr 0.001, 0.0001 after 30"
+    text = results.table([a, b])
+    assert "| `star/a` | 2 |" in text and "0.150 ± 0.071" in text and "9.000" not in text
+    assert "1 unfinished run(s) left out; left out, at another protocol than the row's: seed(s) 2 at 30 epochs, lr 0.001" in text
+    claims = claims_table([a, b, c], "test_kl", [("star/a", "star/b"), ("star/a", "star/c")]).splitlines()
+    assert "not compared: A at 45 epochs, lr 0.001, 0.0001 after 30, B at 30 epochs, lr 0.001" in claims[2]
+    assert claims[3].startswith("| `star/a` vs `star/c` | 2 | 2 | 0.150 ± 0.071 | 0.200 ± 0.141 |")
 
 
 def test_welch_matches_the_textbook_example_and_scipy():
