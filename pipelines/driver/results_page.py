@@ -234,6 +234,15 @@ def calibration_cells(groups: list[Group], sources: list[str]) -> list[dict]:
     return cells
 
 
+def _figure_path(kind: str, out_dir: Path | None, file: str) -> Path:
+    """Where a ``{{kind FILE ...}}`` directive writes its figure: FILE under the page's folder (created)."""
+    if out_dir is None:
+        raise ValueError(f"{{{{{kind}}}}} writes a figure beside the page: give --out a file, not -")
+    path = out_dir / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def calibration_figure(groups: list[Group], sources: str, file: str, out_dir: Path | None) -> str:
     """Draw :func:`pipelines.plots.cells_calibration_figure` for the groups (each from the first of the
     comma-listed ``sources`` it logged) into ``out_dir / file`` and return the markdown that shows it."""
@@ -242,14 +251,11 @@ def calibration_figure(groups: list[Group], sources: str, file: str, out_dir: Pa
     if unknown or not names:
         raise ValueError(f"{{{{calfigure}}}}: unknown source {', '.join(map(repr, unknown)) or repr(sources)} "
                          f"(sources: {', '.join(dict(CALIBRATION_SOURCES))})")
-    if out_dir is None:
-        raise ValueError("{{calfigure}} writes a figure beside the page: give --out a file, not -")
+    path = _figure_path("calfigure", out_dir, file)
     cells = calibration_cells(groups, names)
     if not cells:
         return f"*(no run of these groups logged the coverage of {' or '.join(f'`{s}`' for s in names)}: no figure)*\n"
     from pipelines import plots
-    path = out_dir / file
-    path.parent.mkdir(parents=True, exist_ok=True)
     seeds = sorted({c["seeds"] for c in cells})        # of the runs behind each drawn cell
     plots.cells_calibration_figure(cells, path, f"{' or '.join(names)}, test split, "
                                                 f"{'/'.join(map(str, seeds))} seeds per cell")
@@ -286,14 +292,11 @@ def curve_cells(groups: list[Group], metric: str) -> list[dict]:
 def curves_figure(groups: list[Group], metric: str, file: str, out_dir: Path | None) -> str:
     """Draw the groups' ``metric`` curves (:func:`curve_cells`) into ``out_dir / file`` and return the
     markdown that shows it."""
-    if out_dir is None:
-        raise ValueError("{{curves}} writes a figure beside the page: give --out a file, not -")
+    path = _figure_path("curves", out_dir, file)
     cells = curve_cells(groups, metric)
     if not cells:
         return f"*(no run of these groups has a `{metric}` curve in the export: no figure)*\n"
     from pipelines import plots
-    path = out_dir / file
-    path.parent.mkdir(parents=True, exist_ok=True)
     plots.cells_curves_figure(cells, path, metric, f"validation curves: {', '.join(sorted({g.task for g in groups}))}")
     return f"![`{metric}` per epoch: {', '.join(c['name'] for c in cells)}]({file})\n"
 
