@@ -8,6 +8,10 @@
 #   results/run_issue16.sh BATCH     run one batch (toys, star_a, star_b, fashion_a, fashion_b); run again
 #                                    after an interruption, it first continues the interrupted runs from
 #                                    their checkpoints, then trains only the seeds not yet finished
+#   results/run_issue16.sh chain BATCH...   the batches one after another (each's output appended to
+#                                    results/logs/BATCH.batch.log), stopping at the first that fails; the
+#                                    command to restart after a session or the machine ended:
+#                                    setsid nohup results/run_issue16.sh chain star_b fashion_a fashion_b &
 #   results/run_issue16.sh extend EPOCHS GLOB...   continue the finished runs of the matching groups to
 #                                    EPOCHS epochs (results/extend_runs.py: an image cell still improving
 #                                    at its last epoch), two queues, then export; EXTEND_SET="--set
@@ -112,6 +116,18 @@ if [[ $1 == extend ]]; then
     --export results/runs.jsonl || rc=1
   echo "$(date +%T) extend to $epochs epochs done (rc=$rc); commit results/runs.jsonl, then: make results"
   exit $rc
+fi
+if [[ $1 == chain ]]; then
+  shift
+  [[ $# -ge 1 ]] || { echo "usage: $0 chain BATCH..." >&2; exit 2; }
+  for b in "$@"; do batch "$b" > /dev/null || exit 2; done      # every name checked before anything runs
+  mkdir -p results/logs
+  for b in "$@"; do
+    echo "$(date +%T) chain: batch $b (log results/logs/$b.batch.log)"
+    "$self" "$b" >> "results/logs/$b.batch.log" 2>&1 || { echo "$(date +%T) chain stopped: batch $b failed"; exit 1; }
+  done
+  echo "$(date +%T) chain done: $*"
+  exit 0
 fi
 lines=$(batch "$1") || exit 2
 if [[ $1 == fashion* && ! -f $FASHION_DATA/_dataset.json ]]; then

@@ -447,6 +447,10 @@ def test_the_run_plan_fits_its_batches_and_makes_the_groups_the_page_asks_for():
     asked = {g for line in template.splitlines() if line.startswith("{{claims ")
              for g in re.findall(r"[A-Za-z0-9]+/[A-Za-z0-9_]+", line)}
     assert asked and asked <= made, sorted(asked - made)
+    # a chain checks every batch name before it runs any
+    bad = subprocess.run(["bash", str(root / "results" / "run_issue16.sh"), "chain", "star_b", "star_c"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown batch star_c" in bad.stderr and "chain: batch" not in bad.stdout
 
 
 def test_a_finished_run_is_continued_with_its_own_command_for_its_one_seed():
