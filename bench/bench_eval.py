@@ -142,12 +142,12 @@ def rank_scaling(model, cfg: Config, task, test, ranks: int) -> None:
           f"{ranks} ranks {got['s']:.2f} s -> {t_one / got['s']:.2f}x faster; figures identical: {same}")
 
 
-def grid_scoring(model, task, test, batch: int, reps: int = 5) -> None:
-    """Per-example vs shared grid scores of one batch: times, ratio, identical or the largest difference."""
-    grid = MET.grid_points([torch.as_tensor(g, dtype=torch.float32) for g in task.grid()])
+def grid_scoring(model, grids: list[torch.Tensor], x: torch.Tensor, reps: int = 5) -> None:
+    """Per-example vs shared grid scores of a batch x: times, ratio, identical or the largest difference."""
+    grid = MET.grid_points(grids)
+    B = x.shape[0]
     with torch.no_grad():
-        enc = model.encode(test.x[:batch])
-        B = test.x[:batch].shape[0]
+        enc = model.encode(x)
         forms = {"per example": lambda: model.score(enc, grid.unsqueeze(0).expand(B, -1, -1)),
                  "shared": lambda: MET.scores_on_grid(model, enc, grid)}
         out, secs = {}, {}
@@ -183,10 +183,10 @@ def main(argv=None) -> int:
     if args.ranks > 1:
         rank_scaling(model, cfg, task, test, args.ranks)
         torch.set_num_threads(args.threads)
-    if args.grid_scores:
-        grid_scoring(model, task, test, 50)
     x, y = test.x, test.y
     grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
+    if args.grid_scores:
+        grid_scoring(model, grids, x[:50])
     G = 1
     for g in grids:
         G *= len(g)

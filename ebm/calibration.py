@@ -154,12 +154,13 @@ def model_pits(model, x: torch.Tensor, y: torch.Tensor, circular: tuple[bool, ..
     from . import metrics
     from .predict import predict
     out = {}
+    enc = model.encode(x)           # once: the proposal's and the grid's PITs read it (predict encodes its own)
     if model.has_proposal:
         if M is not None:
             pr = predict(model, x, circular, M=M, keep_samples=True, generator=generator)
             out["prediction"] = pit_weighted(pr.samples, pr.weights, y, circular)
-        out["proposal"] = pit_mixture(model.propose(model.encode(x)), y)
+        out["proposal"] = pit_mixture(model.propose(enc), y)
     if model.has_energy and grid is not None and y.shape[1] == 1:
-        f = metrics.model_log_density_on_grid(model, x, grid.to(y).unsqueeze(1), use_energy=True)
+        f = metrics.scores_on_grid(model, enc, grid.to(y).unsqueeze(1))
         out["ebm_grid"] = pit_grid(f, grid, y, circular)
     return out

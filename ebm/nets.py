@@ -74,14 +74,17 @@ class EnergyHead(nn.Module):
             y = torch.cat([y[..., ~self.circular], torch.cos(c), torch.sin(c)], dim=-1)
         return self.y_net(y)
 
-    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """h (B, H), y (B, S, D) -> scores f (B, S)."""
+    def _joint_parts(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split first joint layer: a = W_h·h + b (B, hidden), once per example, and W_y."""
         W = self.joint.weight
         # Contiguous copies of the two (small) weight blocks: a strided slice makes the big matmul
-        # below take a slower path (measured ~20 % on the image head).
-        a = F.linear(h, W[:, : self.feat_dim].contiguous(), self.joint.bias)   # (B, hidden), once per example
+        # that follows take a slower path (measured ~20 % on the image head).
+        return F.linear(h, W[:, : self.feat_dim].contiguous(), self.joint.bias), W[:, self.feat_dim:].contiguous()
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """h (B, H), y (B, S, D) -> scores f (B, S)."""
+        a, W_y = self._joint_parts(h)
         e = self.embed_y(y)
-        W_y = W[:, self.feat_dim:].contiguous()
         if not self.blocks:
             return _JointTail.apply(e, W_y, a, self.out.weight, self.out.bias)
         c = F.linear(e, W_y)                                                   # (B, S, hidden)
@@ -93,10 +96,8 @@ class EnergyHead(nn.Module):
         The y-embedding and its joint-layer term W_y·e(y) depend on y alone: computed once for the S
         points instead of B times (B·S·(hidden·E + the y-MLP) multiply-adds saved; for the image head
         that is all but the output layer's). The arithmetic per score is :meth:`forward`'s, in the same order."""
-        W = self.joint.weight
-        a = F.linear(h, W[:, : self.feat_dim].contiguous(), self.joint.bias)   # (B, hidden)
+        a, W_y = self._joint_parts(h)
         e = self.embed_y(y)                                                    # (S, E)
-        W_y = W[:, self.feat_dim:].contiguous()
         if not self.blocks:         # _JointTail.forward's steps with its (B, S, E) @ W_yᵀ done once, (S, E) @ W_yᵀ
             dt = e.dtype
             z = torch.matmul(e, W_y.to(dt).t()).unsqueeze(0) + a.to(dt).unsqueeze(1)

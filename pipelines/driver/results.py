@@ -85,7 +85,7 @@ class Group:
         return vals[0] if len(vals) == 1 else "mixed: " + "/".join(vals)
 
     def seeds(self) -> list[str]:
-        return sorted((r.tags.get("seed", "?") for r in self.runs), key=lambda s: (len(s), s))
+        return by_seed(r.tags.get("seed", "?") for r in self.runs)
 
     def commands(self) -> list[str]:
         return sorted({r.tags.get(COMMAND_TAG, "(not recorded)") for r in self.runs})
@@ -95,6 +95,11 @@ class Group:
         out = [(r.tags.get("seed", "?"), int(r.metrics["selected_epoch"])) for r in self.runs
                if math.isfinite(r.metrics.get("selected_epoch", math.nan))]
         return sorted(out, key=lambda t: (len(t[0]), t[0]))
+
+
+def by_seed(seeds) -> list[str]:
+    """Seed strings in numeric order (2 before 10) without parsing them."""
+    return sorted(seeds, key=lambda s: (len(s), s))
 
 
 def lr_schedule(r: RunRecord) -> str:
@@ -256,7 +261,7 @@ def table(groups: list[Group]) -> str:
             for r in g.other_protocol:
                 by_protocol.setdefault(protocol(r), []).append(r.tags.get("seed", "?"))
             note += "; left out, at another protocol than the row's: " + "; ".join(
-                f"seed(s) {', '.join(sorted(seeds, key=lambda t: (len(t), t)))} at {p}" for p, seeds in sorted(by_protocol.items()))
+                f"seed(s) {', '.join(by_seed(seeds))} at {p}" for p, seeds in sorted(by_protocol.items()))
         lines.append(f"- `{g.name}` (seeds {', '.join(g.seeds())}{note}):")
         lines += [f"  `{c}`" for c in g.commands()]
         if g.selected_epochs():

@@ -351,6 +351,7 @@ DIAG_EPOCH = "diag_epoch"        # the selected epoch of the checkpoint results/
 
 # diag_coverage_<source>[_M<M>]_<level>: written by diag_metrics, read back by _diagnosed
 DIAG_COVERAGE = re.compile(r"^diag_coverage_([a-z_]+?)(?:_M(\d+))?_(\d+)$")
+DIAG_ORDER = {"ebm_grid": 0, "prediction": 1, "proposal": 2}     # the diagnosis table's rows per run
 
 
 def diag_metrics(source: str, coverages: list[float], M: int | None = None, ess: float | None = None) -> dict:
@@ -389,8 +390,7 @@ def diagnosis_table(groups: list[Group]) -> str:
                 continue
             rows = []
             found = _diagnosed(m)
-            order = {"ebm_grid": 0, "prediction": 1, "proposal": 2}
-            for source, M in sorted(found, key=lambda sm: (order.get(sm[0], 3), sm[0], sm[1] or 0)):
+            for source, M in sorted(found, key=lambda sm: (DIAG_ORDER.get(sm[0], 3), sm[0], sm[1] or 0)):
                 cov = found[(source, M)]
                 if all(lv in cov for lv in LEVELS):
                     ess = f"{m[f'diag_ess_M{M}']:.3f}" if M and f"diag_ess_M{M}" in m else ""
@@ -415,16 +415,13 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
     """The markdown that replaces one ``{{kind args}}`` line (figures go under ``out_dir``, the page's
     folder); ValueError for a malformed one."""
     words = args.split()
-    if kind == "calfigure":
+    figures = {"calfigure": (calibration_figure, "SOURCE"), "curves": (curves_figure, "METRIC")}
+    if kind in figures:             # {{KIND FILE WHAT GLOB...}}
+        draw, what = figures[kind]
         if len(words) < 3:
-            raise ValueError(f"{{{{calfigure {args}}}}}: expected FILE SOURCE GLOB...")
+            raise ValueError(f"{{{{{kind} {args}}}}}: expected FILE {what} GLOB...")
         chosen = [g for g in select(groups, words[2:]) if g.runs]
-        return calibration_figure(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
-    if kind == "curves":
-        if len(words) < 3:
-            raise ValueError(f"{{{{curves {args}}}}}: expected FILE METRIC GLOB...")
-        chosen = [g for g in select(groups, words[2:]) if g.runs]
-        return curves_figure(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
+        return draw(chosen, words[1], words[0], out_dir) if chosen else _none(words[2:])
     if kind in ("table", "calibration", "convergence", "pit", "diagnosis"):
         if not words:
             raise ValueError(f"{{{{{kind}}}}} needs group patterns")
