@@ -11,10 +11,18 @@
 #          SEEDS SEED0 seeds SEED0 .. SEED0+SEEDS-1 (default 5 seeds from 0)
 #          EXPERIMENT STORE  MLflow experiment and SQLite store (default paper-claims, results/mlruns.db)
 #          DRY_RUN=1   print the ranges of seeds each cell would train, train nothing
+#          DECAY="EPOCHS LR"  after each cell's training, its runs continued to EPOCHS epochs at learning
+#                      rate LR (the images' step decay, results/extend_runs.py) and the store exported to
+#                      results/runs.jsonl at once (under a lock): a run is complete and committed-ready the
+#                      moment it ends, not when the whole batch does (a session that ends mid-batch loses
+#                      only the runs in progress)
+#          LOGS        folder for the decay's training output (default results/logs)
 # A cell resumes: seeds whose run of the group already FINISHED (in the store, or in the committed export
 # results/runs.jsonl when the store is from another machine) are not trained again, so a batch cut by a
 # restart is started again with the same command; the missing seeds run as contiguous ranges, one
-# `ebm train --seeds` each.
+# `ebm train --seeds` each. With DECAY, a run known only from the export that is still short of the decay's
+# length is not done: its checkpoint went with the other machine's store, so it can never be decayed and
+# the seed is trained again (the export keeps the short run; the tables name it, at its own protocol).
 set -u
 cd "$(dirname "$0")/.."
 config=$1; epochs=$2; m=$3; shift 3
@@ -25,21 +33,24 @@ store=${STORE:-results/mlruns.db}
 missing() {  # missing GROUP -> "first count" per contiguous range of seeds seed0.. without a FINISHED run
   # (of this experiment and group, started at this number of epochs: a cell re-run at another length
   # trains again; a run continued since, by the step decay, is done)
-  .venv/bin/python - "$store" "$1" "$seed0" "$seeds" "${EXPERIMENT:-paper-claims}" "$epochs" <<'PY'
+  .venv/bin/python - "$store" "$1" "$seed0" "$seeds" "${EXPERIMENT:-paper-claims}" "$epochs" "${DECAY%% *}" <<'PY'
 import os, sys
 sys.path.insert(0, ".")
 from pipelines.driver.results import GROUP_TAG, fetch_records, read_export
 store, group, seed0, n, experiment, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+final = int(sys.argv[7] or epochs)       # the length a run must reach to be complete (DECAY's, else EPOCHS)
 runs = read_export("results/runs.jsonl", experiment) if os.path.exists("results/runs.jsonl") else []
+here = []                                # this machine's runs: their checkpoints are here, they can be continued
 if os.path.exists(store):
     try:
-        runs += fetch_records(f"sqlite:///{store}", experiment)
+        here = fetch_records(f"sqlite:///{store}", experiment)
     except SystemExit:                   # no such experiment in the store yet
         pass
+ids = {r.run_id for r in here}
 # done: a FINISHED run of the seed started at this length (one continued since, by the step decay or an
-# extension, still counts: it is this cell's run for that seed)
-done = {int(r.params["seed"]) for r in runs if r.status == "FINISHED" and r.tags.get(GROUP_TAG) == group
-        and r.started_epochs() == int(epochs)}
+# extension, still counts: it is this cell's run for that seed) that is complete or can still be completed
+done = {int(r.params["seed"]) for r in runs + here if r.status == "FINISHED" and r.tags.get(GROUP_TAG) == group
+        and r.started_epochs() == int(epochs) and (r.run_id in ids or int(r.params.get("optim.epochs", 0)) >= final)}
 todo = [s for s in range(seed0, seed0 + n) if s not in done]
 while todo:
     k = 1
@@ -71,5 +82,15 @@ for cell in "$@"; do
     echo "=== $(date +%T) $task/${PREFIX:-}$cell rc=$rc"
     [[ $rc -ne 0 ]] && status=1
   done <<< "$ranges"
+  [[ -n ${DRY_RUN:-} || -z ${DECAY:-} ]] && continue
+  read -r d_epochs d_lr <<< "$DECAY"
+  echo "=== $(date +%T) $task/${PREFIX:-}$cell: step decay to $d_epochs epochs at lr $d_lr"
+  .venv/bin/python results/extend_runs.py --epochs "$d_epochs" --set "optim.lr=$d_lr" --groups "$task/${PREFIX:-}$cell" \
+    --queues 1 --logs "${LOGS:-results/logs}" --tracking-uri "sqlite:///$store" --experiment "${EXPERIMENT:-paper-claims}" \
+    || status=1
+  # the two queues of a batch export into one file: one at a time
+  flock results/.export.lock .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///$store" \
+    --export results/runs.jsonl > /dev/null || status=1
+  echo "=== $(date +%T) $task/${PREFIX:-}$cell: exported to results/runs.jsonl"
 done
 exit "${status:-0}"

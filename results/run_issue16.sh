@@ -19,9 +19,10 @@
 #
 # Protocols (docs/RESULTS.md sections 2 and 3):
 #   toys    paper protocol: 75 epochs, M_train 1024, last epoch (eval.select = last), seeds 0-19
-#   images  converged: $IMAGE_EPOCHS epochs (default 30) at lr 1e-3, then a step decay: every run of the
-#           task's cells continued to $DECAY_EPOCHS epochs (default 1.5 x) at lr $DECAY_LR (default 1e-4;
-#           results/extend_runs.py, after both queues; DECAY_EPOCHS=0 skips it); validation every epoch,
+#   images  converged: $IMAGE_EPOCHS epochs (default 30) at lr 1e-3, then a step decay: every run
+#           continued to $DECAY_EPOCHS epochs (default 1.5 x) at lr $DECAY_LR (default 1e-4;
+#           results/extend_runs.py, right after the run, which is then exported; after both queues any run
+#           of the task still short of it is decayed too; DECAY_EPOCHS=0 skips it); validation every epoch,
 #           the checkpoint with the lowest validation NLL (eval.select = best_val) over all epochs, for
 #           every method alike; seeds 0-9 in two halves
 #
@@ -93,8 +94,20 @@ queue() {  # queue QUEUE_LINE: the cells one after another
     prefix=conv_; extra="$IMAGE_SET"
     [[ $config == fashion ]] && extra="$extra --set task.data_dir=$FASHION_DATA"
   fi
-  # shellcheck disable=SC2086  # cells and EXTRA are lists
-  PREFIX=$prefix SEEDS=$seeds SEED0=$seed0 EXTRA="$extra" results/run_cells.sh "$config" "$epochs" "$m" $cells
+  if [[ $config == toy* || $DECAY_EPOCHS -le $epochs ]]; then
+    # shellcheck disable=SC2086  # cells and EXTRA are lists
+    PREFIX=$prefix SEEDS=$seeds SEED0=$seed0 EXTRA="$extra" results/run_cells.sh "$config" "$epochs" "$m" $cells
+    return
+  fi
+  # images: a seed at a time through the queue's cells, each run decayed and exported as soon as it is
+  # trained, so that the runs finished before a session ends are complete and in results/runs.jsonl
+  local s rc=0
+  for ((s = seed0; s < seed0 + seeds; s++)); do
+    # shellcheck disable=SC2086  # cells and EXTRA are lists
+    PREFIX=$prefix SEEDS=1 SEED0=$s EXTRA="$extra" DECAY="$DECAY_EPOCHS $DECAY_LR" LOGS="results/logs/$QUEUE" \
+      results/run_cells.sh "$config" "$epochs" "$m" $cells || rc=1
+  done
+  return $rc
 }
 
 if [[ ${1:-} == list || -z ${1:-} ]]; then
@@ -146,7 +159,7 @@ pids=()
 i=0
 while read -r line; do
   i=$((i + 1))
-  queue "$line" > "results/logs/$1.q$i.log" 2>&1 &
+  QUEUE=$1.q$i queue "$line" > "results/logs/$1.q$i.log" 2>&1 &
   pids+=($!)
   echo "$(date +%T) batch $1 queue $i (pid $!, ~$(hours "$line") h): $line -> results/logs/$1.q$i.log"
 done <<< "$lines"
