@@ -17,6 +17,7 @@
 #                      moment it ends, not when the whole batch does (a session that ends mid-batch loses
 #                      only the runs in progress)
 #          LOGS        folder for the decay's training output (default results/logs)
+#          EXPORT      the run export read and written (default results/runs.jsonl)
 # A cell resumes: seeds whose run of the group already FINISHED (in the store, or in the committed export
 # results/runs.jsonl when the store is from another machine) are not trained again, so a batch cut by a
 # restart is started again with the same command; the missing seeds run as contiguous ranges, one
@@ -29,17 +30,20 @@ config=$1; epochs=$2; m=$3; shift 3
 task=${TASK:-$config}
 seeds=${SEEDS:-5}; seed0=${SEED0:-0}
 store=${STORE:-results/mlruns.db}
+export_file=${EXPORT:-results/runs.jsonl}
+decay=${DECAY:-}
+decay_epochs=${decay%% *}
 
 missing() {  # missing GROUP -> "first count" per contiguous range of seeds seed0.. without a FINISHED run
   # (of this experiment and group, started at this number of epochs: a cell re-run at another length
   # trains again; a run continued since, by the step decay, is done)
-  .venv/bin/python - "$store" "$1" "$seed0" "$seeds" "${EXPERIMENT:-paper-claims}" "$epochs" "${DECAY%% *}" <<'PY'
+  .venv/bin/python - "$store" "$1" "$seed0" "$seeds" "${EXPERIMENT:-paper-claims}" "$epochs" "$decay_epochs" "$export_file" <<'PY'
 import os, sys
 sys.path.insert(0, ".")
 from pipelines.driver.results import GROUP_TAG, fetch_records, read_export
 store, group, seed0, n, experiment, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
 final = int(sys.argv[7] or epochs)       # the length a run must reach to be complete (DECAY's, else EPOCHS)
-runs = read_export("results/runs.jsonl", experiment) if os.path.exists("results/runs.jsonl") else []
+runs = read_export(sys.argv[8], experiment) if os.path.exists(sys.argv[8]) else []
 here = []                                # this machine's runs: their checkpoints are here, they can be continued
 if os.path.exists(store):
     try:
@@ -89,8 +93,8 @@ for cell in "$@"; do
     --queues 1 --logs "${LOGS:-results/logs}" --tracking-uri "sqlite:///$store" --experiment "${EXPERIMENT:-paper-claims}" \
     || status=1
   # the two queues of a batch export into one file: one at a time
-  flock results/.export.lock .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///$store" \
-    --export results/runs.jsonl > /dev/null || status=1
-  echo "=== $(date +%T) $task/${PREFIX:-}$cell: exported to results/runs.jsonl"
+  flock "$export_file.lock" .venv/bin/ebm results "${EXPERIMENT:-paper-claims}" --tracking-uri "sqlite:///$store" \
+    --export "$export_file" > /dev/null || status=1
+  echo "=== $(date +%T) $task/${PREFIX:-}$cell: exported to $export_file"
 done
 exit "${status:-0}"

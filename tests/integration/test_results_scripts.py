@@ -82,6 +82,30 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     assert r.returncode == 0 and [ln.split(" ", 2)[2] for ln in r.stdout.splitlines()] == ["dbg/learned_K4 seeds 2..2"], \
         r.stdout + r.stderr
 
+    # the images' step decay (DECAY): a run known only from the export (another machine's store, its
+    # checkpoints gone with it) is done only when it already has the decay's length; this store's can still
+    # be decayed
+    from pipelines.driver.results import read_export
+    export = tmp_path / "runs.jsonl"
+    assert cli.main(["results", "e", "--tracking-uri", uri, "--export", str(export)]) == 0
+
+    def cells(decay, store, dry=True, **env):
+        r = subprocess.run(["bash", str(ROOT / "results" / "run_cells.sh"), "debug", "2", "128", "learned_K4"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600,
+                           env={**os.environ, **({"DRY_RUN": "1"} if dry else {}), "TASK": "dbg", "SEEDS": "3",
+                                "STORE": str(store), "EXPERIMENT": "e", "DECAY": decay, "EXPORT": str(export), **env})
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [ln.split(" ", 2)[2] for ln in r.stdout.splitlines() if ln.startswith("=== ") and " seeds " in ln]
+    assert cells("3 1e-4", tmp_path / "gone.db") == ["dbg/learned_K4 seeds 2..2"]     # at the decay's length: done
+    assert cells("4 1e-4", tmp_path / "gone.db") == ["dbg/learned_K4 seeds 0..2"]     # short, no checkpoint: again
+    assert cells("4 1e-4", tmp_path / "m.db") == ["dbg/learned_K4 seeds 2..2"]        # short, here: decayable
+    # for real: seed 2 trained (2 epochs), decayed (to 3 at lr 1e-4) and in the export as soon as it ends
+    assert cells("3 1e-4", tmp_path / "m.db", dry=False, SEED0="2", SEEDS="1", EXTRA=" ".join(SMALL),
+                 LOGS=str(tmp_path / "decay-logs"), EBM_STORAGE_PATH=str(tmp_path / "runs")) == ["dbg/learned_K4 seeds 2..2"]
+    (two,) = [r for r in read_export(export, "e") if r.params["seed"] == "2"]
+    assert two.status == "FINISHED" and two.params["optim.epochs"] == "3" and two.started_epochs() == 2
+    assert float(two.tags["ebm.param.optim.lr"]) == 1e-4 and len(read_export(export, "e")) == 3
+
 
 def test_a_batch_continues_the_runs_an_interruption_stopped(tmp_path, monkeypatch):
     """A trainer killed mid-run (SIGKILL: the session ended) leaves its MLflow run RUNNING. While a trainer
