@@ -10,6 +10,10 @@ grid repeated per example (the form before the shared one) vs ``ebm.metrics.scor
 grid's y-side terms once for all examples, chunked to stay in cache); prints both times, the ratio and
 whether the scores are identical.
 
+--val-figures: one epoch's validation as ``ebm.evaluate.evaluate`` of the test split with every figure
+(``eval.val_figures = "all"``) vs the NLL alone (``"nll"``: what eval.select and the curves read, and the
+exact KL); prints both times, the ratio and whether the shared figures are identical.
+
 --ranks N: ``ebm.evaluate.evaluate`` of the test split (every metric, IS and prediction draws per
 batch) in this process vs split over N spawned processes joined by torch.distributed (gloo,
 127.0.0.1), one thread each; prints both wall times, the ratio, and checks the figures are identical.
@@ -142,6 +146,23 @@ def rank_scaling(model, cfg: Config, task, test, ranks: int) -> None:
           f"{ranks} ranks {got['s']:.2f} s -> {t_one / got['s']:.2f}x faster; figures identical: {same}")
 
 
+def validation_figures(model, cfg: Config, task, split, reps: int = 2) -> None:
+    """evaluate(figures="all") vs evaluate(figures="nll") on one split: times, ratio, shared figures equal."""
+    from ebm.evaluate import evaluate
+    from ebm.loop import eval_seed
+    out, secs = {}, {}
+    for figures in ("all", "nll"):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out[figures] = evaluate(model, split, task, cfg, seed=eval_seed(cfg), figures=figures)
+        secs[figures] = (time.perf_counter() - t0) / reps
+    shared = sorted(out["nll"])
+    same = all(out["all"][k] == out["nll"][k] for k in shared)
+    print(f"validation of {len(split)} examples: every figure ({len(out['all'])}) {secs['all']:.2f} s, the NLL alone "
+          f"({', '.join(shared)}) {secs['nll']:.2f} s -> {secs['all'] / secs['nll']:.2f}x faster; "
+          f"shared figures identical: {same}")
+
+
 def grid_scoring(model, grids: list[torch.Tensor], x: torch.Tensor, reps: int = 5) -> None:
     """Per-example vs shared grid scores of a batch x: times, ratio, identical or the largest difference."""
     grid = MET.grid_points(grids)
@@ -176,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ranks", type=int, default=0, help="also time the whole evaluation on this many ranks vs 1")
     ap.add_argument("--grid-scores", action="store_true", help="also time grid scoring per example vs shared")
+    ap.add_argument("--val-figures", action="store_true", help="also time a validation with every figure vs the NLL alone")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -187,6 +209,11 @@ def main(argv=None) -> int:
     grids = [torch.as_tensor(g, dtype=torch.float32) for g in task.grid()]
     if args.grid_scores:
         grid_scoring(model, grids, x[:50])
+    if args.val_figures:
+        # the task's own evaluation settings (training here turned off the grid and refinement for speed)
+        from pipelines.configs import resolve_config
+        vcfg = cfg if args.model else Config.from_toml(resolve_config(args.config), [f"optim.epochs={args.epochs}"])
+        validation_figures(model, vcfg, task, test)
     G = 1
     for g in grids:
         G *= len(g)

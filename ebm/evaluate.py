@@ -90,7 +90,8 @@ class Shard:
 @torch.no_grad()
 def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: torch.Generator | None = None,
              seed: int | None = None, shard=None, device: torch.device | str = "cpu", grid_nll: bool | None = None,
-             max_examples: int = 0, pits: dict[str, list[torch.Tensor]] | None = None) -> dict[str, float]:
+             max_examples: int = 0, pits: dict[str, list[torch.Tensor]] | None = None,
+             figures: str = "all") -> dict[str, float]:
     """Mean metrics over a split. ``nll`` is the primary figure: the EBM's grid NLL (or IS NLL when
     there is no grid), and for an MDN (also one trained with a teacher) its exact NLL. Per target dim
     d (D > 1): ``mae_mean_<name>`` and ``coverage_<name>`` beside the joint figures.
@@ -101,6 +102,10 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
     one vector indexed by batch and summed in batch order on every rank: the figures are bit-for-bit
     those of one rank evaluating everything, on every rank.
 
+    ``figures="nll"`` (an epoch's validation, ``eval.val_figures``): only ``nll`` and what it is made of
+    (the grid NLL, or the IS NLL without a grid; an MDN's exact NLL) and the exact KL; no prediction,
+    coverage or PITs.
+
     ``pits`` (one process only): a dict that receives, per source of the predictive distribution
     (ebm.calibration.SOURCES), each batch's PIT values (B, D) in batch order — the ones the coverage
     figures come from, for a calibration report without a second pass.
@@ -110,6 +115,8 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
         raise ValueError("an evaluation split over ranks needs a seed (per-batch draws)")
     if shard.world > 1 and pits is not None:
         raise ValueError("per-example PITs are collected in one process only")
+    if figures not in ("all", "nll") or (figures == "nll" and pits is not None):
+        raise ValueError(f"figures={figures!r}: expected 'all', or 'nll' without pits")
     model.eval()
     grid_nll = cfg.eval.grid_nll if grid_nll is None else grid_nll
     grids = [torch.as_tensor(g, dtype=torch.float32, device=device) for g in task.grid()]
@@ -136,7 +143,8 @@ def evaluate(model, split: Split, task: TaskSpec, cfg: Config, *, generator: tor
             add_kl(model, task, xg[s:s + bs], {}, grids[0], add)
         else:
             g = batch_generator(seed, i, device) if seed is not None else generator
-            _evaluate_batch(model, split, task, cfg, s, min(s + bs, n), device, use_grid, grids, g, add, pits)
+            _evaluate_batch(model, split, task, cfg, s, min(s + bs, n), device, use_grid, grids, g, add, pits,
+                            nll_only=figures == "nll")
         for k, v in acc.items():
             t = torch.cat(v)
             sums.setdefault(k, {})[i] = (float(t.sum()), t.numel())
@@ -176,9 +184,10 @@ def _reduce(sums: dict[str, dict[int, tuple[float, int]]], n_batches: int, shard
 
 
 def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e: int, device, use_grid: bool,
-                    grids: list[torch.Tensor], generator, add, keep_pits: dict | None = None) -> None:
+                    grids: list[torch.Tensor], generator, add, keep_pits: dict | None = None,
+                    nll_only: bool = False) -> None:
     """Per-example figures of the examples s:e, handed to ``add(key, values (B,))``; the PITs also
-    appended to ``keep_pits[source]`` when given."""
+    appended to ``keep_pits[source]`` when given. ``nll_only``: the NLLs and the KL alone."""
     x, y = split.x[s:e].to(device), split.y[s:e].to(device)
     aux = {k: np.asarray(v)[s:e] for k, v in split.aux.items()}
     pits = {}       # ebm.calibration's sources -> PIT (B, D), for the coverage at COVERAGE_LEVELS
@@ -186,13 +195,14 @@ def _evaluate_batch(model, split: Split, task: TaskSpec, cfg: Config, s: int, e:
     if use_grid:
         nll, scores = M.grid_nll(model, x, y, grids, task.cell_volume(), with_scores=True)
         add("grid_nll", nll)
-        if task.D == 1:
+        if task.D == 1 and not nll_only:
             pits["ebm_grid"] = C.pit_grid(scores, grids[0], y, task.circular)
-    if model.has_energy and model.has_proposal:
+    if model.has_energy and model.has_proposal and not (nll_only and (use_grid or _is_mdn(cfg))):
         add("is_nll", M.is_nll(model, x, y, cfg.sampler.M_eval, generator))
     if model.has_proposal:
         mix = model.propose(model.encode(x))        # once: the NLL and the PIT of the proposal
         add("proposal_nll", M.proposal_nll(model, x, y, mix))
+    if model.has_proposal and not nll_only:
         p = predict(model, x, task.circular, M=cfg.sampler.M_eval, interval_level=cfg.eval.interval_level,
                     refine_steps=cfg.sampler.refine_steps, keep_samples=True, generator=generator)
         err_mean, err_mode = M.abs_error(p.mean, y, task.circular), M.abs_error(p.mode, y, task.circular)

@@ -296,7 +296,8 @@ def train(cfg: Config, data: LoopData, rt: Runtime, resume: dict | None = None,
         return bool(rt.all_reduce(flag, "min").item() > 0)
 
     def evaluate_split(m: torch.nn.Module, split: str) -> dict[str, float]:
-        return evaluate(m, evals[split], task, cfg, seed=eval_seed(cfg), shard=rt, device=device)
+        return evaluate(m, evals[split], task, cfg, seed=eval_seed(cfg), shard=rt, device=device,
+                        figures=cfg.eval.val_figures if split == "val" else "all")
 
     epochs, history, row = cfg.optim.epochs, [], {}
     last_val = best["val_nll"] if best else NOT_VALIDATED

@@ -88,6 +88,24 @@ def test_best_val_selection_tests_and_checkpoints_the_best_epoch():
     assert again["nll"] == res.last["test_nll"] and again["is_nll"] == res.last["test_is_nll"]
 
 
+@pytest.mark.parametrize("method", ["ebm_learned_proposal", "mdn_ebm_teacher", "mdn"])
+def test_validating_the_nll_alone_trains_and_selects_exactly_as_validating_everything(method):
+    """eval.val_figures = "nll" leaves out the per-epoch prediction, coverage and PITs: the losses, the
+    validation NLL of every epoch, the selected epoch and every test figure are bit-for-bit the same."""
+    from ebm.loop import TIMING_KEYS as timing
+    cfg = _debug(**{"method.name": f'"{method}"', "eval.every": 1, "eval.select": '"best_val"', "optim.epochs": 3})
+    (full, _), (lean, _) = _fit(cfg), _fit(cfg.with_overrides(['eval.val_figures="nll"']))
+    assert [h["train_loss"] for h in full.history] == [h["train_loss"] for h in lean.history]
+    assert [h["val_nll"] for h in full.history] == [h["val_nll"] for h in lean.history]
+    assert full.selected_epoch == lean.selected_epoch
+    assert {k: v for k, v in full.last.items() if k.startswith("test_")} == \
+        {k: v for k, v in lean.last.items() if k.startswith("test_")}
+    left_out = {k for k in full.history[0] if k.startswith("val_")} - set(lean.history[0])
+    assert {"val_coverage", "val_crps", "val_mae_mean", "val_pit_proposal_0"} <= left_out
+    assert not {k for k in lean.history[0] if k.startswith("val_") and k not in full.history[0]}
+    assert {k for k in lean.last if k not in timing} - {k for k in full.last if k not in timing} == set()
+
+
 def test_same_seed_same_result():
     cfg = _debug(**{"optim.epochs": 1})
     (a, _), (b, _) = _fit(cfg), _fit(cfg)
