@@ -24,7 +24,9 @@
 #           results/extend_runs.py, right after the run, which is then exported; after both queues any run
 #           of the task still short of it is decayed too; DECAY_EPOCHS=0 skips it); validation every epoch,
 #           the checkpoint with the lowest validation NLL (eval.select = best_val) over all epochs, for
-#           every method alike; seeds 0-9 in two halves
+#           every method alike; seeds 0-9 in two halves. Since star_b, each epoch's validation computes the
+#           NLL alone (eval.val_figures = nll): the same training, selection and test figures bit for bit
+#           (tests/unit/test_train.py), about a third less time per epoch
 #
 # Estimates: CPU seconds per seed (toys, 75 epochs) or per seed and epoch (images, with a validation each
 # epoch), one thread. Toys: issue 7's CPU-time columns (a 5-epoch toy 2 learned-proposal run measured
@@ -52,7 +54,7 @@ CELLS="learned_K4 nce_fixed mdn_K4 mdn_K8 teacher_K4 teacher_K8"
 IMAGE_EPOCHS=${IMAGE_EPOCHS:-30}
 DECAY_EPOCHS=${DECAY_EPOCHS:-$((IMAGE_EPOCHS * 3 / 2))}
 DECAY_LR=${DECAY_LR:-1e-4}
-IMAGE_SET="--set eval.every=1 --set eval.select=best_val"
+IMAGE_SET="--set eval.every=1 --set eval.select=best_val --set eval.val_figures=nll"
 FASHION_DATA=data/fashion4k
 declare -A TOY_S=([toy2]="learned_K4=49.5 nce_fixed=36.6 mdn_K4=4.9 mdn_K8=4.7 teacher_K4=53.2 teacher_K8=54.0"
                   [toy1]="learned_K4=65.0 nce_fixed=46.4 mdn_K4=8.8 mdn_K8=10.6 teacher_K4=62.5 teacher_K8=71.1")
