@@ -116,15 +116,6 @@ def interrupted(records: list, groups: list[str]) -> tuple[list, list]:
     return todo, [r for r in todo if r.status == "RUNNING"]
 
 
-def store_records(uri: str, experiment: str) -> list:
-    """The experiment's runs in the store; none when the store (a new machine's) has no such experiment yet."""
-    from pipelines.driver.results import fetch_records
-    try:
-        return fetch_records(uri, experiment)
-    except SystemExit:
-        return []
-
-
 def recorded_changes(r) -> list[str]:
     """KEY=VALUE for every value an earlier resume changed (tags ``ebm.param.<key>``), epochs aside."""
     from pipelines.tracking import PARAM_TAG_PREFIX
@@ -151,7 +142,7 @@ def main() -> int:
     import fnmatch
 
     from pipelines import tracking
-    from pipelines.driver.results import GROUP_TAG
+    from pipelines.driver.results import GROUP_TAG, fetch_records
     uri = tracking.resolve_uri(args.tracking_uri)
     try:
         check_changes(args.changes)
@@ -164,7 +155,7 @@ def main() -> int:
     todo, skipped = [], 0
     # FINISHED runs shorter than N, and runs an earlier extension left KILLED or FAILED (their
     # ebm.param.optim.epochs tag already says N: they are continued from their latest checkpoint)
-    records = [r for r in store_records(uri, args.experiment) if r.status in ("FINISHED", "KILLED", "FAILED")
+    records = [r for r in fetch_records(uri, args.experiment, missing_ok=True) if r.status in ("FINISHED", "KILLED", "FAILED")
                and any(fnmatch.fnmatchcase(r.tags.get(GROUP_TAG, ""), p) for p in args.groups)]
     for r in sorted(records, key=lambda r: (r.tags[GROUP_TAG], int(r.params.get("seed", "0")))):
         finished = r.status == "FINISHED" and int(r.params.get("optim.epochs", "0")) >= args.epochs
@@ -183,14 +174,14 @@ def main() -> int:
 
 def continue_interrupted(args, uri: str) -> int:
     from pipelines import tracking
-    from pipelines.driver.results import GROUP_TAG
+    from pipelines.driver.results import GROUP_TAG, fetch_records
     from pipelines.driver.runs import STOP_REASON_TAG
     live = live_trainers(args.groups)
     if live:
         print(f"an ebm train of {', '.join(args.groups)} runs on this machine (pid {live[0][0]}: {live[0][1][:200]}): "
               "its runs are not interrupted; nothing done")
         return 1
-    todo, orphans = interrupted(store_records(uri, args.experiment), args.groups)
+    todo, orphans = interrupted(fetch_records(uri, args.experiment, missing_ok=True), args.groups)
     if orphans and not args.dry_run:
         c = tracking.open_client(uri)
         for r in orphans:

@@ -31,8 +31,7 @@ task=${TASK:-$config}
 seeds=${SEEDS:-5}; seed0=${SEED0:-0}
 store=${STORE:-results/mlruns.db}
 export_file=${EXPORT:-results/runs.jsonl}
-decay=${DECAY:-}
-decay_epochs=${decay%% *}
+read -r decay_epochs decay_lr <<< "${DECAY:-}"
 
 missing() {  # missing GROUP -> "first count" per contiguous range of seeds seed0.. without a FINISHED run
   # (of this experiment and group, started at this number of epochs: a cell re-run at another length
@@ -46,10 +45,7 @@ final = int(sys.argv[7] or epochs)       # the length a run must reach to be com
 runs = read_export(sys.argv[8], experiment) if os.path.exists(sys.argv[8]) else []
 here = []                                # this machine's runs: their checkpoints are here, they can be continued
 if os.path.exists(store):
-    try:
-        here = fetch_records(f"sqlite:///{store}", experiment)
-    except SystemExit:                   # no such experiment in the store yet
-        pass
+    here = fetch_records(f"sqlite:///{store}", experiment, missing_ok=True)
 ids = {r.run_id for r in here}
 # done: a FINISHED run of the seed started at this length (one continued since, by the step decay or an
 # extension, still counts: it is this cell's run for that seed) that is complete or can still be completed
@@ -86,10 +82,9 @@ for cell in "$@"; do
     echo "=== $(date +%T) $task/${PREFIX:-}$cell rc=$rc"
     [[ $rc -ne 0 ]] && status=1
   done <<< "$ranges"
-  [[ -n ${DRY_RUN:-} || -z ${DECAY:-} ]] && continue
-  read -r d_epochs d_lr <<< "$DECAY"
-  echo "=== $(date +%T) $task/${PREFIX:-}$cell: step decay to $d_epochs epochs at lr $d_lr"
-  .venv/bin/python results/extend_runs.py --epochs "$d_epochs" --set "optim.lr=$d_lr" --groups "$task/${PREFIX:-}$cell" \
+  [[ -n ${DRY_RUN:-} || -z $decay_epochs ]] && continue
+  echo "=== $(date +%T) $task/${PREFIX:-}$cell: step decay to $decay_epochs epochs at lr $decay_lr"
+  .venv/bin/python results/extend_runs.py --epochs "$decay_epochs" --set "optim.lr=$decay_lr" --groups "$task/${PREFIX:-}$cell" \
     --queues 1 --logs "${LOGS:-results/logs}" --tracking-uri "sqlite:///$store" --experiment "${EXPERIMENT:-paper-claims}" \
     || status=1
   # the two queues of a batch export into one file: one at a time

@@ -165,11 +165,15 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
     return [groups[k] for k in sorted(groups)]
 
 
-def fetch_records(uri: str, experiment: str, history: tuple[str, ...] = ()) -> list[RunRecord]:
-    """Every run of the experiment in the store, with the per-step values of ``history`` metrics."""
+def fetch_records(uri: str, experiment: str, history: tuple[str, ...] = (),
+                  missing_ok: bool = False) -> list[RunRecord]:
+    """Every run of the experiment in the store, with the per-step values of ``history`` metrics; none
+    with ``missing_ok`` when the store (a new machine's) has no such experiment yet."""
     from pipelines.tracking import open_client
     client = open_client(uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None and missing_ok:
+        return []
     if exp is None:
         raise SystemExit(f"ebm results: no experiment {experiment!r} in {uri}")
     out, token = [], None
