@@ -139,8 +139,8 @@ def test_the_your_data_tutorial_runs_as_written_a_circular_and_a_linear_target(t
           f"{loc['test_coverage_angle']:.3f}, size {loc['test_coverage_size']:.3f}; selected epoch "
           f"{int(loc['selected_epoch'])}")
     # the marginal (uniform angle, uniform size) scores log(2π·3) ≈ 2.94 nats and its mean errors are π/2 rad
-    # and 0.75 px: the model reads the image. Not tighter: this 24-epoch run on 420 images lands anywhere from
-    # 0.6 to 1.5 with the machine and thread count (seen: 1.51 on one thread, 0.60 on two, same machine)
+    # and 0.75 px: the model reads the image. Not tighter: the page's §6 gives the spread of this short run
+    # over machines and thread counts
     assert loc["test_nll"] < 2.2 and loc["test_mae_mean_angle"] < 1.3 and loc["test_mae_mean_size"] < 0.4
 
     assert "sweep dials-sweep" in _output(out, "cat > space.toml")
