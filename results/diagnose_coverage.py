@@ -42,12 +42,12 @@ def main() -> int:
 
     from ebm import calibration as C
     from ebm import checkpoint
-    from ebm.data import load_data
     from ebm.predict import predict
     from pipelines import tracking
     from pipelines.driver.results import Group, collect, select
     from pipelines.driver.results_page import DIAG_EPOCH, LEVELS, diag_metrics, diagnosis_table
     from pipelines.serve.serving import from_state
+    from pipelines.worker.data import for_rank
 
     torch.set_num_threads(1)
     uri = tracking.resolve_uri(args.tracking_uri)
@@ -59,8 +59,8 @@ def main() -> int:
     shown: dict[str, Group] = {}
     for g, r in sorted(todo, key=lambda gr: (gr[0].name, int(gr[1].tags.get("seed", 0)))):
         p = from_state(checkpoint.load(c.download_artifacts(r.run_id, "checkpoint/checkpoint.pt")))
-        task, splits = load_data(p.cfg)
-        test = splits["test"]
+        data = for_rank(p.cfg)      # the test split as the run's evaluation read it: generated, or its dataset
+        task, test = data.task, data.eval_splits["test"]
         grid = torch.as_tensor(task.grid()[0], dtype=torch.float32) if task.D == 1 else None
         pits: dict[tuple[str, int | None], list] = {}
         ess: dict[int, list] = {}

@@ -107,6 +107,39 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     assert float(two.tags["ebm.param.optim.lr"]) == 1e-4 and len(read_export(export, "e")) == 3
 
 
+def test_a_run_on_a_dataset_is_diagnosed_on_that_datasets_test_split(tmp_path, monkeypatch):
+    """A run trained on a Parquet dataset (``task.data_dir``) is diagnosed on the test split it was
+    evaluated on, not on data generated anew: the EBM-on-grid and proposal rows (no sampling in either)
+    equal the coverage the run's own test evaluation logged, at every level. The dataset is toy 1
+    ingested with another seed than the config's, so regenerating the task would give other examples."""
+    import torch
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.data.ingest import ingest
+    torch.set_num_threads(1)
+    monkeypatch.setenv("EBM_STORAGE_PATH", str(tmp_path / "runs"))
+    ds = tmp_path / "toy1-seed7"
+    ingest("synthetic", "toy1", ds, seed=7, n={"train": 128, "val": 64, "test": 200}, progress=False)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    argv = ["train", "debug", "--local", "--seeds", "1", "--tracking-uri", uri, "--experiment", "e", "--group",
+            "ds/learned_K4", "--set", "optim.epochs=2", "--set", f"task.data_dir={ds}", "--set", "eval.every=1",
+            "--set", "eval.select=best_val", "--set", "sampler.M_eval=64"]
+    monkeypatch.setattr("sys.argv", ["ebm", *argv])
+    assert cli.main(argv) == 0
+    out = _script("diagnose_coverage.py", "--tracking-uri", uri, "--experiment", "e", "--groups", "ds/*",
+                  "--M", "64")
+    rows = {r[1]: r for r in ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+                              if line.startswith("| ") and not line.startswith("| run "))}
+    assert set(rows) == {"ebm_grid", "prediction", "proposal"}, out
+    c = MlflowClient(uri)
+    (run,) = c.search_runs([c.get_experiment_by_name("e").experiment_id])
+    logged = run.data.metrics
+    for source in ("ebm_grid", "proposal"):
+        assert [float(v) for v in rows[source][4:]] == [
+            round(logged[f"test_coverage_{source}_{lv}"], 3) for lv in (50, 80, 90, 95)], (source, out, logged)
+
+
 def test_a_batch_continues_the_runs_an_interruption_stopped(tmp_path, monkeypatch):
     """A trainer killed mid-run (SIGKILL: the session ended) leaves its MLflow run RUNNING. While a trainer
     of the group lives, ``extend_runs.py --interrupted`` refuses; once none does, it marks the run KILLED
