@@ -59,6 +59,8 @@ PAPER = NotHere("the paper-claims reproduction: hours of CPU per table (docs/RES
                 "its commands are ebm train --local --seeds and ebm results, run by the tests named for the README")
 
 DIAGNOSE = ByTest(IT + "test_results_scripts.py::test_diagnose_and_extend_finished_runs", ("diagnose_coverage.py", "--seeds"))
+DIAGNOSE_DATA = ByTest(IT + "test_results_scripts.py::test_a_run_on_a_dataset_is_diagnosed_on_that_datasets_test_split",
+                       ("diagnose_coverage.py", "task.data_dir"))
 
 # key (doc_shell.Command.key) -> how it is covered. Keep NotHere short and honest.
 COVERED: dict[str, object] = {
@@ -134,6 +136,8 @@ COVERED: dict[str, object] = {
     ".venv/bin/python results/diagnose_coverage.py --groups star/conv_learned_K4 star/conv_nce_fixed": DIAGNOSE,
     ".venv/bin/python results/diagnose_coverage.py --groups toy1/p20_learned_K4 toy2/p20_learned_K4 --seeds 0 1":
         DIAGNOSE,
+    ".venv/bin/python results/diagnose_coverage.py --groups fashion/conv_learned_K4 fashion/conv_nce_fixed --seeds 1 2 3 4":
+        DIAGNOSE_DATA,
     # docs/scaling.md
     "ray up ray_cluster.yaml && ray dashboard ray_cluster.yaml &": CLOUD,
     "ssh -L 5000:127.0.0.1:5000 ubuntu@HEAD &": CLOUD,
