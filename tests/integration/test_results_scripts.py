@@ -23,6 +23,12 @@ def _script(name, *args, cwd=ROOT):
     return r.stdout
 
 
+def _diagnosis_rows(out: str) -> list[list[str]]:
+    """The body rows of diagnose_coverage.py's table, as cells."""
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| run ")]
+
+
 def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     import torch
     from mlflow.tracking import MlflowClient
@@ -38,8 +44,7 @@ def test_diagnose_and_extend_finished_runs(tmp_path, monkeypatch):
     where = ["--tracking-uri", uri, "--experiment", "e", "--groups", "dbg/*"]
 
     out = _script("diagnose_coverage.py", *where, "--seeds", "1", "--M", "16", "256")
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
-            if line.startswith("| ") and not line.startswith("| run ")]
+    rows = _diagnosis_rows(out)
     assert [(r[0], r[1], r[2]) for r in rows] == [("`dbg/learned_K4` seed 1 (selected epoch 1; 2 epochs)", "ebm_grid", ""),
                                                   ("", "prediction", "16"), ("", "prediction", "256"), ("", "proposal", "")]
     for r in rows:
@@ -117,6 +122,7 @@ def test_a_run_on_a_dataset_is_diagnosed_on_that_datasets_test_split(tmp_path, m
     from mlflow.tracking import MlflowClient
 
     from pipelines.data.ingest import ingest
+    from pipelines.driver.results_page import LEVELS
     torch.set_num_threads(1)
     monkeypatch.setenv("EBM_STORAGE_PATH", str(tmp_path / "runs"))
     ds = tmp_path / "toy1-seed7"
@@ -129,15 +135,14 @@ def test_a_run_on_a_dataset_is_diagnosed_on_that_datasets_test_split(tmp_path, m
     assert cli.main(argv) == 0
     out = _script("diagnose_coverage.py", "--tracking-uri", uri, "--experiment", "e", "--groups", "ds/*",
                   "--M", "64")
-    rows = {r[1]: r for r in ([c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
-                              if line.startswith("| ") and not line.startswith("| run "))}
+    rows = {r[1]: r for r in _diagnosis_rows(out)}
     assert set(rows) == {"ebm_grid", "prediction", "proposal"}, out
     c = MlflowClient(uri)
     (run,) = c.search_runs([c.get_experiment_by_name("e").experiment_id])
     logged = run.data.metrics
     for source in ("ebm_grid", "proposal"):
         assert [float(v) for v in rows[source][4:]] == [
-            round(logged[f"test_coverage_{source}_{lv}"], 3) for lv in (50, 80, 90, 95)], (source, out, logged)
+            round(logged[f"test_coverage_{source}_{lv}"], 3) for lv in LEVELS], (source, out, logged)
 
 
 def test_a_batch_continues_the_runs_an_interruption_stopped(tmp_path, monkeypatch):
