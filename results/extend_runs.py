@@ -20,7 +20,9 @@ the resumed run records the change (tags ``ebm.config_change.<epochs before it>`
 ones, and RUNNING ones no process of this machine trains any more (their trainer was ended with the
 session or the machine; they are marked KILLED first) — each to its own recorded length and config,
 unless a FINISHED run of the same group and seed exists. It refuses while an ``ebm train`` of those
-groups runs here (the store is this machine's). ``results/run_issue16.sh BATCH`` starts with it.
+groups runs here (the store is this machine's). ``results/run_issue16.sh BATCH`` starts with it. A run
+stopped before its first checkpoint was written has nothing to continue from: it is left KILLED (the
+export lists it as unfinished) and named, and the batch trains its seed again as a new run.
 """
 from __future__ import annotations
 
@@ -116,6 +118,17 @@ def interrupted(records: list, groups: list[str]) -> tuple[list, list]:
     return todo, [r for r in todo if r.status == "RUNNING"]
 
 
+def checkpoint_root(command: str) -> str:
+    """Where the run of a recorded ``ebm train`` command keeps its checkpoints: its ``--storage``, else
+    $EBM_STORAGE_PATH, else ``./runs`` — relative paths from the repository root, where the runs train."""
+    words = shlex.split(command)
+    storage = next((w.split("=", 1)[1] for w in words if w.startswith("--storage=")), "")
+    if not storage and "--storage" in words[:-1]:
+        storage = words[words.index("--storage") + 1]
+    storage = storage or os.environ.get("EBM_STORAGE_PATH") or "runs"
+    return storage if "://" in storage or os.path.isabs(storage) else str(ROOT / storage)
+
+
 def recorded_changes(r) -> list[str]:
     """KEY=VALUE for every value an earlier resume changed (tags ``ebm.param.<key>``), epochs aside."""
     from pipelines.tracking import PARAM_TAG_PREFIX
@@ -175,7 +188,7 @@ def main() -> int:
 def continue_interrupted(args, uri: str) -> int:
     from pipelines import tracking
     from pipelines.driver.results import GROUP_TAG, fetch_records
-    from pipelines.driver.runs import STOP_REASON_TAG
+    from pipelines.driver.runs import STOP_REASON_TAG, latest_checkpoint
     live = live_trainers(args.groups)
     if live:
         print(f"an ebm train of {', '.join(args.groups)} runs on this machine (pid {live[0][0]}: {live[0][1][:200]}): "
@@ -188,12 +201,19 @@ def continue_interrupted(args, uri: str) -> int:
             c.set_tag(r.run_id, STOP_REASON_TAG, "interrupted: RUNNING with no trainer left on this machine (the "
                                                  "session or the machine ended); continued from its latest checkpoint")
             c.set_terminated(r.run_id, "KILLED")
-    items = [(f"{r.tags[GROUP_TAG]} seed {r.params['seed']} ({r.status}, continued to {r.params['optim.epochs']})",
-              resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"],
-                             int(r.params["optim.epochs"]), recorded_changes(r)))
-             for r in sorted(todo, key=lambda r: (r.tags[GROUP_TAG], int(r.params.get("seed", "0"))))]
+    items, fresh = [], []
+    for r in sorted(todo, key=lambda r: (r.tags[GROUP_TAG], int(r.params.get("seed", "0")))):
+        if latest_checkpoint(checkpoint_root(r.tags["ebm.command"]), r.tags["ebm.run_name"]) is None:
+            fresh.append(f"{r.tags[GROUP_TAG]} seed {r.params['seed']} ({r.tags['ebm.run_name']})")
+            continue
+        items.append((f"{r.tags[GROUP_TAG]} seed {r.params['seed']} ({r.status}, continued to {r.params['optim.epochs']})",
+                      resume_command(r.tags["ebm.command"], r.tags["ebm.run_name"], r.params["seed"],
+                                     int(r.params["optim.epochs"]), recorded_changes(r))))
     print(f"{len(items)} interrupted runs to continue in {', '.join(args.groups)} ({len(orphans)} left RUNNING "
           f"{'would be' if args.dry_run else 'were'} marked KILLED)", flush=True)
+    for what in fresh:
+        print(f"{what}: stopped before its first checkpoint, nothing to continue from; left KILLED, "
+              "its seed is trained again as a new run", flush=True)
     return run_queues(args, items)
 
 

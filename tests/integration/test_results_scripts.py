@@ -195,3 +195,27 @@ def test_a_batch_continues_the_runs_an_interruption_stopped(tmp_path, monkeypatc
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")][-1] == epochs - 1
     assert "ebm.stop_reason" not in again.data.tags and "test_nll" in again.data.metrics
     assert _script("extend_runs.py", "--interrupted", *where).startswith("0 interrupted runs")
+
+
+def test_a_run_cut_before_its_first_checkpoint_is_left_for_its_batch_to_train_again(tmp_path, monkeypatch):
+    """A trainer killed while it wrote its first checkpoint (seen: a batch stopped seconds into a seed) leaves
+    a RUNNING run with nothing under the storage to resume. ``--interrupted`` must not fail on it — that
+    failure stopped the whole batch — but mark it KILLED, name it, and continue the runs it can."""
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path}/m.db"
+    storage = tmp_path / "runs"
+    (storage / "dbg" / "cut-seed3-20261201-000000-abcd" / ".tmp_2026-12-01_00-00-01").mkdir(parents=True)
+    monkeypatch.setenv("EBM_STORAGE_PATH", str(storage))
+    c = MlflowClient(uri)
+    run = c.create_run(c.create_experiment("e"), tags={
+        "ebm.group": "dbg/cut", "ebm.run_name": "dbg/cut-seed3-20261201-000000-abcd",
+        "ebm.command": "ebm train debug --local --seeds 1 --tracking-uri x --experiment e --group dbg/cut "
+                       "--set seed=3 --set optim.epochs=4"})
+    c.log_param(run.info.run_id, "seed", "3")
+    c.log_param(run.info.run_id, "optim.epochs", "4")
+    out = _script("extend_runs.py", "--interrupted", "--tracking-uri", uri, "--experiment", "e", "--groups", "dbg/*",
+                  "--logs", str(tmp_path / "logs"))
+    assert out.startswith("0 interrupted runs to continue in dbg/* (1 left RUNNING were marked KILLED)"), out
+    assert "dbg/cut seed 3 (dbg/cut-seed3-20261201-000000-abcd): stopped before its first checkpoint" in out, out
+    assert c.get_run(run.info.run_id).info.status == "KILLED"
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())   # no trainer was started
