@@ -119,14 +119,18 @@ def interrupted(records: list, groups: list[str]) -> tuple[list, list]:
 
 
 def checkpoint_root(command: str) -> str:
-    """Where the run of a recorded ``ebm train`` command keeps its checkpoints: its ``--storage``, else
-    $EBM_STORAGE_PATH, else ``./runs`` — relative paths from the repository root, where the runs train."""
+    """Where the run of a recorded ``ebm train`` command keeps its checkpoints: the trainer's own rule
+    (``storage_root``: ``--storage``, else $EBM_STORAGE_PATH, else ``./runs``) from the repository root,
+    where the queues run it."""
+    import contextlib
+
+    from pipelines.driver.runs import storage_root
     words = shlex.split(command)
-    storage = next((w.split("=", 1)[1] for w in words if w.startswith("--storage=")), "")
-    if not storage and "--storage" in words[:-1]:
-        storage = words[words.index("--storage") + 1]
-    storage = storage or os.environ.get("EBM_STORAGE_PATH") or "runs"
-    return storage if "://" in storage or os.path.isabs(storage) else str(ROOT / storage)
+    flag = next((w.split("=", 1)[1] for w in words if w.startswith("--storage=")), "")
+    if not flag and "--storage" in words[:-1]:
+        flag = words[words.index("--storage") + 1]
+    with contextlib.chdir(ROOT):
+        return storage_root(flag or None)
 
 
 def recorded_changes(r) -> list[str]:
@@ -195,15 +199,19 @@ def continue_interrupted(args, uri: str) -> int:
               "its runs are not interrupted; nothing done")
         return 1
     todo, orphans = interrupted(fetch_records(uri, args.experiment, missing_ok=True), args.groups)
+    # a run stopped before its first checkpoint was written has nothing to continue from
+    bare = {r.run_id for r in todo
+            if latest_checkpoint(checkpoint_root(r.tags["ebm.command"]), r.tags["ebm.run_name"]) is None}
     if orphans and not args.dry_run:
         c = tracking.open_client(uri)
         for r in orphans:
             c.set_tag(r.run_id, STOP_REASON_TAG, "interrupted: RUNNING with no trainer left on this machine (the "
-                                                 "session or the machine ended); continued from its latest checkpoint")
+                      "session or the machine ended); " + ("stopped before its first checkpoint, its seed trained "
+                      "again as a new run" if r.run_id in bare else "continued from its latest checkpoint"))
             c.set_terminated(r.run_id, "KILLED")
     items, fresh = [], []
     for r in sorted(todo, key=lambda r: (r.tags[GROUP_TAG], int(r.params.get("seed", "0")))):
-        if latest_checkpoint(checkpoint_root(r.tags["ebm.command"]), r.tags["ebm.run_name"]) is None:
+        if r.run_id in bare:
             fresh.append(f"{r.tags[GROUP_TAG]} seed {r.params['seed']} ({r.tags['ebm.run_name']})")
             continue
         items.append((f"{r.tags[GROUP_TAG]} seed {r.params['seed']} ({r.status}, continued to {r.params['optim.epochs']})",

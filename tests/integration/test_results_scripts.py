@@ -218,4 +218,5 @@ def test_a_run_cut_before_its_first_checkpoint_is_left_for_its_batch_to_train_ag
     assert out.startswith("0 interrupted runs to continue in dbg/* (1 left RUNNING were marked KILLED)"), out
     assert "dbg/cut seed 3 (dbg/cut-seed3-20261201-000000-abcd): stopped before its first checkpoint" in out, out
     assert c.get_run(run.info.run_id).info.status == "KILLED"
+    assert "stopped before its first checkpoint" in c.get_run(run.info.run_id).data.tags["ebm.stop_reason"]
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())   # no trainer was started
