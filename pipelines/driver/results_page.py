@@ -1,7 +1,8 @@
 """The results page rebuilt from runs: a hand-written markdown template whose directive lines become
 tables (``ebm results EXPERIMENT --template T --out PAGE``; ``make results``).
 
-A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it is:
+A directive is a whole line ``{{KIND ARGS}}``; an inline value ``{{=STAT ARGS}}`` may stand anywhere in
+a line of prose; everything else is copied as it is:
 
     {{table GLOB...}}                   the groups' table(s), one per task (pipelines.driver.results.table)
     {{convergence GLOB...}}             from the val_nll curves: best epoch, best and last value per group
@@ -17,6 +18,16 @@ A directive is a whole line ``{{KIND ARGS}}``; everything else is copied as it i
                                         lr changes and the selected epochs, written to FILE beside the page
     {{diagnosis GLOB...}}               per run that results/diagnose_coverage.py logged (``diag_*``
                                         metrics): coverage per source, the prediction at each M with its ESS
+
+Inline values, so the prose quotes the tables instead of copying them (``STAT:SPEC`` picks the format,
+e.g. ``{{=mean:.0f selected_epoch G}}``; negative numbers print with a minus sign, −; inside a markdown
+code span they are left as written):
+
+    {{=n|mean|sd|se|cell|min|max|range METRIC GROUP}}      over the seeds of one group (exact name):
+                                        n, mean, std, standard error, "mean ± std", lowest, highest,
+                                        "lowest to highest"; a ``diag_*`` metric only from runs whose
+                                        diagnosis is of their selected epoch (as the diagnosis table)
+    {{=diff|lo|hi|interval|t|bound|decision METRIC A vs B}}  of the claim "A vs B" (as the claims table)
 
 Statistics (docs/RESULTS.md states them): per cell mean, sample std (ddof = 1) and standard error
 std/√n; a claim "A vs B" takes d = mean_A − mean_B, Welch's se = √(s_A²/n_A + s_B²/n_B), t = d/se and
@@ -105,23 +116,29 @@ def _one(groups: list[Group], name: str) -> Group | None:
     return next((g for g in groups if g.name == name and g.runs), None)
 
 
+def compare(groups: list[Group], metric: str, a: str, b: str) -> Comparison | str:
+    """Welch's comparison of groups ``a`` and ``b`` on ``metric``, or why there is none (a group without
+    finished runs; the two at different protocols)."""
+    ga, gb = _one(groups, a), _one(groups, b)
+    if ga is None or gb is None:
+        return "no finished runs in " + " and ".join(f"`{n}`" for n, g in ((a, ga), (b, gb)) if g is None)
+    pa, pb = ({protocol(r) for r in g.runs} for g in (ga, gb))
+    if pa != pb:            # one protocol per group (group_runs); a batch part-way may not have decayed both yet
+        return f"not compared: A at {' / '.join(sorted(pa))}, B at {' / '.join(sorted(pb))}"
+    return welch(ga.values(metric), gb.values(metric))
+
+
 def claims_table(groups: list[Group], metric: str, pairs: list[tuple[str, str]]) -> str:
     head = ["claim (A vs B)", "n A", "n B", f"A `{metric}`", f"B `{metric}`", "A − B", "se", "Welch t", "ν",
             "95% interval", "decision"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, b in pairs:
-        ga, gb = _one(groups, a), _one(groups, b)
-        if ga is None or gb is None:
-            missing = " and ".join(f"`{n}`" for n, g in ((a, ga), (b, gb)) if g is None)
-            lines.append(f"| `{a}` vs `{b}` | | | | | | | | | | no finished runs in {missing} |")
+        c = compare(groups, metric, a, b)
+        if isinstance(c, str):
+            n = [str(len(g.runs)) if c.startswith("not compared") and g else "" for g in (_one(groups, a), _one(groups, b))]
+            lines.append(f"| `{a}` vs `{b}` | {n[0]} | {n[1]} | | | | | | | | {c} |")
             continue
-        pa, pb = ({protocol(r) for r in g.runs} for g in (ga, gb))
-        if pa != pb:        # one protocol per group (group_runs); a batch part-way may not have decayed both yet
-            lines.append(f"| `{a}` vs `{b}` | {len(ga.runs)} | {len(gb.runs)} | | | | | | | | not compared: A at "
-                         f"{' / '.join(sorted(pa))}, B at {' / '.join(sorted(pb))} |")
-            continue
-        va, vb = ga.values(metric), gb.values(metric)
-        c = welch(va, vb)
+        va, vb = _one(groups, a).values(metric), _one(groups, b).values(metric)
         ci = "—" if math.isnan(c.lo) else f"[{c.lo:+.3f}, {c.hi:+.3f}]"
         num = lambda v, f: "—" if math.isnan(v) else format(v, f)
         lines.append("| " + " | ".join([f"`{a}` vs `{b}`", str(c.n_a), str(c.n_b), _cell(va), _cell(vb),
@@ -452,17 +469,80 @@ def directive(kind: str, args: str, groups: list[Group], out_dir: Path | None = 
                      "calfigure, diagnosis, claims, floor)")
 
 
+INLINE = re.compile(r"\{\{=(\w+)(?::([^\s{}]+))?\s+([^{}]*?)\}\}")
+CELL_STATS = ("n", "mean", "sd", "se", "cell", "min", "max", "range")
+CLAIM_STATS = ("diff", "lo", "hi", "interval", "t", "bound", "decision")
+
+
+def _prose(value: float, spec: str) -> str:
+    return "—" if math.isnan(value) else format(value, spec).replace("-", "−")
+
+
+def cell_values(g: Group, metric: str) -> list[float]:
+    """The group's values of ``metric``; of a ``diag_*`` metric only those of runs diagnosed at their
+    selected epoch (the others are another model's: :func:`diagnosis_table` lists them as stale)."""
+    if not metric.startswith("diag_"):
+        return g.values(metric)
+    return [r.metrics[metric] for r in g.runs if metric in r.metrics and DIAG_EPOCH in r.metrics
+            and int(r.metrics[DIAG_EPOCH]) == int(r.metrics.get("selected_epoch", r.metrics[DIAG_EPOCH]))]
+
+
+def inline_value(stat: str, spec: str | None, args: str, groups: list[Group]) -> str:
+    """The text of one ``{{=STAT:SPEC ARGS}}`` (module docstring); ValueError for a malformed one or a
+    group the runs do not have (a typo must not print a dash)."""
+    metric, _, rest = args.strip().partition(" ")
+    names = [n.strip() for n in rest.split(" vs ")] if stat in CLAIM_STATS else [rest.strip()]
+    if stat not in CELL_STATS + CLAIM_STATS:
+        raise ValueError(f"unknown inline value {{{{={stat}}}}} (known: {', '.join(CELL_STATS + CLAIM_STATS)})")
+    if not metric or not all(names) or len(names) != (2 if stat in CLAIM_STATS else 1) or any(" " in n for n in names):
+        raise ValueError(f"{{{{={stat} {args}}}}}: expected METRIC " + ("A vs B" if stat in CLAIM_STATS else "GROUP"))
+    known = {g.name for g in groups}
+    if unknown := [n for n in names if n not in known]:
+        raise ValueError(f"{{{{={stat} {args}}}}}: no group named {', '.join(f'`{n}`' for n in unknown)} in the runs")
+    if stat in CELL_STATS:
+        values = cell_values(_one(groups, names[0]) or Group(names[0], ""), metric)
+        if stat == "n":
+            return format(len(values), spec or "d")
+        if not values:
+            return "—"
+        spec = spec or ".3f"
+        m, s = mean_std(values)
+        v = {"mean": m, "sd": s, "se": standard_error(values), "min": min(values), "max": max(values)}
+        if stat == "cell":
+            return f"{_prose(m, spec)} ± {_prose(s, spec)}"
+        if stat == "range":
+            return f"{_prose(v['min'], spec)} to {_prose(v['max'], spec)}"
+        return _prose(v[stat], spec)
+    c = compare(groups, metric, *names)
+    if isinstance(c, str):
+        return f"({c})"
+    if stat == "decision":
+        return c.decision
+    if stat == "interval":
+        return f"[{_prose(c.lo, spec or '+.3f')}, {_prose(c.hi, spec or '+.3f')}]"
+    default = {"diff": "+.3f", "lo": "+.3f", "hi": "+.3f", "t": ".2f", "bound": ".3f"}[stat]
+    return _prose({"diff": c.diff, "lo": c.lo, "hi": c.hi, "t": c.t, "bound": c.bound}[stat], spec or default)
+
+
+def render_line(line: str, groups: list[Group]) -> str:
+    """A line of prose with its inline values filled in; a code span (`...`) is copied as it is, so the
+    prose can show the syntax."""
+    parts = re.split(r"(`[^`]*`)", line)
+    for i in range(0, len(parts), 2):
+        parts[i] = INLINE.sub(lambda m: inline_value(m.group(1), m.group(2), m.group(3), groups), parts[i])
+        if "{{=" in parts[i]:
+            raise ValueError(f"an inline value not of the form {{{{=STAT[:SPEC] ARGS}}}}: {line.strip()}")
+    return "".join(parts)
+
+
 def render_page(template: str, groups: list[Group], note: str, out_dir: Path | None = None) -> str:
-    """The template with every directive line replaced; ``note`` (how the page was made) goes first;
-    figures are written under ``out_dir`` (the page's folder)."""
+    """The template with every directive line replaced and every inline value filled in; ``note`` (how
+    the page was made) goes first; figures are written under ``out_dir`` (the page's folder)."""
     out = [f"<!-- {note} -->"]
     for i, line in enumerate(template.splitlines(), start=1):
         m = DIRECTIVE.match(line.strip())
-        if not m:
-            out.append(line)
-            continue
         try:
-            out.append(directive(m.group(1), m.group(2), groups, out_dir).rstrip("\n"))
+            out.append(directive(m.group(1), m.group(2), groups, out_dir).rstrip("\n") if m else render_line(line, groups))
         except ValueError as e:
             raise ValueError(f"template line {i}: {e}") from None
     return "\n".join(out) + "\n"

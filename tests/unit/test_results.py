@@ -219,6 +219,47 @@ def test_decisions_and_the_matches_bound_by_hand():
     assert same.decision == "matches (difference < 0.000 at 95%)"
 
 
+def test_inline_values_quote_the_cells_and_claims_the_tables_print():
+    from pipelines.driver.results_page import diag_metrics, render_page, welch
+
+    def rec(seed, nll, epochs="45", **m):
+        return results.RunRecord(f"r{seed}", "e", "FINISHED", {"optim.epochs": epochs, "seed": str(seed)},
+                                 {"test_nll": nll, **m}, {"seed": str(seed)})
+    a = results.Group("img/a", "img", [rec(0, -0.5, selected_epoch=20.0), rec(1, -0.3, selected_epoch=23.0)])
+    b = results.Group("img/b", "img", [rec(0, 0.1), rec(1, 0.2), rec(2, 0.4)])
+    short = results.Group("img/short", "img", [rec(0, 0.3, epochs="30"), rec(1, 0.2, epochs="30")])
+    empty = results.Group("img/empty", "img", [], unfinished=1)
+    # a diag_* figure counts only where the diagnosis is of the run's selected epoch (seed 1 moved since)
+    diag = results.Group("img/d", "img", [
+        rec(0, 0.0, selected_epoch=5.0, diag_epoch=5.0, **diag_metrics("ebm_grid", [0.4, 0.7, 0.81, 0.9])),
+        rec(1, 0.0, selected_epoch=9.0, diag_epoch=5.0, **diag_metrics("ebm_grid", [0.4, 0.7, 0.99, 0.9])),
+        rec(2, 0.0, selected_epoch=4.0, diag_epoch=4.0, **diag_metrics("ebm_grid", [0.4, 0.7, 0.83, 0.9]))])
+    groups = [a, b, short, empty, diag]
+    c = welch([-0.5, -0.3], [0.1, 0.2, 0.4])
+    page = render_page(
+        "A {{=cell test_nll img/a}} (n {{=n test_nll img/a}}, se {{=se:.2f test_nll img/a}}), seeds "
+        "{{=range test_nll img/b}}, epoch {{=mean:.0f selected_epoch img/a}}.\n"
+        "d {{=diff test_nll img/a vs img/b}} {{=interval test_nll img/a vs img/b}} t {{=t:.1f test_nll img/a vs img/b}}: "
+        "{{=decision test_nll img/a vs img/b}}; bound {{=bound test_nll img/b vs img/b}}.\n"
+        "{{=mean test_nll img/empty}} {{=n test_nll img/empty}} {{=t test_nll img/a vs img/short}}\n"
+        "grid {{=range:.2f diag_coverage_ebm_grid_90 img/d}} of {{=n diag_coverage_ebm_grid_90 img/d}}; "
+        "`{{=cell METRIC GROUP}}` as written\n", groups, "n")
+    lines = page.splitlines()[1:]
+    assert lines[0] == "A −0.400 ± 0.141 (n 2, se 0.10), seeds 0.100 to 0.400, epoch 22."
+    bound = welch([0.1, 0.2, 0.4], [0.1, 0.2, 0.4]).bound
+    assert c.decision == "beats" and c.t < 0 and bound > 0.3
+    assert lines[1] == f"d −0.633 [{c.lo:+.3f}, {c.hi:+.3f}] t {c.t:.1f}: beats; bound {bound:.3f}.".replace("-", "−")
+    assert lines[2] == "— 0 (not compared: A at 45 epochs, B at 30 epochs)"
+    assert lines[3] == "grid 0.81 to 0.83 of 2; `{{=cell METRIC GROUP}}` as written"
+    for bad, why in (("{{=mean test_nll img/typo}}", "no group named `img/typo`"),
+                     ("{{=median test_nll img/a}}", "unknown inline value {{=median}}"),
+                     ("{{=diff test_nll img/a}}", "expected METRIC A vs B"),
+                     ("{{=cell img/a}}", "expected METRIC GROUP"),
+                     ("x {{= cell test_nll img/a}}", "not of the form")):
+        with pytest.raises(ValueError, match=f"template line 2: .*{__import__('re').escape(why)}"):
+            render_page("ok\n" + bad + "\n", groups, "n")
+
+
 def test_floor_values_come_from_the_generators():
     from ebm.tasks import bayes_nll
     from pipelines.driver.results_page import floor_value
