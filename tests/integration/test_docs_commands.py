@@ -136,7 +136,7 @@ COVERED: dict[str, object] = {
     ".venv/bin/python results/diagnose_coverage.py --groups star/conv_learned_K4 star/conv_nce_fixed": DIAGNOSE,
     ".venv/bin/python results/diagnose_coverage.py --groups toy1/p20_learned_K4 toy2/p20_learned_K4 --seeds 0 1":
         DIAGNOSE,
-    ".venv/bin/python results/diagnose_coverage.py --groups fashion/conv_learned_K4 fashion/conv_nce_fixed --seeds 1 2 3 4 5 6 7 8":
+    ".venv/bin/python results/diagnose_coverage.py --groups fashion/conv_learned_K4 fashion/conv_nce_fixed --seeds 1 2 3 4 5 6 7 8 9":
         DIAGNOSE_DATA,
     # docs/scaling.md
     "ray up ray_cluster.yaml && ray dashboard ray_cluster.yaml &": CLOUD,
