@@ -119,18 +119,16 @@ def interrupted(records: list, groups: list[str]) -> tuple[list, list]:
 
 
 def checkpoint_root(command: str) -> str:
-    """Where the run of a recorded ``ebm train`` command keeps its checkpoints: the trainer's own rule
-    (``storage_root``: ``--storage``, else $EBM_STORAGE_PATH, else ``./runs``) from the repository root,
-    where the queues run it."""
+    """Where the run of a recorded ``ebm train`` command keeps its checkpoints: its ``--storage`` as the
+    CLI's own parser reads it, resolved by the trainer's rule (``storage_root``: else $EBM_STORAGE_PATH,
+    else ``./runs``) from the repository root, where the queues run it."""
     import contextlib
 
+    from pipelines.cli import build_parser
     from pipelines.driver.runs import storage_root
-    words = shlex.split(command)
-    flag = next((w.split("=", 1)[1] for w in words if w.startswith("--storage=")), "")
-    if not flag and "--storage" in words[:-1]:
-        flag = words[words.index("--storage") + 1]
+    args, _ = build_parser().parse_known_args(shlex.split(command)[1:])
     with contextlib.chdir(ROOT):
-        return storage_root(flag or None)
+        return storage_root(getattr(args, "storage", "") or None)
 
 
 def recorded_changes(r) -> list[str]:

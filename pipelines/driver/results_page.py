@@ -134,11 +134,12 @@ def claims_table(groups: list[Group], metric: str, pairs: list[tuple[str, str]])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a, b in pairs:
         c = compare(groups, metric, a, b)
-        if isinstance(c, str):
-            n = [str(len(g.runs)) if c.startswith("not compared") and g else "" for g in (_one(groups, a), _one(groups, b))]
+        ga, gb = _one(groups, a), _one(groups, b)
+        if isinstance(c, str):     # no finished runs in one (no counts), or not compared (both have runs)
+            n = [str(len(g.runs)) if ga and gb else "" for g in (ga, gb)]
             lines.append(f"| `{a}` vs `{b}` | {n[0]} | {n[1]} | | | | | | | | {c} |")
             continue
-        va, vb = _one(groups, a).values(metric), _one(groups, b).values(metric)
+        va, vb = ga.values(metric), gb.values(metric)
         ci = "—" if math.isnan(c.lo) else f"[{c.lo:+.3f}, {c.hi:+.3f}]"
         num = lambda v, f: "—" if math.isnan(v) else format(v, f)
         lines.append("| " + " | ".join([f"`{a}` vs `{b}`", str(c.n_a), str(c.n_b), _cell(va), _cell(vb),
@@ -380,6 +381,12 @@ def diag_metrics(source: str, coverages: list[float], M: int | None = None, ess:
     return out
 
 
+def diagnosis_current(metrics: dict) -> bool:
+    """Whether a run's ``diag_*`` figures are of its selected epoch's model: it was diagnosed, and not
+    continued to another selected epoch since (extend_runs)."""
+    return DIAG_EPOCH in metrics and int(metrics[DIAG_EPOCH]) == int(metrics.get("selected_epoch", metrics[DIAG_EPOCH]))
+
+
 def _diagnosed(metrics: dict) -> dict[tuple[str, int | None], dict[int, float]]:
     """A run's ``diag_coverage_*`` metrics (:func:`diag_metrics`) as {(source, M or None): {level: coverage}}."""
     out: dict[tuple[str, int | None], dict[int, float]] = {}
@@ -402,7 +409,7 @@ def diagnosis_table(groups: list[Group]) -> str:
             if DIAG_EPOCH not in m:
                 continue
             name = f"`{g.name}` seed {r.tags.get('seed', '?')}"
-            if int(m[DIAG_EPOCH]) != int(m.get("selected_epoch", m[DIAG_EPOCH])):
+            if not diagnosis_current(m):
                 stale.append(f"{name} (diagnosed at epoch {int(m[DIAG_EPOCH])}, now selects {int(m['selected_epoch'])})")
                 continue
             rows = []
@@ -483,8 +490,7 @@ def cell_values(g: Group, metric: str) -> list[float]:
     selected epoch (the others are another model's: :func:`diagnosis_table` lists them as stale)."""
     if not metric.startswith("diag_"):
         return g.values(metric)
-    return [r.metrics[metric] for r in g.runs if metric in r.metrics and DIAG_EPOCH in r.metrics
-            and int(r.metrics[DIAG_EPOCH]) == int(r.metrics.get("selected_epoch", r.metrics[DIAG_EPOCH]))]
+    return [r.metrics[metric] for r in g.runs if metric in r.metrics and diagnosis_current(r.metrics)]
 
 
 def inline_value(stat: str, spec: str | None, args: str, groups: list[Group]) -> str:

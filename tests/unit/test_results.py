@@ -2,6 +2,7 @@
 compact export, Welch's decided claims with known answers, and the page rebuilt from a template."""
 import json
 import math
+import re
 import statistics
 
 import pytest
@@ -256,7 +257,7 @@ def test_inline_values_quote_the_cells_and_claims_the_tables_print():
                      ("{{=diff test_nll img/a}}", "expected METRIC A vs B"),
                      ("{{=cell img/a}}", "expected METRIC GROUP"),
                      ("x {{= cell test_nll img/a}}", "not of the form")):
-        with pytest.raises(ValueError, match=f"template line 2: .*{__import__('re').escape(why)}"):
+        with pytest.raises(ValueError, match=f"template line 2: .*{re.escape(why)}"):
             render_page("ok\n" + bad + "\n", groups, "n")
 
 
